@@ -18,10 +18,7 @@ class Episode:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
-
-    @property
-    def n_way(self) -> int:
-        return int(self.support_y.max().item()) + 1
+    n_way: int
 
 
 @dataclass
@@ -32,13 +29,14 @@ class EpisodeBatch:
     support_y: torch.Tensor  # [B, N*K]
     query_x: torch.Tensor  # [B, N*Q, C, H, W]
     query_y: torch.Tensor  # [B, N*Q]
+    n_way: int
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
     def __iter__(self) -> Iterator[Episode]:
         for b in range(len(self)):
-            yield Episode(self.support_x[b], self.support_y[b], self.query_x[b], self.query_y[b])
+            yield Episode(self.support_x[b], self.support_y[b], self.query_x[b], self.query_y[b], self.n_way)
 
 
 def check_episode_shape(data: ClassImages, n_way: int, k_shot: int, n_query: int, where: str) -> None:
@@ -86,6 +84,7 @@ class EpisodeSampler:
             support_y=labels.repeat_interleave(k).expand(batch_size, -1),
             query_x=images[:, :, k:].reshape(batch_size, n * q, *shape),
             query_y=labels.repeat_interleave(q).expand(batch_size, -1),
+            n_way=n,
         )
 
     def fixed(self, episodes: int, seed: int, batch_size: int) -> Iterator[EpisodeBatch]:

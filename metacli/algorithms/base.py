@@ -1,0 +1,96 @@
+"""The one interface every few-shot algorithm implements, and the BatchNorm evaluation modes.
+
+An algorithm is an ``nn.Module`` that, given an episode, adapts to its support set and returns logits for its
+query set (:meth:`FewShotLearner.query_logits`). The runner drives nothing else: it calls
+:meth:`FewShotLearner.meta_train_step` for a meta-batch during training and :meth:`FewShotLearner.evaluate_episode`
+for fixed val/test episodes. Algorithms never see the dataset or the loggers.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metacli.data.episodes import Episode, EpisodeBatch
+
+BN_MODES = ("transductive", "running")
+
+
+class FewShotLearner(nn.Module, ABC):
+    """Base class: adapt to a support set, classify a query set.
+
+    Args:
+        backbone: the embedding network (``out_dim`` attribute required).
+        n_way: ways of the test episodes; algorithms with a fixed-size head (``fixed_way``) also train with it.
+        bn_mode: BatchNorm at evaluation. ``"transductive"`` normalises each episode with its own batch statistics
+            (support and query together), as most papers' code does; ``"running"`` uses the running statistics
+            accumulated in training, so each query is classified independently of the others.
+    """
+
+    #: True when the model's output size is tied to ``n_way`` (so training must use the test way).
+    fixed_way: bool = False
+
+    def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive") -> None:
+        super().__init__()
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        self.backbone = backbone
+        self.n_way = n_way
+        self.bn_mode = bn_mode
+
+    @abstractmethod
+    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+        """Adapt to ``episode``'s support set and return ``[n_query_total, n_way]`` logits for its queries.
+
+        ``training`` is True inside meta-training (the result will be back-propagated), False at evaluation.
+        """
+
+    def episode_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query cross-entropy and accuracy of one episode."""
+        logits = self.query_logits(episode, training)
+        loss = F.cross_entropy(logits, episode.query_y)
+        accuracy = (logits.argmax(dim=1) == episode.query_y).float().mean()
+        return loss, accuracy
+
+    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
+        """Accumulate the meta-gradient of a meta-batch into ``.grad`` (the caller steps the optimiser).
+
+        Back-propagating task by task keeps only one task's graph alive at a time.
+        """
+        losses, accuracies = [], []
+        for episode in batch:
+            loss, accuracy = self.episode_loss(episode, training=True)
+            (loss / len(batch)).backward()
+            losses.append(loss.detach())
+            accuracies.append(accuracy)
+        return {"loss": torch.stack(losses).mean().item(), "accuracy": torch.stack(accuracies).mean().item()}
+
+    @torch.no_grad()
+    def evaluate_episode(self, episode: Episode) -> float:
+        """Query accuracy of one episode, with BatchNorm as ``bn_mode`` says and no state left changed."""
+        with self.evaluation_mode():
+            _, accuracy = self.episode_loss(episode, training=False)
+        return accuracy.item()
+
+    @contextmanager
+    def evaluation_mode(self) -> Iterator[None]:
+        """Put BatchNorm in the ``bn_mode`` behaviour for evaluation, and restore training mode afterwards."""
+        was_training = self.training
+        batch_norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in batch_norms]
+        if self.bn_mode == "transductive":
+            self.train()
+            for m in batch_norms:
+                m.momentum = 0.0  # batch statistics, while leaving the running averages untouched
+        else:
+            self.eval()
+        try:
+            yield
+        finally:
+            for m, momentum in zip(batch_norms, momenta):
+                m.momentum = momentum
+            self.train(was_training)

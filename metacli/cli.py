@@ -1,0 +1,151 @@
+"""``metacli <command> [overrides]``: each command is a Hydra app over the configs in ``conf/``.
+
+Wrong input ends with one line on stderr (``metacli: error: ...``) and exit code 2; ``HYDRA_FULL_ERROR=1``
+shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from metacli.config_schema import register
+from metacli.errors import ConfigError, MetacliError
+
+COMMANDS = {
+    "train": "meta-train an algorithm, validate, keep the best checkpoint, test on fixed episodes",
+    "eval": "re-test a finished run: metacli eval checkpoint=RUN_DIR [eval.episodes=...]",
+}
+USAGE = """usage: metacli <command> [overrides] [hydra flags]
+
+commands:
+{commands}
+
+Each command is a Hydra app: `metacli train --help` lists its config groups, `--cfg job` prints the composed
+config, `--multirun` (-m) sweeps comma-separated values. Example:
+  metacli train algo=maml dataset=omniglot
+  metacli eval checkpoint=outputs/train/2026-01-01/12-00-00-maml-omniglot
+"""
+
+
+def config_dir() -> Path:
+    """``conf/``: inside the installed package (wheel), else beside the package (source checkout, editable)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
+
+
+def full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def fail(message: str) -> None:
+    print(f"metacli: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _run_reporting_errors(job, cfg: DictConfig):
+    try:
+        return job(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MetacliError as exc:
+        if full_errors():
+            raise
+        fail(str(exc))
+
+
+def _train_job(cfg: DictConfig, run_dir: Path) -> float:
+    from metacli.runner import train
+
+    return train(cfg, run_dir)["accuracy"]  # returned so that Hydra sweepers (e.g. Optuna) can optimise it
+
+
+def _eval_job(cfg: DictConfig, run_dir: Path) -> float:
+    from metacli.runner import evaluate_run
+
+    return evaluate_run(Path(cfg.checkpoint), cfg, run_dir)["accuracy"]
+
+
+def train_command(cfg: DictConfig) -> float:
+    return _run_reporting_errors(_train_job, cfg)
+
+
+def eval_command(cfg: DictConfig) -> float:
+    return _run_reporting_errors(_eval_job, cfg)
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def preflight(command: str, args: list[str]) -> None:
+    """Compose the config once before Hydra does, to turn composition errors into one line with a fix.
+
+    Only plain overrides and each value of a comma-separated sweep are checked: ranges and intervals of a
+    sweeper are left to the sweeper.
+    """
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        fail(f"cannot parse the overrides ({str(exc).splitlines()[0]}); write them as key=value, e.g. task.n_way=5")
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra"}
+    plain, choices = [], []
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_sweep_override():
+            if override.value_type is not None and override.value_type.name == "CHOICE_SWEEP":
+                choices += [f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()]
+            continue
+        if key in groups and override.value() is not None and str(override.value()) not in _group_options(key):
+            options = _group_options(key)
+            fail(f"unknown {key} '{override.value()}': choose one of {', '.join(options)} (e.g. {key}={options[0]})")
+        plain.append(override.input_line)
+    for choice in choices:
+        key, value = choice.split("=", 1)
+        if key in groups and value not in _group_options(key):
+            fail(f"unknown {key} '{value}' in the sweep: choose among {', '.join(_group_options(key))}")
+    register()
+    with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
+        for extra in [[]] + [[c] for c in choices]:
+            try:
+                hydra.compose(config_name=command, overrides=plain + extra)
+            except (HydraException, OmegaConfBaseException) as exc:
+                if full_errors():
+                    raise
+                fail(_one_line(exc, command))
+
+
+def _one_line(exc: Exception, command: str) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    text = "; ".join(dict.fromkeys(line for line in lines if not line.startswith(("full_key", "object_type",
+                                                                                  "reference_type"))))
+    return f"{text} (see `metacli {command} --cfg job` for the valid keys and types)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(commands="\n".join(f"  {name:<7}{text}" for name, text in COMMANDS.items())))
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail(f"unknown command '{command}': use one of {', '.join(COMMANDS)} (see metacli --help)")
+    if not {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"} & set(rest):
+        preflight(command, rest)
+    register()
+    sys.argv = [f"metacli {command}", *rest]
+    task = train_command if command == "train" else eval_command
+    hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The structured schema of ``metacli train``: types are checked by OmegaConf at composition, ranges by
+:func:`check_ranges` before anything runs. Group nodes (algo, dataset, backbone, ...) are checked by the
+constructors that ``instantiate`` calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from metacli.errors import ConfigError
+
+
+def _at_least(low, default):
+    return field(default=default, metadata={"min": low})
+
+
+@dataclass
+class TaskSchema:
+    """Episode shape. Test and validation episodes use n_way/k_shot/n_query; training may differ (higher way)."""
+
+    n_way: int = _at_least(2, 5)
+    k_shot: int = _at_least(1, 1)
+    n_query: int = _at_least(1, 15)
+    train_way: Optional[int] = _at_least(2, None)
+    train_shot: Optional[int] = _at_least(1, None)
+    train_query: Optional[int] = _at_least(1, None)
+
+
+@dataclass
+class TrainerSchema:
+    steps: int = _at_least(0, 1000)
+    meta_batch: int = _at_least(1, 4)
+    val_every: int = _at_least(1, 250)
+    val_episodes: int = _at_least(1, 100)
+    val_seed: int = 1
+    log_every: int = _at_least(1, 10)
+    resume: bool = False
+    progress: bool = True
+    optimizer: Any = None
+    scheduler: Any = None
+
+
+@dataclass
+class EvalSchema:
+    episodes: int = _at_least(1, 600)
+    seed: int = 0
+    batch_size: int = _at_least(1, 25)
+    bn_mode: str = field(default="transductive", metadata={"choices": ("transductive", "running")})
+
+
+@dataclass
+class TrainSchema:
+    seed: int = 0
+    task: TaskSchema = field(default_factory=TaskSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    algo: Any = None
+    dataset: Any = None
+    backbone: Any = None
+    device: Any = None
+    logger: Any = None
+
+
+def check_ranges(cfg: DictConfig, schema: type = TrainSchema, prefix: str = "") -> None:
+    """Raise ConfigError for the first value below its ``min`` or outside its ``choices``."""
+    for f in fields(schema):
+        value = cfg.get(f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(f.default_factory):
+            check_ranges(value, f.default_factory, key + ".")
+            continue
+        if value is None:
+            continue
+        low = f.metadata.get("min")
+        if low is not None and value < low:
+            raise ConfigError(f"{key}={value} is out of range: it must be at least {low} (override it, e.g. {key}={max(low, 1)})")
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}={value} is not valid: choose one of {', '.join(choices)}")
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainSchema)

@@ -1,0 +1,44 @@
+"""Scoring on fixed episodes: mean accuracy with its 95% confidence interval, and the results record."""
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from metacli.algorithms.base import FewShotLearner
+from metacli.data.base import FewShotDataset
+from metacli.data.episodes import EpisodeSampler
+
+
+def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed: int, batch_size: int) -> dict:
+    """Accuracy over ``episodes`` tasks fixed by ``seed``: mean, sample std, and 1.96 * std / sqrt(n)."""
+    accuracies = torch.tensor([learner.evaluate_episode(episode)
+                               for batch in sampler.fixed(episodes, seed, batch_size) for episode in batch],
+                              dtype=torch.float64)
+    std = accuracies.std().item() if episodes > 1 else 0.0
+    return {"accuracy": accuracies.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
+            "episodes": episodes}
+
+
+def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.device) -> EpisodeSampler:
+    return EpisodeSampler(dataset.split("test"), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
+                          dataset.normalize, device, where="test split")
+
+
+def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, sampler: EpisodeSampler,
+                 checkpoint: dict | None) -> dict:
+    """Score ``learner`` on the test episodes and describe the protocol: the content of results.json."""
+    scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size)
+    return {
+        "algorithm": type(learner).__name__,
+        "algo": cfg.algo._target_,
+        "backbone": cfg.backbone._target_,
+        "dataset": dataset.describe(),
+        "task": {"n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query},
+        "eval_seed": cfg.eval.seed,
+        "bn_mode": cfg.eval.bn_mode,
+        "checkpoint_step": None if checkpoint is None else checkpoint["step"],
+        "best_val_accuracy": None if checkpoint is None else checkpoint["best_val"],
+        **scored,
+    }

@@ -1,0 +1,28 @@
+"""Rich progress bar for meta-training and the final results table."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+def training_progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[accuracy]:.3f}  val {task.fields[val]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )
+
+
+def results_table(results: dict) -> Table:
+    table = Table(title="metacli test results")
+    for column in ("algorithm", "dataset", "split", "episodes", "bn mode", "accuracy (95% CI)"):
+        table.add_column(column)
+    task = results["task"]
+    table.add_row(results["algorithm"], results["dataset"]["name"], str(results["dataset"].get("split", "-")),
+                  f"{results['episodes']} x {task['n_way']}-way {task['k_shot']}-shot", results["bn_mode"],
+                  f"{100 * results['accuracy']:.2f} ± {100 * results['ci95']:.2f} %")
+    return table

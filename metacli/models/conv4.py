@@ -1,0 +1,41 @@
+"""The four-block convolutional backbone of the few-shot literature (Vinyals et al. 2016; Finn et al. 2017)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metacli.models.layers import feature_dim
+
+
+class Conv4(nn.Module):
+    """``blocks`` x (conv3x3 -> BatchNorm -> ReLU -> 2x down-sampling), ``hidden`` filters per block.
+
+    Args:
+        in_channels: image channels (injected from the dataset by the runner).
+        image_size: image side (injected likewise), used only to compute ``out_dim``.
+        hidden: filters per block: 64 as in most papers, 32 for MAML on mini-ImageNet.
+        blocks: number of blocks.
+        pool: ``"max"`` down-samples with 2x2 max-pooling and flattens the map (ProtoNet, Matching Nets);
+            ``"stride"`` uses stride-2 convolutions and averages the final map (MAML's Omniglot network).
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64, blocks: int = 4,
+                 pool: str = "max") -> None:
+        super().__init__()
+        if pool not in ("max", "stride"):
+            raise ValueError(f"backbone.pool must be 'max' or 'stride', got {pool!r}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(blocks):
+            layers += [nn.Conv2d(channels, hidden, 3, stride=2 if pool == "stride" else 1, padding=1),
+                       nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+            if pool == "max":
+                layers.append(nn.MaxPool2d(2))
+            channels = hidden
+        self.features = nn.Sequential(*layers)
+        self.pool = pool
+        self.out_dim = feature_dim(self, in_channels, image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1)

@@ -1,0 +1,15 @@
+"""Helpers shared by the backbones."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
+    """Width of the embedding ``backbone`` gives for one ``in_channels x image_size x image_size`` image."""
+    was_training = backbone.training
+    backbone.eval()  # a single image would break BatchNorm's batch statistics
+    with torch.no_grad():
+        dim = backbone(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+    backbone.train(was_training)
+    return int(dim)
