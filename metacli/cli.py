@@ -99,7 +99,7 @@ def preflight(command: str, args: list[str]) -> None:
     for override in parsed:
         key = override.key_or_group
         if override.is_sweep_override():
-            if override.value_type is not None and override.value_type.name == "CHOICE_SWEEP":
+            if override.value_type is not None and override.value_type.name in ("CHOICE_SWEEP", "SIMPLE_CHOICE_SWEEP"):
                 choices += [f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()]
             continue
         if key in groups and override.value() is not None and str(override.value()) not in _group_options(key):
@@ -126,7 +126,7 @@ def _one_line(exc: Exception, command: str) -> str:
     cause = exc.__cause__
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
-    text = "; ".join(dict.fromkeys(line for line in lines if not line.startswith(("full_key", "object_type",
+    text = " ".join(dict.fromkeys(line for line in lines if not line.startswith(("full_key", "object_type",
                                                                                   "reference_type"))))
     return f"{text} (see `metacli {command} --cfg job` for the valid keys and types)"
 
