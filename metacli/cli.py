@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig
@@ -89,7 +90,7 @@ def preflight(command: str, args: list[str]) -> None:
     Only plain overrides and each value of a comma-separated sweep are checked: ranges and intervals of a
     sweeper are left to the sweeper.
     """
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = get_args_parser().parse_args(args).overrides
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,3 +15,32 @@ def shared_data() -> Path:
         pytest.fail(f"real-data tests need {', '.join(missing)} under {path / 'omniglot'}; "
                     "set METACLI_TEST_DATA to the folder holding omniglot/ and mini-imagenet/")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory):
+    """Keep caches and W&B files out of the home dir; CLI subprocesses inherit these variables."""
+    root = tmp_path_factory.mktemp("env")
+    values = {"METACLI_CACHE": str(root / "cache"), "WANDB_DIR": str(root / "wandb"),
+              "WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+              "WANDB_DATA_DIR": str(root / "wandb-data"), "WANDB_SILENT": "true"}
+    saved = {key: os.environ.get(key) for key in [*values, "WANDB_API_KEY", "WANDB_MODE", "HYDRA_FULL_ERROR"]}
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "HYDRA_FULL_ERROR"):
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def metacli_command() -> str:
+    """The console script installed beside the running interpreter (what users type)."""
+    return str(Path(sys.executable).with_name("metacli"))
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([metacli_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
