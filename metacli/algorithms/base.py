@@ -81,16 +81,16 @@ class FewShotLearner(nn.Module, ABC):
         """Put BatchNorm in the ``bn_mode`` behaviour for evaluation, and restore training mode afterwards."""
         was_training = self.training
         batch_norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in batch_norms]
+        tracking = [m.track_running_stats for m in batch_norms]
         if self.bn_mode == "transductive":
             self.train()
             for m in batch_norms:
-                m.momentum = 0.0  # batch statistics, while leaving the running averages untouched
+                m.track_running_stats = False  # batch statistics, with no buffer (not even the counter) touched
         else:
             self.eval()
         try:
             yield
         finally:
-            for m, momentum in zip(batch_norms, momenta):
-                m.momentum = momentum
+            for m, track in zip(batch_norms, tracking):
+                m.track_running_stats = track
             self.train(was_training)
