@@ -32,12 +32,14 @@ class MAML(FewShotLearner):
                  inner_steps: int = 1, test_inner_lr: float | None = None, test_inner_steps: int | None = None,
                  first_order: bool = False) -> None:
         super().__init__(backbone, n_way, bn_mode)
-        if inner_lr <= 0 or inner_steps < 1:
-            raise ValueError(f"MAML needs inner_lr>0 and inner_steps>=1, got {inner_lr} and {inner_steps}")
+        test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
+        test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
+        if inner_lr <= 0 or inner_steps < 1 or test_inner_lr <= 0 or test_inner_steps < 0:
+            raise ValueError(f"MAML needs inner_lr>0, inner_steps>=1, test_inner_lr>0 and test_inner_steps>=0; got "
+                             f"{inner_lr}, {inner_steps}, {test_inner_lr} and {test_inner_steps}")
         self.head = nn.Linear(backbone.out_dim, n_way)
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
-        self.test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
-        self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
+        self.test_inner_lr, self.test_inner_steps = test_inner_lr, test_inner_steps
         self.first_order = first_order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

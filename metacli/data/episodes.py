@@ -69,14 +69,19 @@ class EpisodeSampler:
         self.normalize = normalize
         self.device = torch.device(device)
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> EpisodeBatch:
-        n, k, q = self.n_way, self.k_shot, self.n_query
+    def draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class indices ``[B, N]`` and image indices ``[B, N, K+Q]`` of ``batch_size`` tasks (on the CPU generator)."""
         n_classes, per_class = self.images.shape[:2]
-        classes = torch.rand(batch_size, n_classes, generator=generator).argsort(dim=1)[:, :n]
-        picks = torch.rand(batch_size, n, per_class, generator=generator).argsort(dim=2)[:, :, : k + q]
+        classes = torch.rand(batch_size, n_classes, generator=generator).argsort(dim=1)[:, : self.n_way]
+        picks = torch.rand(batch_size, self.n_way, per_class, generator=generator).argsort(dim=2)
+        return classes, picks[:, :, : self.k_shot + self.n_query]
+
+    def gather(self, classes: torch.Tensor, picks: torch.Tensor) -> EpisodeBatch:
+        """The episodes that ``draw`` described, as one index into the device-resident images."""
+        n, k, q = self.n_way, self.k_shot, self.n_query
+        batch_size = classes.shape[0]
         classes, picks = classes.to(self.device), picks.to(self.device)
-        images = self.images[classes.unsqueeze(-1), picks]  # [B, N, K+Q, C, H, W]
-        images = self.normalize(images)
+        images = self.normalize(self.images[classes.unsqueeze(-1), picks])  # [B, N, K+Q, C, H, W]
         shape = images.shape[3:]
         labels = torch.arange(n, device=self.device)
         return EpisodeBatch(
@@ -87,11 +92,14 @@ class EpisodeSampler:
             n_way=n,
         )
 
+    def sample(self, batch_size: int, generator: torch.Generator) -> EpisodeBatch:
+        return self.gather(*self.draw(batch_size, generator))
+
     def fixed(self, episodes: int, seed: int, batch_size: int) -> Iterator[EpisodeBatch]:
-        """The same ``episodes`` tasks for every caller with the same seed: how val and test sets are pinned."""
-        generator = torch.Generator().manual_seed(seed)
-        done = 0
-        while done < episodes:
-            size = min(batch_size, episodes - done)
-            yield self.sample(size, generator)
-            done += size
+        """The same ``episodes`` tasks for every caller with the same seed: how val and test sets are pinned.
+
+        All tasks are drawn in one go, so the chunking (``batch_size``) never changes which tasks they are.
+        """
+        classes, picks = self.draw(episodes, torch.Generator().manual_seed(seed))
+        for start in range(0, episodes, batch_size):
+            yield self.gather(classes[start:start + batch_size], picks[start:start + batch_size])
