@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from metacli.config_schema import register
-from metacli.errors import ConfigError, MetacliError
+from metacli.errors import MetacliError
 
 COMMANDS = {
     "train": "meta-train an algorithm, validate, keep the best checkpoint, test on fixed episodes",

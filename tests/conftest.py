@@ -44,3 +44,14 @@ def metacli_command() -> str:
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([metacli_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions: one thread is as fast, reproducible, and not slowed by spinning against other processes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: one thread is as fast, reproducible, and not slowed by spinning against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
