@@ -80,17 +80,31 @@ class FewShotLearner(nn.Module, ABC):
     def evaluation_mode(self) -> Iterator[None]:
         """Put BatchNorm in the ``bn_mode`` behaviour for evaluation, and restore training mode afterwards."""
         was_training = self.training
-        batch_norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        tracking = [m.track_running_stats for m in batch_norms]
-        if self.bn_mode == "transductive":
-            self.train()
-            for m in batch_norms:
-                m.track_running_stats = False  # batch statistics, with no buffer (not even the counter) touched
-        else:
-            self.eval()
         try:
-            yield
+            if self.bn_mode == "transductive":
+                self.train()
+                with batch_statistics_only(self):
+                    yield
+            else:
+                self.eval()
+                yield
         finally:
-            for m, track in zip(batch_norms, tracking):
-                m.track_running_stats = track
             self.train(was_training)
+
+
+@contextmanager
+def batch_statistics_only(module: nn.Module) -> Iterator[None]:
+    """BatchNorm normalises with the batch's statistics and touches no buffer (not even the counter).
+
+    Used for transductive evaluation, and by vectorised inner loops, where an in-place running-average update
+    of a shared buffer from per-task batches is impossible.
+    """
+    batch_norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [m.track_running_stats for m in batch_norms]
+    for m in batch_norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, track in zip(batch_norms, tracking):
+            m.track_running_stats = track

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metacli.models.batchnorm import BatchNorm2d
 from metacli.models.layers import feature_dim
 
 
@@ -28,7 +29,7 @@ class Conv4(nn.Module):
         channels = in_channels
         for _ in range(blocks):
             layers += [nn.Conv2d(channels, hidden, 3, stride=2 if pool == "stride" else 1, padding=1),
-                       nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+                       BatchNorm2d(hidden), nn.ReLU(inplace=True)]
             if pool == "max":
                 layers.append(nn.MaxPool2d(2))
             channels = hidden
