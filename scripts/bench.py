@@ -1,11 +1,16 @@
-"""Meta-training throughput and peak memory on real data: one JSON file per run.
+"""Meta-training throughput, step-time breakdown, FLOP rate and peak memory on real data: one JSON file per run.
 
-    python scripts/bench.py                       # ProtoNet, MAML (1st/2nd order) on Omniglot 5-way 1-shot, CPU
-    python scripts/bench.py --device cuda --algos maml --steps 20 --out bench-results/
+    python scripts/bench.py                                   # every algorithm on MAML's Omniglot network
+    python scripts/bench.py --setups omniglot_conv4 miniimagenet_conv4_32 --algos protonet maml
+    python scripts/bench.py --device cuda --vectorize true false --out bench-results/
+    python scripts/bench.py --memory-sweep                    # MAML 2nd order at 1/5/10/20 inner steps, +- checkpointing
+    python scripts/bench.py --peer-python /path/to/venv/bin/python   # learn2learn on the same shapes, same run
 
-Each configuration runs in its own subprocess, so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
-Episodes come from the real dataset through the same sampler as training; configs are composed from conf/ exactly
-as `metacli train` composes them.
+Each measurement runs in its own subprocess, so its peak memory is its own: on CUDA the peak allocated during the
+timed steps, on CPU the growth of max RSS over the process's size before the first step. Episodes come from the
+real dataset through the training sampler; configs are composed from conf/ as ``metacli train`` composes them.
+FLOPs of one meta-iteration are counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward and every
+backward) and divided by the measured time; the machine's dense fp32 matmul rate is measured in the same run.
 """
 from __future__ import annotations
 
@@ -14,23 +19,52 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-CASES = {
+TASK = ["task.n_way=5", "task.k_shot=1", "task.n_query=15"]
+SETUPS = {  # the shapes of the papers' protocols; meta-batch 32 on Omniglot as in MAML, 4 on mini-ImageNet
+    "omniglot_conv4_stride": ["dataset=omniglot", "backbone=conv4_stride", "trainer.meta_batch=32"],
+    "omniglot_conv4": ["dataset=omniglot", "backbone=conv4", "trainer.meta_batch=32"],
+    "miniimagenet_conv4_32": ["dataset=mini_imagenet", "backbone=conv4", "backbone.hidden=32",
+                              "trainer.meta_batch=4"],
+    "miniimagenet_resnet12": ["dataset=mini_imagenet", "backbone=resnet12", "trainer.meta_batch=4"],
+}
+ALGOS = {
     "protonet": ["algo=protonet"],
     "maml_first_order": ["algo=maml", "algo.first_order=true"],
     "maml_second_order": ["algo=maml", "algo.first_order=false"],
 }
+VECTORIZABLE = ("maml_first_order", "maml_second_order")
 
 
-def measure(case: str, overrides: list[str], device: str, steps: int, warmup: int) -> dict:
+def matmul_gflops(device) -> float:
+    """Best dense fp32 matmul rate of a few 2048x2048 products: the yardstick for achieved GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dict:
     """Time ``steps`` meta-iterations after ``warmup`` ones, in this process."""
     import hydra
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from metacli.algorithms.timing import timed_phases
     from metacli.build import build, build_dataset, build_learner, resolve_device
     from metacli.cli import config_dir
     from metacli.config_schema import register
@@ -38,79 +72,189 @@ def measure(case: str, overrides: list[str], device: str, steps: int, warmup: in
 
     register()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra.compose("train", overrides=[*overrides, f"device={device}"])
+        cfg = hydra.compose("train", overrides=[*case["overrides"], f"device={device}"])
     torch.manual_seed(0)
     device_t = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device_t)
     optimizer = build(cfg.trainer.optimizer, "trainer.optimizer")(learner.parameters())
-    sampler = EpisodeSampler(dataset.split("train"), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
+    sampler = EpisodeSampler(dataset.split(split), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
                              dataset.normalize, device_t)
     generator = torch.Generator().manual_seed(0)
     meta_batch = cfg.trainer.meta_batch
     sync = torch.cuda.synchronize if device_t.type == "cuda" else (lambda: None)
 
-    def step() -> float:
+    def step(phases: dict) -> None:
+        sync()
         start = time.perf_counter()
         batch = sampler.sample(meta_batch, generator)
         sync()
-        sampled = time.perf_counter()
+        phases["sampling"] += time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
         learner.meta_train_step(batch)
+        sync()
+        start = time.perf_counter()
         optimizer.step()
         sync()
-        return sampled - start
+        phases["optimizer"] += time.perf_counter() - start
 
-    for _ in range(warmup):
-        step()
     if device_t.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start, sampling = time.perf_counter(), 0.0
-    for _ in range(steps):
-        sampling += step()
-    elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device_t.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"case": case, "overrides": overrides, "device": str(device_t), "meta_batch": meta_batch,
-            "steps_timed": steps, "seconds_per_meta_iteration": elapsed / steps,
-            "episodes_per_second": steps * meta_batch / elapsed, "sampling_fraction": sampling / elapsed,
-            "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device_t.type == "cuda" else "max_rss"}
+        base_memory = torch.cuda.memory_allocated()
+    else:
+        base_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with timed_phases(device_t) as phases:
+        for _ in range(warmup):
+            step(phases)
+    times = []
+    with timed_phases(device_t) as phases:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step(phases)
+            times.append(time.perf_counter() - start)
+    if device_t.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base_memory
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_memory
+    if hasattr(learner, "vectorize"):  # count on the serial path: the same arithmetic, no vmap under the counter
+        learner.vectorize, learner.batch_first_step = False, False
+    with FlopCounterMode(display=False) as counter:
+        learner.meta_train_step(sampler.sample(meta_batch, generator))
+    seconds = statistics.median(times)
+    flops = counter.get_total_flops()
+    return {**case, "device": str(device_t), "episodes_from_split": split, "meta_batch": meta_batch, "steps_timed": steps,
+            "seconds_per_meta_iteration": seconds, "tasks_per_second": meta_batch / seconds,
+            "breakdown_seconds": {k: v / steps for k, v in sorted(phases.items())},
+            "sampling_fraction": phases["sampling"] / sum(times),
+            "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
+            "matmul_gflops": matmul_gflops(device_t),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth"}
+
+
+PEER_SCRIPT = r"""
+import json, sys, time, torch, learn2learn as l2l
+torch.manual_seed(0)
+meta_batch, inner_steps, first_order = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+model = l2l.vision.models.OmniglotCNN(output_size=5)  # 4 x (conv3x3 stride 2, 64, BatchNorm, ReLU), linear head
+maml = l2l.algorithms.MAML(model, lr=0.4, first_order=first_order)
+optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
+loss = torch.nn.CrossEntropyLoss()
+support_x, support_y = torch.rand(5, 1, 28, 28), torch.arange(5)
+query_x, query_y = torch.rand(75, 1, 28, 28), torch.arange(5).repeat(15)
+def iteration():
+    optimizer.zero_grad()
+    for _ in range(meta_batch):
+        task = maml.clone()
+        for _ in range(inner_steps):
+            task.adapt(loss(task(support_x), support_y))
+        (loss(task(query_x), query_y) / meta_batch).backward()
+    optimizer.step()
+iteration()
+times = []
+for _ in range(int(sys.argv[4])):
+    start = time.perf_counter(); iteration(); times.append(time.perf_counter() - start)
+times.sort()
+print(json.dumps({"seconds_per_meta_iteration": times[len(times) // 2]}))
+"""
+
+
+def measure_peer(python: str, meta_batch: int, inner_steps: int, first_order: bool, steps: int) -> dict:
+    """learn2learn 0.2.0's ``MAML.clone()/adapt()`` on MAML's Omniglot shapes (random pixels), in its own venv."""
+    done = subprocess.run([python, "-c", PEER_SCRIPT, str(meta_batch), str(inner_steps), str(int(first_order)),
+                           str(steps)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"learn2learn timing failed:\n{done.stderr[-2000:]}")
+    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_meta_iteration"]
+    return {"seconds_per_meta_iteration": seconds, "tasks_per_second": meta_batch / seconds}
+
+
+def cases(args) -> list[dict]:
+    """The measurements the arguments ask for, each with the overrides that compose its config."""
+    if args.memory_sweep:
+        return [{"setup": "omniglot_conv4_stride", "algo": "maml_second_order", "vectorize": args.vectorize[0],
+                 "inner_steps": steps, "checkpoint_inner": ckpt,
+                 "overrides": [*SETUPS["omniglot_conv4_stride"], *TASK, *ALGOS["maml_second_order"],
+                               f"algo.inner_steps={steps}", f"algo.checkpoint_inner={str(ckpt).lower()}",
+                               f"algo.vectorize={args.vectorize[0]}", "trainer.meta_batch=8"]}
+                for ckpt in (False, True) for steps in (1, 5, 10, 20)]
+    out = []
+    for setup in args.setups:
+        for algo in args.algos:
+            for vectorize in (args.vectorize if algo in VECTORIZABLE else [None]):
+                overrides = [*SETUPS[setup], *TASK, *ALGOS[algo], *args.set]
+                if vectorize is not None:
+                    overrides.append(f"algo.vectorize={vectorize}")
+                out.append({"setup": setup, "algo": algo, "vectorize": vectorize, "overrides": overrides})
+    return out
+
+
+def summary_line(r: dict) -> str:
+    parts = " ".join(f"{k} {1000 * v:.0f}" for k, v in r["breakdown_seconds"].items())
+    tag = f"{r['setup']} {r['algo']}" + (f" vectorize={r['vectorize']}" if r.get("vectorize") is not None else "")
+    tag += f" steps={r['inner_steps']} ckpt={r['checkpoint_inner']}" if "inner_steps" in r else ""
+    peer = f"  learn2learn {r['peer']['tasks_per_second']:.1f} tasks/s ({r['speedup_vs_peer']:.2f}x)" if "peer" in r else ""
+    return (f"{tag:55s} {r['tasks_per_second']:7.1f} tasks/s {1000 * r['seconds_per_meta_iteration']:8.0f} ms/it "
+            f"[{parts} ms] {r['achieved_gflops']:5.1f}/{r['matmul_gflops']:.0f} GFLOP/s "
+            f"sampling {100 * r['sampling_fraction']:.1f}% peak +{r['peak_memory_bytes'] / 2**20:.0f} MiB{peer}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algos", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--dataset", default="omniglot", help="dataset config (omniglot, mini_imagenet, synthetic)")
-    parser.add_argument("--backbone", default="conv4")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--meta-batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--setups", nargs="+", default=["omniglot_conv4_stride"], choices=list(SETUPS))
+    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    parser.add_argument("--device", default="cpu", help="device config: cpu, cuda or auto")
+    parser.add_argument("--vectorize", nargs="+", default=["auto"], choices=["auto", "true", "false"],
+                        help="algo.vectorize values to measure for the MAML family")
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every case")
+    parser.add_argument("--memory-sweep", action="store_true",
+                        help="MAML 2nd order, meta-batch 8, at 1/5/10/20 inner steps, with and without checkpointing")
+    parser.add_argument("--peer-python", help="python of a venv with learn2learn 0.2.0: time it side by side")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating metacli/peer rounds (with --peer-python)")
+    parser.add_argument("--steps", type=int, default=5, help="timed meta-iterations per case (median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--split", default="train", choices=["train", "val", "test"],
+                        help="split the episodes come from (same shapes; val needs only the smaller archive)")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON file")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one case in this process
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
     args = parser.parse_args()
-    common = [f"dataset={args.dataset}", f"backbone={args.backbone}", "task.n_way=5", "task.k_shot=1",
-              "task.n_query=15", f"trainer.meta_batch={args.meta_batch}"]
     if args.one:
-        print(json.dumps(measure(args.one, CASES[args.one] + common, args.device, args.steps, args.warmup)))
+        print(json.dumps(measure(json.loads(args.one), args.device, args.steps, args.warmup, args.split)))
         return
     results = []
-    for case in args.algos:
-        done = subprocess.run([sys.executable, __file__, "--one", case, *sys.argv[1:]], capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"bench of {case} failed:\n{done.stderr[-2000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"{case:20s} {r['episodes_per_second']:8.1f} episodes/s  {1000 * r['seconds_per_meta_iteration']:8.1f} ms/it"
-              f"  sampling {100 * r['sampling_fraction']:.1f}%  peak {r['peak_memory_bytes'] / 2**20:.0f} MiB")
+    for case in cases(args):
+        with_peer = (args.peer_python and case["setup"] == "omniglot_conv4_stride" and case["algo"] in VECTORIZABLE
+                     and "inner_steps" not in case)
+        rounds = []
+        # On a shared machine the speed drifts by tens of percent within minutes: alternate metacli and the peer
+        # and keep the median round of each, so that the ratio compares like with like.
+        for _ in range(args.rounds if with_peer else 1):
+            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(case), "--device", args.device,
+                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", args.split],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench of {case['setup']} {case['algo']} failed:\n{done.stderr[-3000:]}")
+            ours = json.loads(done.stdout.strip().splitlines()[-1])
+            peer = (measure_peer(args.peer_python, ours["meta_batch"], 1, case["algo"] == "maml_first_order",
+                                 args.steps) if with_peer else None)
+            rounds.append((ours, peer))
+        result = sorted(rounds, key=lambda r: r[0]["tasks_per_second"])[len(rounds) // 2][0]
+        if with_peer:
+            peers = sorted(p["tasks_per_second"] for _, p in rounds)
+            result["peer"] = {"library": "learn2learn 0.2.0", "tasks_per_second": peers[len(peers) // 2],
+                              "rounds": [[o["tasks_per_second"], p["tasks_per_second"]] for o, p in rounds]}
+            result["speedup_vs_peer"] = result["tasks_per_second"] / result["peer"]["tasks_per_second"]
+        results.append(result)
+        print(summary_line(result), flush=True)
     import torch
 
-    report = {"dataset": args.dataset, "backbone": args.backbone, "task": "5-way 1-shot, 15 queries",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "results": results}
+    report = {"task": "5-way 1-shot, 15 queries", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "platform": platform.platform(),
+              "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{args.dataset}-{args.backbone}-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    kind = "memory" if args.memory_sweep else "-".join(args.setups) if len(args.setups) < 3 else "suite"
+    path = out / f"bench-{kind}-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 

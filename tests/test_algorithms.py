@@ -3,6 +3,7 @@ distances, learning on synthetic glyphs, and backbone output sizes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_first_order_meta_gradient_differs_from_second_order(glyphs):
     torch.manual_seed(0)
     second = MAML(Conv4(hidden=8), 5, inner_lr=0.4, inner_steps=1, first_order=False)
     first = copy.deepcopy(second)
-    first.first_order = True
+    first.train_loop = dataclasses.replace(first.train_loop, second_order=False)
     tasks = batch(glyphs, size=2)
     metrics_second = second.meta_train_step(tasks)
     metrics_first = first.meta_train_step(tasks)
@@ -129,9 +130,9 @@ def test_training_and_evaluation_use_their_own_inner_loop(glyphs):
 
 def test_test_inner_settings_default_to_the_training_ones():
     model = MAML(Conv4(hidden=8), 5, inner_lr=0.3, inner_steps=2)
-    assert (model.test_inner_lr, model.test_inner_steps) == (0.3, 2)
+    assert (model.test_loop.lr, model.test_loop.steps) == (0.3, 2)
     model = MAML(Conv4(hidden=8), 5, inner_lr=0.3, inner_steps=2, test_inner_lr=0.05, test_inner_steps=7)
-    assert (model.inner_lr, model.inner_steps, model.test_inner_lr, model.test_inner_steps) == (0.3, 2, 0.05, 7)
+    assert (model.train_loop.lr, model.train_loop.steps, model.test_loop.lr, model.test_loop.steps) == (0.3, 2, 0.05, 7)
 
 
 def test_zero_test_inner_steps_means_no_adaptation(glyphs):

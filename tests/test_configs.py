@@ -119,8 +119,8 @@ def test_every_algo_builds_a_working_learner(algo, backbone):
     assert learner.n_way == 4 and learner.bn_mode == cfg.eval.bn_mode == "transductive"
     assert learner.backbone.out_dim > 0
     if algo == "maml":
-        assert (learner.inner_lr, learner.inner_steps) == (cfg.algo.inner_lr, cfg.algo.inner_steps)
-        assert (learner.test_inner_lr, learner.test_inner_steps) == (cfg.algo.inner_lr, cfg.algo.test_inner_steps)
+        assert (learner.train_loop.lr, learner.train_loop.steps) == (cfg.algo.inner_lr, cfg.algo.inner_steps)
+        assert (learner.test_loop.lr, learner.test_loop.steps) == (cfg.algo.inner_lr, cfg.algo.test_inner_steps)
         assert learner.head.out_features == 4
     else:
         assert learner.distance == cfg.algo.distance
@@ -136,7 +136,8 @@ def test_algo_settings_reach_the_learner():
                   "eval.bn_mode=running")
     learner = build_learner(cfg, build_dataset(cfg))
     # test_inner_lr follows inner_lr through the interpolation in conf/algo/maml.yaml.
-    assert (learner.inner_lr, learner.test_inner_lr, learner.first_order, learner.bn_mode) == (0.1, 0.1, True, "running")
+    assert (learner.train_loop.lr, learner.test_loop.lr, learner.train_loop.second_order, learner.bn_mode) == (
+        0.1, 0.1, False, "running")
     cfg = compose("algo=protonet", "algo.distance=cosine", "algo.temperature=5", "backbone.hidden=8", "dataset=synthetic")
     learner = build_learner(cfg, build_dataset(cfg))
     assert (learner.distance, learner.temperature) == ("cosine", 5)

@@ -1,56 +1,92 @@
-"""The vmap path over a meta-batch gives the serial loop's meta-gradient, and `algo.vectorize` picks between them."""
+"""Every inner-loop path gives the serial loop's meta-gradient and running BatchNorm statistics."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from metacli.algorithms.inner_loop import use_vectorized
+from metacli.algorithms.inner_loop import PATHS, inner_path, meta_train_batch
 from metacli.algorithms.maml import MAML
 from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
+from metacli.models.resnet12 import ResNet12
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def meta_gradient(learner: MAML, batch: EpisodeBatch, vectorize: bool) -> tuple[dict, dict]:
-    learner.vectorize = vectorize
-    learner.zero_grad()
-    metrics = learner.meta_train_step(batch)
-    return {name: p.grad.clone() for name, p in learner.named_parameters()}, metrics
+def random_batch(tasks: int, queries: int, channels: int = 1, size: int = 28, dtype=torch.float64) -> EpisodeBatch:
+    generator = torch.Generator().manual_seed(1)
+    return EpisodeBatch(torch.rand(tasks, 5, channels, size, size, generator=generator, dtype=dtype),
+                        torch.arange(5).expand(tasks, -1),
+                        torch.rand(tasks, 5 * queries, channels, size, size, generator=generator, dtype=dtype),
+                        torch.arange(5).repeat(queries).expand(tasks, -1), 5)
+
+
+def run_path(learner: MAML, batch: EpisodeBatch, path: str) -> tuple[dict, dict, torch.Tensor]:
+    learner = copy.deepcopy(learner)
+    losses, _ = meta_train_batch(learner, dict(learner.named_parameters()), batch, learner.train_loop, path)
+    grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
+    return grads, {name: b.clone() for name, b in learner.named_buffers()}, losses
+
+
+def assert_paths_agree(learner: MAML, batch: EpisodeBatch) -> None:
+    serial_grads, serial_buffers, serial_losses = run_path(learner, batch, "serial")
+    assert max(g.abs().max().item() for g in serial_grads.values()) > 1e-4  # a real, non-zero meta-gradient
+    assert serial_buffers and any(b.float().abs().sum() > 0 for b in serial_buffers.values())
+    for path in PATHS[1:]:
+        grads, buffers, losses = run_path(learner, batch, path)
+        torch.testing.assert_close(losses, serial_losses, rtol=1e-9, atol=1e-12, msg=path)
+        for name in serial_grads:
+            torch.testing.assert_close(grads[name], serial_grads[name], rtol=1e-8, atol=1e-11, msg=f"{path}: {name}")
+        for name in serial_buffers:  # running BatchNorm statistics, folded in the serial loop's order
+            torch.testing.assert_close(buffers[name], serial_buffers[name], rtol=1e-9, atol=1e-12,
+                                       msg=f"{path}: {name}")
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("pool", ["max", "stride"])
-def test_vmap_and_serial_meta_gradients_agree(first_order, steps, pool):
+def test_paths_agree_on_conv4(first_order, steps, pool):
     torch.manual_seed(0)
     learner = MAML(Conv4(hidden=8, pool=pool), n_way=5, inner_lr=0.4, inner_steps=steps,
                    first_order=first_order).double()
-    batch = EpisodeBatch(torch.rand(6, 5, 1, 28, 28, dtype=torch.float64), torch.arange(5).expand(6, -1),
-                         torch.rand(6, 15, 1, 28, 28, dtype=torch.float64), torch.arange(5).repeat(3).expand(6, -1), 5)
-    serial, serial_metrics = meta_gradient(learner, batch, vectorize=False)
-    vectorized, vector_metrics = meta_gradient(learner, batch, vectorize=True)
-    assert max(g.abs().max().item() for g in serial.values()) > 1e-4  # a real, non-zero meta-gradient
-    for name in serial:
-        torch.testing.assert_close(vectorized[name], serial[name], rtol=1e-9, atol=1e-12, msg=name)
-    assert serial_metrics == pytest.approx(vector_metrics, rel=1e-9)
+    assert_paths_agree(learner, random_batch(tasks=4, queries=3))
 
 
-def test_vmap_path_differs_between_first_and_second_order():
+def test_paths_agree_on_resnet12_with_checkpointing():
     torch.manual_seed(0)
-    learner = MAML(Conv4(hidden=8), n_way=5, vectorize=True)
-    batch = EpisodeBatch(torch.rand(3, 5, 1, 28, 28), torch.arange(5).expand(3, -1), torch.rand(3, 10, 1, 28, 28),
-                         torch.arange(5).repeat(2).expand(3, -1), 5)
-    second, _ = meta_gradient(learner, batch, vectorize=True)
-    learner.first_order = True
-    first, _ = meta_gradient(learner, batch, vectorize=True)
-    assert not torch.allclose(first["backbone.features.0.weight"], second["backbone.features.0.weight"])
+    learner = MAML(ResNet12(image_size=32, widths=(4, 6, 8, 8)), n_way=5, inner_lr=0.1, inner_steps=2,
+                   checkpoint_inner=True).double()
+    assert_paths_agree(learner, random_batch(tasks=2, queries=2, channels=3, size=32))
+
+
+def test_checkpointing_changes_nothing_but_memory():
+    torch.manual_seed(0)
+    learner = MAML(Conv4(hidden=8), n_way=5, inner_lr=0.4, inner_steps=3).double()
+    checkpointed = copy.deepcopy(learner)
+    checkpointed.train_loop = MAML(Conv4(hidden=8), 5, inner_steps=3, checkpoint_inner=True).train_loop
+    batch = random_batch(tasks=2, queries=2)
+    for path in ("serial", "batched_first"):
+        plain, _, _ = run_path(learner, batch, path)
+        recomputed, _, _ = run_path(checkpointed, batch, path)
+        for name in plain:
+            torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_running_statistics_serve_evaluation_after_vectorised_training():
+    torch.manual_seed(0)
+    learner = MAML(Conv4(hidden=8), n_way=5, bn_mode="running", vectorize=True)
+    learner.meta_train_step(random_batch(tasks=3, queries=2, dtype=torch.float32))
+    bn = learner.backbone.features[1]
+    assert int(bn.num_batches_tracked) == 3 * 2  # per task: one support forward and one query forward
+    episode = next(iter(random_batch(tasks=1, queries=2, dtype=torch.float32)))
+    assert 0.0 <= learner.evaluate_episode(episode) <= 1.0
 
 
 def test_vectorize_switch():
-    assert use_vectorized("auto", torch.device("cuda")) and not use_vectorized("auto", torch.device("cpu"))
-    assert use_vectorized(True, torch.device("cpu")) and not use_vectorized(False, torch.device("cuda"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert inner_path("auto", True, cuda) == "vmap" and inner_path("auto", True, cpu) == "batched_first"
+    assert inner_path(True, True, cpu) == "vmap" and inner_path(False, False, cuda) == "serial"
     with pytest.raises(ValueError, match="vectorize must be"):
         MAML(Conv4(hidden=8), n_way=5, vectorize="sometimes")
-    with pytest.raises(ValueError, match="bn_mode=running"):
-        MAML(Conv4(hidden=8), n_way=5, vectorize=True, bn_mode="running")

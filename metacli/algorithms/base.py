@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metacli.algorithms.timing import phase
 from metacli.data.episodes import Episode, EpisodeBatch
 
 BN_MODES = ("transductive", "running")
@@ -63,8 +64,10 @@ class FewShotLearner(nn.Module, ABC):
         """
         losses, accuracies = [], []
         for episode in batch:
-            loss, accuracy = self.episode_loss(episode, training=True)
-            (loss / len(batch)).backward()
+            with phase("inner_loop"):
+                loss, accuracy = self.episode_loss(episode, training=True)
+            with phase("outer_backward"):
+                (loss / len(batch)).backward()
             losses.append(loss.detach())
             accuracies.append(accuracy)
         return {"loss": torch.stack(losses).mean().item(), "accuracy": torch.stack(accuracies).mean().item()}

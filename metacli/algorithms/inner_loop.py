@@ -1,17 +1,35 @@
-"""Functional gradient-descent adaptation shared by the optimisation-based algorithms (MAML and its family)."""
+"""Functional gradient-descent adaptation shared by the optimisation-based algorithms (MAML and its family).
+
+A meta-batch is meta-trained along one of three paths, all giving the same meta-gradient and the same running
+BatchNorm statistics (tested in float64):
+
+- ``serial``: task after task, each back-propagated as soon as its query loss exists, so one task's graph is alive
+  at a time. The reference path.
+- ``batched_first``: the first inner step of every task starts from the same weights, so it runs for the whole
+  meta-batch at once (``vmap`` over tasks with shared weights folds into one large batch with per-task BatchNorm
+  statistics); the remaining steps and the query pass run task by task with the native kernels, and the
+  meta-gradient is chained through the shared first step in one final backward. The fast path on CPU.
+- ``vmap``: every step and the query pass vectorised over tasks with ``torch.func.vmap``. Per-task weights turn
+  into grouped kernels, which pay off on a GPU and lose on a 2-core CPU.
+"""
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
-from metacli.algorithms.base import batch_statistics_only
-from metacli.data.episodes import EpisodeBatch
+from metacli.algorithms.timing import phase
+from metacli.data.episodes import Episode, EpisodeBatch
+from metacli.models.batchnorm import apply_statistics, frozen_statistics, recorded_statistics
 
 Params = dict[str, torch.Tensor]
+PATHS = ("serial", "batched_first", "vmap")
 
 
 def functional_forward(module: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -19,23 +37,18 @@ def functional_forward(module: nn.Module, params: Params, x: torch.Tensor) -> to
     return functional_call(module, params, (x,))
 
 
-def gradient_descent(loss_fn: Callable[[Params], torch.Tensor], params: Params, steps: int,
-                     lr: float | Params, training: bool, second_order: bool) -> Params:
-    """Take ``steps`` SGD steps on ``loss_fn`` from ``params`` and return the adapted parameters.
+@dataclass(frozen=True)
+class InnerLoop:
+    """How one task adapts: ``steps`` SGD steps at ``lr`` (a float, or per-parameter rates as Meta-SGD learns).
 
-    ``lr`` is one float or a per-parameter dict (Meta-SGD's learned rates). In training the adapted parameters
-    stay a differentiable function of ``params``: through the full Hessian path when ``second_order``, else
-    through the identity only (first-order MAML). At evaluation each step is detached, so memory is flat in
-    ``steps``.
+    ``second_order=False`` treats each inner gradient as a constant (first-order MAML). ``checkpoint`` recomputes
+    each step's forward during the outer backward instead of storing it, so memory stays flat in ``steps``.
     """
-    for _ in range(steps):
-        with torch.enable_grad():
-            loss = loss_fn(params)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=training and second_order)
-        params = sgd_step(params, dict(zip(params, grads)), lr)
-        if not training:
-            params = {name: p.detach().requires_grad_() for name, p in params.items()}
-    return params
+
+    steps: int
+    lr: float | Params
+    second_order: bool = True
+    checkpoint: bool = False
 
 
 def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
@@ -43,36 +56,160 @@ def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
     return {name: p - (lr[name] if isinstance(lr, dict) else lr) * grads[name] for name, p in params.items()}
 
 
-def vectorized_query_losses(module: nn.Module, params: Params, batch: EpisodeBatch, steps: int, lr: float | Params,
-                            second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adapt every task of ``batch`` with ``torch.func.vmap`` and return per-task query losses and accuracies.
+def support_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(functional_forward(module, params, x), y)
 
-    The same meta-gradient as looping :func:`gradient_descent` over the tasks (tested), but as batched kernels:
-    faster on a GPU, slower on a 2-core CPU (see ``algo.vectorize``). BatchNorm uses per-task batch statistics.
+
+def gradient_descent(loss_fn: Callable[[Params], torch.Tensor], params: Params, loop: InnerLoop,
+                     training: bool, steps: int | None = None) -> Params:
+    """Take ``steps`` (default ``loop.steps``) SGD steps on ``loss_fn`` from ``params``; return the adapted ones.
+
+    In training the adapted parameters stay a differentiable function of ``params``: through the full Hessian path
+    when ``loop.second_order``, else through the identity only. At evaluation each step is detached, so memory is
+    flat in the number of steps.
     """
+    create_graph = training and loop.second_order
 
+    def step(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        current = dict(zip(params, values))
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss_fn(current), values, create_graph=create_graph)
+        return tuple(sgd_step(current, dict(zip(params, grads)), loop.lr).values())
+
+    values = tuple(params.values())
+    for _ in range(loop.steps if steps is None else steps):
+        if training and loop.checkpoint:
+            values = checkpoint(step, *values, use_reentrant=False, context_fn=_recompute_without_statistics)
+        else:
+            values = step(*values)
+        if not training:
+            values = tuple(v.detach().requires_grad_() for v in values)
+    return dict(zip(params, values))
+
+
+def _recompute_without_statistics():
+    return contextlib.nullcontext(), frozen_statistics()
+
+
+def adapt_to_support(module: nn.Module, params: Params, episode: Episode, loop: InnerLoop,
+                     training: bool) -> Params:
+    """``params`` after the inner loop on ``episode``'s support set."""
+    return gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y), params, loop,
+                            training)
+
+
+def query_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and accuracy of the adapted ``params`` on a query set."""
+    logits = functional_forward(module, params, x)
+    return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
+
+
+def meta_train_batch(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
+                     path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the meta-gradient of the mean query loss into ``.grad``; return per-task losses and accuracies.
+
+    ``params`` are the parameters the inner loop adapts (all of them for MAML, the head for ANIL); the others are
+    used as they are and receive their meta-gradient directly.
+    """
+    if path == "serial":
+        return _serial(module, params, batch, loop)
+    if path == "batched_first":
+        return _batched_first(module, params, batch, loop)
+    if path == "vmap":
+        return _vectorized(module, params, batch, loop)
+    raise ValueError(f"inner-loop path must be one of {PATHS}, got {path!r}")
+
+
+def _serial(module: nn.Module, params: Params, batch: EpisodeBatch,
+            loop: InnerLoop) -> tuple[torch.Tensor, torch.Tensor]:
+    losses, accuracies = [], []
+    for episode in batch:
+        with phase("inner_loop"):
+            adapted = adapt_to_support(module, params, episode, loop, training=True)
+            loss, accuracy = query_loss(module, adapted, episode.query_x, episode.query_y)
+        with phase("outer_backward"):
+            (loss / len(batch)).backward()
+        losses.append(loss.detach())
+        accuracies.append(accuracy)
+    return torch.stack(losses), torch.stack(accuracies)
+
+
+def _support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loop: InnerLoop,
+                   record) -> tuple[Params, list]:
+    """Per-task inner gradient inside a transform, with the BatchNorm statistics it recorded."""
+
+    def loss_and_statistics(p: Params):
+        start = len(record.statistics)
+        return support_loss(module, p, x, y), record.statistics[start:]
+
+    grads, statistics = torch.func.grad(loss_and_statistics, has_aux=True)(params)
+    if not loop.second_order:
+        grads = {name: g.detach() for name, g in grads.items()}
+    return grads, statistics
+
+
+def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch,
+                   loop: InnerLoop) -> tuple[torch.Tensor, torch.Tensor]:
+    def first_step(x: torch.Tensor, y: torch.Tensor):
+        grads, statistics = _support_grads(module, params, x, y, loop, record)
+        return sgd_step(params, grads, loop.lr), statistics
+
+    with phase("inner_loop"), recorded_statistics(module) as record:
+        first, statistics = torch.func.vmap(first_step)(batch.support_x, batch.support_y)
+    names = list(first)
+    per_task = list(zip(*(first[name].detach().unbind(0) for name in names)))
+    first_grads: list[list[torch.Tensor]] = [[] for _ in names]
+    losses, accuracies = [], []
+    for task, episode in enumerate(batch):
+        # Cut the graph at the task's first-step weights: its own backward stops there, and the shared first
+        # step is back-propagated once for all tasks below.
+        start = {name: value.requires_grad_() for name, value in zip(names, per_task[task])}
+        with phase("inner_loop"):
+            apply_statistics(record.layers, statistics, task)
+            adapted = gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y),
+                                       start, loop, training=True, steps=loop.steps - 1)
+            loss, accuracy = query_loss(module, adapted, episode.query_x, episode.query_y)
+        with phase("outer_backward"):
+            (loss / len(batch)).backward()
+        for grads, value in zip(first_grads, start.values()):
+            grads.append(value.grad if value.grad is not None else torch.zeros_like(value))
+        losses.append(loss.detach())
+        accuracies.append(accuracy)
+    with phase("outer_backward"):
+        torch.autograd.backward([first[name] for name in names], [torch.stack(g) for g in first_grads])
+    return torch.stack(losses), torch.stack(accuracies)
+
+
+def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch,
+                loop: InnerLoop) -> tuple[torch.Tensor, torch.Tensor]:
     def task(support_x, support_y, query_x, query_y):
-        adapted = params
-        for _ in range(steps):
-            grads = torch.func.grad(
-                lambda p: F.cross_entropy(functional_forward(module, p, support_x), support_y))(adapted)
-            if not second_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            adapted = sgd_step(adapted, grads, lr)
-        logits = functional_forward(module, adapted, query_x)
-        return F.cross_entropy(logits, query_y), (logits.argmax(dim=1) == query_y).float().mean()
+        adapted, statistics = params, []
+        for _ in range(loop.steps):
+            grads, step_statistics = _support_grads(module, adapted, support_x, support_y, loop, record)
+            adapted = sgd_step(adapted, grads, loop.lr)
+            statistics += step_statistics
+        start = len(record.statistics)
+        loss, accuracy = query_loss(module, adapted, query_x, query_y)
+        return loss, accuracy, statistics + record.statistics[start:]
 
-    with batch_statistics_only(module):
-        return torch.func.vmap(task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    with phase("inner_loop"), recorded_statistics(module) as record:
+        losses, accuracies, statistics = torch.func.vmap(task)(batch.support_x, batch.support_y, batch.query_x,
+                                                               batch.query_y)
+        for t in range(len(batch)):
+            apply_statistics(record.layers, statistics, t)
+    with phase("outer_backward"):
+        losses.mean().backward()
+    return losses.detach(), accuracies
 
 
-def use_vectorized(vectorize: bool | str, device: torch.device) -> bool:
-    """``algo.vectorize``: ``auto`` picks vmap on CUDA and the serial loop on CPU.
+def inner_path(vectorize: bool | str, batch_first_step: bool, device: torch.device) -> str:
+    """The path ``algo.vectorize`` and ``algo.batch_first_step`` select; ``auto`` vectorises on CUDA only.
 
-    Measured on the 2-core CPU (MAML's strided Conv4, 5-way 1-shot, 15 queries, meta-batch 32, one inner step):
-    serial 21.8 tasks/s vs vmap 10.1 second order, 27.9 vs 13.6 first order; vmap's batched kernels pay off only
-    where there is parallel hardware to fill.
+    Measured on the 2-core CPU (MAML's strided Conv4, 5-way 1-shot, 15 queries, meta-batch 32, one inner step,
+    second order): serial 15.5 tasks/s, full vmap 10.2, batched first step 40.3.
     """
     if vectorize == "auto":
-        return device.type == "cuda"
-    return bool(vectorize)
+        vectorize = device.type == "cuda"
+    if vectorize:
+        return "vmap"
+    return "batched_first" if batch_first_step else "serial"

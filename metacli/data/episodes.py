@@ -82,6 +82,9 @@ class EpisodeSampler:
         batch_size = classes.shape[0]
         classes, picks = classes.to(self.device), picks.to(self.device)
         images = self.normalize(self.images[classes.unsqueeze(-1), picks])  # [B, N, K+Q, C, H, W]
+        # Channels-last per image (NHWC strides; same values): the layout the backbones' fast kernels want, set
+        # here because a vmapped forward cannot change a layout.
+        images = images.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
         shape = images.shape[3:]
         labels = torch.arange(n, device=self.device)
         return EpisodeBatch(

@@ -1,34 +1,54 @@
-"""BatchNorm written in plain tensor ops, so that every meta-learning path differentiates it the same way.
+"""BatchNorm that every meta-learning path can differentiate, vectorise and keep running statistics for.
 
-``torch.func.vmap`` of the native batch-norm kernel's double backward gives a wrong second-order MAML gradient (a
-non-zero gradient for a conv bias that the normalisation removes; measured in float64 against the serial loop).
-Spelling the normalisation out in ops that have exact batching rules makes the serial and vectorised paths agree.
+Outside ``torch.func`` transforms it is ``nn.BatchNorm2d`` (the fused native kernel is the fastest on the serial
+path). Inside :func:`recorded_statistics` it switches to elementary ops, for two reasons:
+
+- ``torch.func.vmap`` of the native kernel's double backward gives a wrong second-order MAML gradient (a non-zero
+  gradient for a conv bias that the normalisation removes; measured in float64 against the serial loop), while
+  elementary ops have exact batching rules;
+- a transform may not update a buffer in place, so the running-statistic updates are handed back as tensors
+  (one ``(mean, unbiased var)`` pair per call) and applied afterwards with :func:`apply_statistics`, in the order
+  the serial loop would have applied them.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` with the same parameters, buffers and modes, computed with elementary ops.
+class StatisticsRecord:
+    """The BatchNorm calls of one traced forward: which layer, and the batch statistics it would have folded in."""
 
-    Batch statistics are used in training mode, or whenever ``track_running_stats`` is off (transductive
-    evaluation, vectorised inner loops); running averages are updated only in training mode while tracking.
-    """
+    def __init__(self) -> None:
+        self.layers: list[BatchNorm2d] = []
+        self.statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with the same parameters, buffers and modes, plus a recording mode for transforms."""
+
+    record: StatisticsRecord | None = None
+    frozen: bool = False  # class-wide, set by frozen_statistics()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_batch = self.training or not self.track_running_stats
-        if use_batch:
+        if self.record is None:
+            if BatchNorm2d.frozen and self.training and self.track_running_stats:
+                # The same kernel call as the first forward (checkpointing compares the saved tensors), with
+                # throwaway copies of the buffers.
+                return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                                    True, self.momentum or 0.0, self.eps)
+            return super().forward(x)
+        if self.training or not self.track_running_stats:
             mean = x.mean(dim=(0, 2, 3))
             var = x.var(dim=(0, 2, 3), unbiased=False)
             if self.training and self.track_running_stats:
-                with torch.no_grad():
-                    n = x.numel() / x.shape[1]
-                    self.num_batches_tracked.add_(1)
-                    momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                    self.running_mean.lerp_(mean.detach(), momentum)
-                    self.running_var.lerp_(var.detach() * n / max(n - 1, 1), momentum)
+                n = x.numel() / x.shape[1]
+                self.record.layers.append(self)
+                self.record.statistics.append((mean.detach(), var.detach() * n / max(n - 1, 1)))
         else:
             mean, var = self.running_mean, self.running_var
         scale = torch.rsqrt(var + self.eps)
@@ -38,3 +58,50 @@ class BatchNorm2d(nn.BatchNorm2d):
         else:
             shift = -mean * scale
         return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+    def fold_in(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """One running-average update, exactly as a native training-mode forward would make it."""
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(var, momentum)
+
+
+@contextmanager
+def recorded_statistics(module: nn.Module) -> Iterator[StatisticsRecord]:
+    """Run ``module``'s BatchNorm layers in elementary ops, recording running-statistic updates instead of making them.
+
+    Return ``record.statistics`` from inside the transform (it is a pytree of tensors; ``record.layers`` is not),
+    then hand what the transform returned to :func:`apply_statistics`.
+    """
+    record = StatisticsRecord()
+    layers = [m for m in module.modules() if isinstance(m, BatchNorm2d)]
+    for m in layers:
+        m.record = record
+    try:
+        yield record
+    finally:
+        for m in layers:
+            m.record = None
+
+
+class frozen_statistics:
+    """Training-mode BatchNorm that folds nothing into its buffers: for forwards that gradient checkpointing
+    recomputes during the backward, which would otherwise count every batch twice.
+
+    A class, not a generator, because checkpointing may enter the same instance once per backward pass.
+    """
+
+    def __enter__(self) -> None:
+        self.previous, BatchNorm2d.frozen = BatchNorm2d.frozen, True
+
+    def __exit__(self, *exc_info) -> None:
+        BatchNorm2d.frozen = self.previous
+
+
+@torch.no_grad()
+def apply_statistics(layers: list[BatchNorm2d], statistics: list[tuple[torch.Tensor, torch.Tensor]],
+                     task: int | None = None) -> None:
+    """Fold recorded statistics into the running buffers, in call order (``task`` indexes vmapped records)."""
+    for layer, (mean, var) in zip(layers, statistics):
+        layer.fold_in(mean if task is None else mean[task], var if task is None else var[task])

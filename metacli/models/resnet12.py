@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metacli.models.batchnorm import BatchNorm2d
-from metacli.models.layers import feature_dim
+from metacli.models.layers import feature_dim, memory_format
 
 
 class _Block(nn.Module):
@@ -34,15 +34,19 @@ class ResNet12(nn.Module):
         in_channels: image channels (injected from the dataset by the runner).
         image_size: image side (injected likewise).
         widths: channels of the four blocks; (64, 160, 320, 640) as in MetaOptNet.
+        channels_last: keep the weights in NHWC layout, as the episode sampler keeps images, so the
+            activations stay NHWC too (faster; same numbers).
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 84, widths: tuple[int, ...] = (64, 160, 320, 640)) -> None:
+    def __init__(self, in_channels: int = 3, image_size: int = 84, widths: tuple[int, ...] = (64, 160, 320, 640),
+                 channels_last: bool = True) -> None:
         super().__init__()
         blocks, channels = [], in_channels
         for width in widths:
             blocks.append(_Block(channels, int(width)))
             channels = int(width)
         self.blocks = nn.Sequential(*blocks)
+        self.to(memory_format=memory_format(channels_last))
         self.out_dim = feature_dim(self, in_channels, image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
