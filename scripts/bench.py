@@ -194,7 +194,7 @@ def summary_line(r: dict) -> str:
     tag = f"{r['setup']} {r['algo']}" + (f" vectorize={r['vectorize']}" if r.get("vectorize") is not None else "")
     tag += f" steps={r['inner_steps']} ckpt={r['checkpoint_inner']}" if "inner_steps" in r else ""
     peer = f"  learn2learn {r['peer']['tasks_per_second']:.1f} tasks/s ({r['speedup_vs_peer']:.2f}x)" if "peer" in r else ""
-    return (f"{tag:55s} {r['tasks_per_second']:7.1f} tasks/s {1000 * r['seconds_per_meta_iteration']:8.0f} ms/it "
+    return (f"{tag:55s} {r['tasks_per_second']:7.2f} tasks/s {1000 * r['seconds_per_meta_iteration']:8.0f} ms/it "
             f"[{parts} ms] {r['achieved_gflops']:5.1f}/{r['matmul_gflops']:.0f} GFLOP/s "
             f"sampling {100 * r['sampling_fraction']:.1f}% peak +{r['peak_memory_bytes'] / 2**20:.0f} MiB{peer}")
 
