@@ -106,7 +106,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     scheduler.step()
                 progress.update(bar, advance=1, loss=metrics["loss"], accuracy=metrics["accuracy"])
                 if step % cfg.trainer.log_every == 0:
-                    row = {"train/loss": metrics["loss"], "train/accuracy": metrics["accuracy"],
+                    row = {**{f"train/{key}": value for key, value in metrics.items()},
                            "lr": optimizer.param_groups[0]["lr"]}
                     for logger in loggers:
                         logger.log(row, step)

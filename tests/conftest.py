@@ -55,3 +55,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def glyphs():
+    """Synthetic glyph classes for the learning tests (100 train, 10 val, 30 test classes of 20 images)."""
+    from metacli.data.synthetic import SyntheticGlyphs
+
+    return SyntheticGlyphs(classes={"train": 100, "val": 10, "test": 30}, per_class=20, image_size=28, seed=0)

@@ -14,31 +14,14 @@ from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.inner_loop import functional_forward
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.protonet import ProtoNet, class_means
-from metacli.data.episodes import Episode, EpisodeSampler
-from metacli.data.synthetic import SyntheticGlyphs
-from metacli.evaluation import score
+from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
 
 
+from learning import batch, episode, meta_train, sampler
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def glyphs() -> SyntheticGlyphs:
-    return SyntheticGlyphs(classes={"train": 100, "val": 10, "test": 30}, per_class=20, image_size=28, seed=0)
-
-
-def sampler(glyphs: SyntheticGlyphs, split: str = "train", n_way: int = 5, k_shot: int = 1, n_query: int = 5) -> EpisodeSampler:
-    return EpisodeSampler(glyphs.split(split), n_way, k_shot, n_query, glyphs.normalize)
-
-
-def batch(glyphs, size: int = 2, seed: int = 0, **shape):
-    return sampler(glyphs, **shape).sample(size, torch.Generator().manual_seed(seed))
-
-
-def episode(glyphs, seed: int = 0, **shape) -> Episode:
-    return next(iter(batch(glyphs, 1, seed, **shape)))
 
 
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -353,23 +336,6 @@ def test_protonet_trains_with_a_higher_way_than_it_tests(glyphs):
 
 
 # ---------------------------------------------------------------- learning
-
-
-def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr: float) -> tuple[float, float]:
-    """Held-out (test split) accuracy on 50 fixed 5-way 1-shot episodes, before and after meta-training."""
-    test = sampler(glyphs, "test")
-    before = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
-    optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(0)
-    train = sampler(glyphs, "train")
-    for _ in range(steps):
-        learner.train()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = learner.meta_train_step(train.sample(meta_batch, generator))
-        assert torch.isfinite(torch.tensor(metrics["loss"]))
-        optimizer.step()
-    after = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
-    return before, after
 
 
 def test_protonet_learns_synthetic_glyphs(glyphs):

@@ -12,8 +12,13 @@ from omegaconf.errors import MissingMandatoryValue
 
 import metacli.cli
 from metacli.algorithms.base import FewShotLearner
+from metacli.algorithms.anil import ANIL
+from metacli.algorithms.leo import LEO
+from metacli.algorithms.lstm_meta_learner import LSTMMetaLearner
 from metacli.algorithms.maml import MAML
+from metacli.algorithms.meta_sgd import MetaSGD
 from metacli.algorithms.protonet import ProtoNet
+from metacli.algorithms.reptile import Reptile
 from metacli.build import build, build_dataset, build_learner, resolve_device
 from metacli.config_schema import check_ranges, register
 from metacli.data.base import FewShotDataset
@@ -46,13 +51,16 @@ def compose(*overrides: str, config: str = "train") -> DictConfig:
         return hydra.compose(config_name=config, overrides=list(overrides))
 
 
+ALGORITHMS = {"anil": ANIL, "leo": LEO, "lstm_meta_learner": LSTMMetaLearner, "maml": MAML, "meta_sgd": MetaSGD,
+              "protonet": ProtoNet, "reptile": Reptile}
+
 # Small backbones, so that instantiating a learner costs milliseconds.
 SMALL = {"conv4": ["backbone.hidden=8"], "conv4_stride": ["backbone.hidden=8"], "resnet12": ["backbone.widths=[4,4,8,8]"]}
 
 
 def test_the_groups_hold_the_expected_options():
     assert CONF.is_dir() and (CONF / "train.yaml").is_file() and (CONF / "eval.yaml").is_file()
-    assert options("algo") == ["maml", "protonet"]
+    assert options("algo") == sorted(ALGORITHMS)
     assert options("dataset") == ["mini_imagenet", "omniglot", "synthetic"]
     assert options("backbone") == ["conv4", "conv4_stride", "resnet12"]
     assert options("device") == ["auto", "cpu", "cuda"]
@@ -115,14 +123,14 @@ def test_every_algo_builds_a_working_learner(algo, backbone):
     cfg = compose(f"algo={algo}", f"backbone={backbone}", *SMALL[backbone], "dataset=synthetic", "task.n_way=4")
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset)
-    assert isinstance(learner, FewShotLearner) and isinstance(learner, {"maml": MAML, "protonet": ProtoNet}[algo])
+    assert isinstance(learner, FewShotLearner) and type(learner) is ALGORITHMS[algo]
     assert learner.n_way == 4 and learner.bn_mode == cfg.eval.bn_mode == "transductive"
     assert learner.backbone.out_dim > 0
-    if algo == "maml":
+    if isinstance(learner, MAML) and algo != "meta_sgd":
         assert (learner.train_loop.lr, learner.train_loop.steps) == (cfg.algo.inner_lr, cfg.algo.inner_steps)
         assert (learner.test_loop.lr, learner.test_loop.steps) == (cfg.algo.inner_lr, cfg.algo.test_inner_steps)
         assert learner.head.out_features == 4
-    else:
+    elif algo == "protonet":
         assert learner.distance == cfg.algo.distance
     generator = torch.Generator().manual_seed(0)
     episode = Episode(support_x=torch.randn(4, 1, 28, 28, generator=generator), support_y=torch.arange(4),

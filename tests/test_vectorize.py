@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from metacli.algorithms.inner_loop import PATHS, inner_path, meta_train_batch
+from metacli.algorithms.anil import ANIL
 from metacli.algorithms.maml import MAML
+from metacli.algorithms.meta_sgd import MetaSGD
 from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
@@ -25,7 +27,7 @@ def random_batch(tasks: int, queries: int, channels: int = 1, size: int = 28, dt
 
 def run_path(learner: MAML, batch: EpisodeBatch, path: str) -> tuple[dict, dict, torch.Tensor]:
     learner = copy.deepcopy(learner)
-    losses, _ = meta_train_batch(learner, dict(learner.named_parameters()), batch, learner.train_loop, path)
+    losses, _ = meta_train_batch(learner, learner.adapted_parameters(), batch, learner.inner_loop(True), path)
     grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
     return grads, {name: b.clone() for name, b in learner.named_buffers()}, losses
 
@@ -52,6 +54,18 @@ def test_paths_agree_on_conv4(first_order, steps, pool):
     learner = MAML(Conv4(hidden=8, pool=pool), n_way=5, inner_lr=0.4, inner_steps=steps,
                    first_order=first_order).double()
     assert_paths_agree(learner, random_batch(tasks=4, queries=3))
+
+
+@pytest.mark.parametrize("algorithm", [ANIL, MetaSGD])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_paths_agree_for_anil_and_meta_sgd(algorithm, first_order):
+    torch.manual_seed(0)
+    learner = algorithm(Conv4(hidden=8), n_way=5, inner_lr=0.4, inner_steps=2, first_order=first_order).double()
+    if isinstance(learner, MetaSGD):
+        with torch.no_grad():  # distinct learned rates, so that a rate mixed up between parameters would show
+            for rate in learner.inner_rates.values():
+                rate.uniform_(0.1, 0.5)
+    assert_paths_agree(learner, random_batch(tasks=3, queries=2))
 
 
 def test_paths_agree_on_resnet12_with_checkpointing():

@@ -91,6 +91,33 @@ def _recompute_without_statistics():
     return contextlib.nullcontext(), frozen_statistics()
 
 
+def fine_tune(loss_fn: Callable[[Params], torch.Tensor], params: Params, steps: int, lr: float,
+              optimizer: str = "sgd", betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> Params:
+    """``steps`` first-order steps of SGD or Adam on ``loss_fn`` from a detached copy of ``params``.
+
+    No graph is kept between steps: for algorithms whose meta-update needs only the adapted weights (Reptile) and
+    for fine-tuning baselines. Adam keeps its moments per call, as a fresh optimiser per task would.
+    """
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    params = {name: p.detach().requires_grad_() for name, p in params.items()}
+    first = {name: torch.zeros_like(p) for name, p in params.items()} if optimizer == "adam" else {}
+    second = {name: torch.zeros_like(p) for name, p in params.items()} if optimizer == "adam" else {}
+    for step in range(1, steps + 1):
+        with torch.enable_grad():
+            grads = dict(zip(params, torch.autograd.grad(loss_fn(params), list(params.values()))))
+        with torch.no_grad():
+            if optimizer == "adam":
+                for name, g in grads.items():
+                    first[name].lerp_(g, 1 - betas[0])
+                    second[name].mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+                # Bias-corrected moments, as torch.optim.Adam.
+                grads = {name: (first[name] / (1 - betas[0] ** step))
+                         / ((second[name] / (1 - betas[1] ** step)).sqrt() + eps) for name in grads}
+            params = {name: p.requires_grad_() for name, p in sgd_step(params, grads, lr).items()}
+    return params
+
+
 def adapt_to_support(module: nn.Module, params: Params, episode: Episode, loop: InnerLoop,
                      training: bool) -> Params:
     """``params`` after the inner loop on ``episode``'s support set."""

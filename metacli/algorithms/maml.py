@@ -54,15 +54,22 @@ class MAML(FewShotLearner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def adapted_parameters(self) -> Params:
+        """The parameters the inner loop adapts: all of the network's (ANIL narrows this to the head)."""
+        return {name: p for name, p in self.named_parameters() if name.startswith(("backbone.", "head."))}
+
+    def inner_loop(self, training: bool) -> InnerLoop:
+        """The inner loop of meta-training or of evaluation (Meta-SGD swaps in its learned rates)."""
+        return self.train_loop if training else self.test_loop
+
     def adapt(self, episode: Episode, training: bool) -> Params:
         """Parameters after the inner loop on ``episode``'s support set (the test loop unless ``training``)."""
-        return adapt_to_support(self, dict(self.named_parameters()), episode,
-                                self.train_loop if training else self.test_loop, training)
+        return adapt_to_support(self, self.adapted_parameters(), episode, self.inner_loop(training), training)
 
     def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
         return functional_forward(self, self.adapt(episode, training), episode.query_x)
 
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
         path = inner_path(self.vectorize, self.batch_first_step, next(self.parameters()).device)
-        losses, accuracies = meta_train_batch(self, dict(self.named_parameters()), batch, self.train_loop, path)
+        losses, accuracies = meta_train_batch(self, self.adapted_parameters(), batch, self.inner_loop(True), path)
         return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}

@@ -1,0 +1,77 @@
+"""Reptile (Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", 2018).
+
+Each task of a meta-batch trains a copy of the network with ``inner_steps`` of SGD or Adam on its support set; the
+meta-update moves the initialisation towards the mean of the adapted weights, theta += eps * mean(theta_i - theta).
+With one task per meta-iteration this is the paper's serial Reptile, with more its batched version. The update is
+handed to the outer optimiser as the gradient ``theta - mean(theta_i)``, so ``conf/algo/reptile.yaml`` makes that
+optimiser plain SGD with lr eps, annealed linearly to 0 as in the paper. Evaluation fine-tunes the
+meta-initialisation on the support set (``test_inner_steps``), BatchNorm following ``eval.bn_mode``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metacli.algorithms.base import FewShotLearner, batch_statistics_only
+from metacli.algorithms.inner_loop import Params, fine_tune, functional_forward, query_loss, support_loss
+from metacli.algorithms.timing import phase
+from metacli.data.episodes import Episode, EpisodeBatch
+
+
+class Reptile(FewShotLearner):
+    """Reptile on the backbone plus a linear ``n_way`` head.
+
+    Args:
+        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
+        inner_optimizer: ``"adam"`` (the paper's, with ``adam_betas`` (0, 0.999)) or ``"sgd"``.
+        inner_lr, inner_steps: the per-task training during meta-training (full support set each step).
+        test_inner_lr, test_inner_steps: fine-tuning at evaluation (``None`` lr: as in training).
+    """
+
+    fixed_way = True
+
+    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", inner_optimizer: str = "adam",
+                 inner_lr: float = 0.001, inner_steps: int = 5, test_inner_lr: float | None = None,
+                 test_inner_steps: int = 50, adam_betas: tuple[float, float] = (0.0, 0.999)) -> None:
+        super().__init__(backbone, n_way, bn_mode)
+        test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
+        if inner_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"algo.inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}")
+        if inner_lr <= 0 or inner_steps < 1 or test_inner_lr <= 0 or test_inner_steps < 0:
+            raise ValueError(f"Reptile needs inner_lr>0, inner_steps>=1, test_inner_lr>0 and test_inner_steps>=0; "
+                             f"got {inner_lr}, {inner_steps}, {test_inner_lr} and {test_inner_steps}")
+        self.head = nn.Linear(backbone.out_dim, n_way)
+        self.inner_optimizer, self.adam_betas = inner_optimizer, tuple(adam_betas)
+        self.inner_lr, self.inner_steps = inner_lr, inner_steps
+        self.test_inner_lr, self.test_inner_steps = test_inner_lr, test_inner_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def adapt(self, episode: Episode, training: bool) -> Params:
+        steps, lr = (self.inner_steps, self.inner_lr) if training else (self.test_inner_steps, self.test_inner_lr)
+        return fine_tune(lambda p: support_loss(self, p, episode.support_x, episode.support_y),
+                         dict(self.named_parameters()), steps, lr, self.inner_optimizer, self.adam_betas)
+
+    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+        return functional_forward(self, self.adapt(episode, training), episode.query_x)
+
+    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
+        params = dict(self.named_parameters())
+        mean_adapted = {name: torch.zeros_like(p) for name, p in params.items()}
+        losses, accuracies = [], []
+        for episode in batch:
+            with phase("inner_loop"):
+                adapted = self.adapt(episode, training=True)
+            # The query set only reports progress: it must not move the running statistics either.
+            with torch.no_grad(), batch_statistics_only(self):
+                for name, p in adapted.items():
+                    mean_adapted[name] += p / len(batch)
+                loss, accuracy = query_loss(self, adapted, episode.query_x, episode.query_y)
+            losses.append(loss)
+            accuracies.append(accuracy)
+        with torch.no_grad():
+            for name, p in params.items():
+                step = p - mean_adapted[name]
+                p.grad = step if p.grad is None else p.grad + step
+        return {"loss": torch.stack(losses).mean().item(), "accuracy": torch.stack(accuracies).mean().item()}

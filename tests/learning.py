@@ -1,0 +1,40 @@
+"""Shared helpers for the algorithm tests: synthetic-glyph episodes, and held-out accuracy before and after
+meta-training (how every "it learns" test is measured). The ``glyphs`` fixture lives in conftest.py."""
+from __future__ import annotations
+
+import torch
+
+from metacli.algorithms.base import FewShotLearner
+from metacli.data.episodes import Episode, EpisodeSampler
+from metacli.data.synthetic import SyntheticGlyphs
+from metacli.evaluation import score
+
+
+def sampler(glyphs: SyntheticGlyphs, split: str = "train", n_way: int = 5, k_shot: int = 1, n_query: int = 5) -> EpisodeSampler:
+    return EpisodeSampler(glyphs.split(split), n_way, k_shot, n_query, glyphs.normalize)
+
+
+def batch(glyphs, size: int = 2, seed: int = 0, **shape):
+    return sampler(glyphs, **shape).sample(size, torch.Generator().manual_seed(seed))
+
+
+def episode(glyphs, seed: int = 0, **shape) -> Episode:
+    return next(iter(batch(glyphs, 1, seed, **shape)))
+
+
+def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr: float,
+               optimizer=torch.optim.Adam) -> tuple[float, float]:
+    """Held-out (test split) accuracy on 50 fixed 5-way 1-shot episodes, before and after meta-training."""
+    test = sampler(glyphs, "test")
+    before = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
+    optimizer = optimizer(learner.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    train = sampler(glyphs, "train")
+    for _ in range(steps):
+        learner.train()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = learner.meta_train_step(train.sample(meta_batch, generator))
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+        optimizer.step()
+    after = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
+    return before, after
