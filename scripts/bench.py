@@ -1,6 +1,7 @@
 """Meta-training throughput, step-time breakdown, FLOP rate and peak memory on real data: one JSON file per run.
 
-    python scripts/bench.py                                   # every algorithm on MAML's Omniglot network
+    python scripts/bench.py                                   # ProtoNet and MAML on MAML's Omniglot network
+    python scripts/bench.py --algos maml_second_order anil meta_sgd reptile leo lstm_meta_learner
     python scripts/bench.py --setups omniglot_conv4 miniimagenet_conv4_32 --algos protonet maml
     python scripts/bench.py --device cuda --vectorize true false --out bench-results/
     python scripts/bench.py --memory-sweep                    # MAML 2nd order at 1/5/10/20 inner steps, +- checkpointing
@@ -37,8 +38,13 @@ ALGOS = {
     "protonet": ["algo=protonet"],
     "maml_first_order": ["algo=maml", "algo.first_order=true"],
     "maml_second_order": ["algo=maml", "algo.first_order=false"],
+    "anil": ["algo=anil"],
+    "meta_sgd": ["algo=meta_sgd"],
+    "reptile": ["algo=reptile"],
+    "leo": ["algo=leo"],
+    "lstm_meta_learner": ["algo=lstm_meta_learner"],
 }
-VECTORIZABLE = ("maml_first_order", "maml_second_order")
+VECTORIZABLE = ("maml_first_order", "maml_second_order", "anil", "meta_sgd")
 
 
 def matmul_gflops(device) -> float:
@@ -202,7 +208,8 @@ def summary_line(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=["omniglot_conv4_stride"], choices=list(SETUPS))
-    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    parser.add_argument("--algos", nargs="+", default=["protonet", "maml_first_order", "maml_second_order"],
+                        choices=list(ALGOS))
     parser.add_argument("--device", default="cpu", help="device config: cpu, cuda or auto")
     parser.add_argument("--vectorize", nargs="+", default=["auto"], choices=["auto", "true", "false"],
                         help="algo.vectorize values to measure for the MAML family")
