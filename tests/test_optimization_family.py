@@ -41,6 +41,7 @@ def test_reptile_meta_gradient_is_the_mean_move_towards_the_adapted_weights(glyp
     torch.manual_seed(0)
     learner = Reptile(Conv4(hidden=8), 5, inner_optimizer="sgd", inner_lr=0.1, inner_steps=3)
     tasks = batch(glyphs, size=3)
+    learner.inner_data = "support"
     before = {name: p.detach().clone() for name, p in learner.named_parameters()}
     expected = {name: torch.zeros_like(p) for name, p in before.items()}
     for task in tasks:
@@ -61,7 +62,7 @@ def test_reptile_outer_sgd_at_lr_eps_is_the_reptile_update(glyphs):
     adapted = copy.deepcopy(learner).adapt(task, training=True)
     before = {name: p.detach().clone() for name, p in learner.named_parameters()}
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.25)
-    learner.meta_train_step(next(iter([batch(glyphs, size=1)])))
+    learner.meta_train_step(batch(glyphs, size=1))
     optimizer.step()
     for name, p in learner.named_parameters():  # theta + eps * (theta_task - theta)
         torch.testing.assert_close(p.detach(), before[name] + 0.25 * (adapted[name].detach() - before[name]),
@@ -82,6 +83,31 @@ def test_reptile_rejects_bad_settings():
         Reptile(Conv4(hidden=8), 5, inner_optimizer="rmsprop")
     with pytest.raises(ValueError, match="inner_steps>=1"):
         Reptile(Conv4(hidden=8), 5, inner_steps=0)
+    with pytest.raises(ValueError, match="inner_data"):
+        Reptile(Conv4(hidden=8), 5, inner_data="query")
+
+
+def test_reptile_learns_synthetic_glyphs(glyphs):
+    # Measured on CPU (1 thread, seed 0): fine-tuning the initialisation scores 0.569; after 100 meta-iterations
+    # the meta-learned initialisation scores 0.671 (inner SGD 0.05 x 5 steps on support and query, eps=1).
+    torch.manual_seed(0)
+    learner = Reptile(Conv4(hidden=16), 5, inner_optimizer="sgd", inner_lr=0.05, inner_steps=5, test_inner_steps=10)
+    before, after = meta_train(learner, glyphs, steps=100, meta_batch=4, lr=1.0, optimizer=torch.optim.SGD)
+    print(f"Reptile 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
+    assert after >= 0.55, f"Reptile reached only {after:.3f} (chance is 0.2)"
+    assert after - before >= 0.06, f"Reptile improved only from {before:.3f} to {after:.3f}"
+
+
+def test_reptile_meta_trains_on_support_and_query_but_evaluates_on_support(glyphs):
+    torch.manual_seed(0)
+    task = episode(glyphs)
+    fits_all = Reptile(Conv4(hidden=8), 5, inner_optimizer="sgd", inner_lr=0.1, inner_steps=1, test_inner_steps=1)
+    fits_support = copy.deepcopy(fits_all)
+    fits_support.inner_data = "support"
+    assert not torch.equal(fits_all.adapt(task, training=True)["head.weight"],
+                           fits_support.adapt(task, training=True)["head.weight"])
+    torch.testing.assert_close(fits_all.adapt(task, training=False)["head.weight"],
+                               fits_support.adapt(task, training=False)["head.weight"])
 
 
 # ---------------------------------------------------------------- Meta-SGD
