@@ -8,10 +8,11 @@ import torch
 
 from learning import batch, episode, meta_train
 from metacli.algorithms.anil import ANIL
-from metacli.algorithms.inner_loop import fine_tune
+from metacli.algorithms.inner_loop import fine_tune, meta_train_batch
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.meta_sgd import MetaSGD
 from metacli.algorithms.reptile import Reptile
+from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,3 +184,23 @@ def test_anil_learns_synthetic_glyphs(glyphs):
     print(f"ANIL 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
     assert after >= 0.5, f"ANIL reached only {after:.3f} (chance is 0.2)"
     assert after - before >= 0.2, f"ANIL improved only from {before:.3f} to {after:.3f}"
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("vectorize,batch_first_step", [(False, False), (False, True), (True, True)])
+def test_anil_embedding_once_gives_the_generic_meta_gradient(first_order, vectorize, batch_first_step):
+    torch.manual_seed(0)
+    learner = ANIL(Conv4(hidden=8), 5, inner_lr=0.4, inner_steps=1, first_order=first_order,
+                   vectorize=vectorize, batch_first_step=batch_first_step).double()
+    generator = torch.Generator().manual_seed(1)
+    tasks = EpisodeBatch(torch.rand(3, 5, 1, 28, 28, generator=generator, dtype=torch.float64),
+                         torch.arange(5).expand(3, -1),
+                         torch.rand(3, 10, 1, 28, 28, generator=generator, dtype=torch.float64),
+                         torch.arange(5).repeat(2).expand(3, -1), 5)
+    reference = copy.deepcopy(learner)
+    meta_train_batch(reference, reference.adapted_parameters(), tasks, reference.inner_loop(True), "serial")
+    learner.meta_train_step(tasks)
+    for (name, p), q in zip(learner.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=name)
+    for (name, b), c in zip(learner.named_buffers(), reference.buffers()):  # one inner step: same BN updates
+        torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-12, msg=name)
