@@ -38,3 +38,11 @@ def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr:
         optimizer.step()
     after = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
     return before, after
+
+
+def assert_learned(name: str, before: float, after: float, at_least: float, gain: float) -> None:
+    """The "it learns" criterion: held-out accuracy of at least ``at_least`` and a gain of ``gain`` over the
+    initialisation's own adaptation (chance is 0.2 in 5-way)."""
+    print(f"{name} 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
+    assert after >= at_least, f"{name} reached only {after:.3f} (chance is 0.2)"
+    assert after - before >= gain, f"{name} improved only from {before:.3f} to {after:.3f}"

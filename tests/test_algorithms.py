@@ -19,7 +19,7 @@ from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
 
 
-from learning import batch, episode, meta_train, sampler
+from learning import assert_learned, batch, episode, meta_train, sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -342,9 +342,7 @@ def test_protonet_learns_synthetic_glyphs(glyphs):
     # Measured on CPU (1 thread, seed 0): 0.368 before, 0.713 after 100 steps of 4 tasks.
     torch.manual_seed(0)
     before, after = meta_train(ProtoNet(Conv4(hidden=16), 5), glyphs, steps=100, meta_batch=4, lr=1e-3)
-    print(f"ProtoNet 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= 0.55, f"ProtoNet reached only {after:.3f} (chance is 0.2)"
-    assert after - before >= 0.2, f"ProtoNet improved only from {before:.3f} to {after:.3f}"
+    assert_learned("ProtoNet", before, after, at_least=0.55, gain=0.2)
 
 
 def test_first_order_maml_learns_synthetic_glyphs(glyphs):
@@ -352,9 +350,7 @@ def test_first_order_maml_learns_synthetic_glyphs(glyphs):
     torch.manual_seed(0)
     learner = MAML(Conv4(hidden=16), 5, inner_lr=0.4, inner_steps=2, test_inner_steps=3, first_order=True)
     before, after = meta_train(learner, glyphs, steps=80, meta_batch=4, lr=3e-3)
-    print(f"FOMAML 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= 0.55, f"MAML reached only {after:.3f} (chance is 0.2)"
-    assert after - before >= 0.2, f"MAML improved only from {before:.3f} to {after:.3f}"
+    assert_learned("FOMAML", before, after, at_least=0.55, gain=0.2)
 
 
 # ---------------------------------------------------------------- backbones

@@ -14,7 +14,7 @@ from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 
-from learning import batch, episode, meta_train
+from learning import assert_learned, batch, episode, meta_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,6 +230,4 @@ def test_leo_learns_synthetic_glyphs(glyphs):
     # Measured on CPU (1 thread, seed 0): 0.359 before, 0.676 after 80 steps of 4 tasks, backbone trained jointly.
     torch.manual_seed(0)
     before, after = meta_train(LEO(Conv4(hidden=16), 5), glyphs, steps=80, meta_batch=4, lr=1e-3)
-    print(f"LEO 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= 0.55, f"LEO reached only {after:.3f} (chance is 0.2)"
-    assert after - before >= 0.2, f"LEO improved only from {before:.3f} to {after:.3f}"
+    assert_learned("LEO", before, after, at_least=0.55, gain=0.2)

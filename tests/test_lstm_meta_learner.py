@@ -17,7 +17,7 @@ from metacli.algorithms.inner_loop import functional_forward
 from metacli.algorithms.lstm_meta_learner import LSTMMetaLearner, preprocess
 from metacli.models.conv4 import Conv4
 
-from learning import batch, episode, meta_train
+from learning import assert_learned, batch, episode, meta_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,6 +130,4 @@ def test_lstm_meta_learner_learns_synthetic_glyphs(glyphs):
     torch.manual_seed(0)
     learner = LSTMMetaLearner(Conv4(hidden=16), 5, inner_steps=5)
     before, after = meta_train(learner, glyphs, steps=25, meta_batch=4, lr=5e-3)
-    print(f"LSTM meta-learner 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= 0.45, f"the LSTM meta-learner reached only {after:.3f} (chance is 0.2)"
-    assert after - before >= 0.15, f"the LSTM meta-learner improved only from {before:.3f} to {after:.3f}"
+    assert_learned("LSTM meta-learner", before, after, at_least=0.45, gain=0.15)

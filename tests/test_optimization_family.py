@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from learning import batch, episode, meta_train
+from learning import assert_learned, batch, episode, meta_train
 from metacli.algorithms.anil import ANIL
 from metacli.algorithms.inner_loop import fine_tune, meta_train_batch
 from metacli.algorithms.maml import MAML
@@ -94,9 +94,7 @@ def test_reptile_learns_synthetic_glyphs(glyphs):
     torch.manual_seed(0)
     learner = Reptile(Conv4(hidden=16), 5, inner_optimizer="sgd", inner_lr=0.05, inner_steps=5, test_inner_steps=10)
     before, after = meta_train(learner, glyphs, steps=100, meta_batch=4, lr=1.0, optimizer=torch.optim.SGD)
-    print(f"Reptile 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= 0.55, f"Reptile reached only {after:.3f} (chance is 0.2)"
-    assert after - before >= 0.06, f"Reptile improved only from {before:.3f} to {after:.3f}"
+    assert_learned("Reptile", before, after, at_least=0.55, gain=0.06)
 
 
 def test_reptile_meta_trains_on_support_and_query_but_evaluates_on_support(glyphs):
@@ -144,9 +142,7 @@ def test_meta_sgd_learns_synthetic_glyphs(glyphs):
     # Measured on CPU (1 thread, seed 0): 0.228 before, 0.552 after 80 second-order steps of 4 tasks.
     learner = MetaSGD(Conv4(hidden=16), 5, inner_lr=0.4, inner_steps=1, test_inner_steps=1)
     before, after = meta_train(learner, glyphs, steps=80, meta_batch=4, lr=3e-3)
-    print(f"Meta-SGD 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= 0.45, f"Meta-SGD reached only {after:.3f} (chance is 0.2)"
-    assert after - before >= 0.2, f"Meta-SGD improved only from {before:.3f} to {after:.3f}"
+    assert_learned("Meta-SGD", before, after, at_least=0.45, gain=0.2)
 
 
 # ---------------------------------------------------------------- ANIL
@@ -181,9 +177,7 @@ def test_anil_learns_synthetic_glyphs(glyphs):
     # Measured on CPU (1 thread, seed 0): 0.320 before, 0.698 after 80 steps of 4 tasks.
     learner = ANIL(Conv4(hidden=16), 5, inner_lr=0.4, inner_steps=2, test_inner_steps=3)
     before, after = meta_train(learner, glyphs, steps=80, meta_batch=4, lr=3e-3)
-    print(f"ANIL 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
-    assert after >= 0.5, f"ANIL reached only {after:.3f} (chance is 0.2)"
-    assert after - before >= 0.2, f"ANIL improved only from {before:.3f} to {after:.3f}"
+    assert_learned("ANIL", before, after, at_least=0.5, gain=0.2)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
