@@ -13,7 +13,8 @@ from torch import nn
 from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.inner_loop import functional_forward
 from metacli.algorithms.maml import MAML
-from metacli.algorithms.protonet import ProtoNet, class_means
+from metacli.algorithms.protonet import ProtoNet
+from metacli.algorithms.similarity import class_means
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12

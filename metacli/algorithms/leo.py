@@ -30,7 +30,7 @@ from torch import nn
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.inner_loop import InnerLoop, gradient_descent
-from metacli.algorithms.protonet import class_means
+from metacli.algorithms.similarity import class_means
 from metacli.data.episodes import Episode
 
 #: Standard deviation of the sampled codes and weights at initialisation. Small, as in the authors' code (their std

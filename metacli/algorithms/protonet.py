@@ -9,14 +9,8 @@ from __future__ import annotations
 import torch
 
 from metacli.algorithms.base import FewShotLearner
+from metacli.algorithms.similarity import class_means, cosine_similarity, squared_euclidean
 from metacli.data.episodes import Episode
-
-
-def class_means(embeddings: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Mean embedding of each class ``0..n_way-1``."""
-    sums = embeddings.new_zeros(n_way, embeddings.shape[1]).index_add_(0, labels, embeddings)
-    counts = torch.bincount(labels, minlength=n_way).clamp_min(1).unsqueeze(1)
-    return sums / counts
 
 
 class ProtoNet(FewShotLearner):
@@ -42,7 +36,5 @@ class ProtoNet(FewShotLearner):
         support, query = embeddings[:n_support], embeddings[n_support:]
         prototypes = class_means(support, episode.support_y, episode.n_way)
         if self.distance == "cosine":
-            query = torch.nn.functional.normalize(query, dim=1)
-            prototypes = torch.nn.functional.normalize(prototypes, dim=1)
-            return self.temperature * query @ prototypes.T
-        return -torch.cdist(query, prototypes).pow(2)
+            return self.temperature * cosine_similarity(query, prototypes)
+        return -squared_euclidean(query, prototypes)
