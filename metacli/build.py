@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import random
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -10,7 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.data.base import FewShotDataset
+from metacli.data.base import ClassImages, FewShotDataset
+from metacli.data.batches import ImageBatchSampler, LabelledBatch
+from metacli.data.episodes import EpisodeBatch, EpisodeSampler
 from metacli.errors import ConfigError, MetacliError
 
 
@@ -51,4 +55,21 @@ def build_dataset(cfg: DictConfig) -> FewShotDataset:
 def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     """Backbone sized for the dataset's images, wrapped by the configured algorithm."""
     backbone = build(cfg.backbone, "backbone", in_channels=dataset.channels, image_size=dataset.image_size)
-    return build(cfg.algo, "algo", backbone=backbone, n_way=cfg.task.n_way, bn_mode=cfg.eval.bn_mode)
+    # A classifier over all training classes (non-episodic learners) is sized by the data, not by the user.
+    sized = {"n_classes": dataset.split("train").n_classes} if "n_classes" in cfg.algo else {}
+    return build(cfg.algo, "algo", backbone=backbone, n_way=cfg.task.n_way, bn_mode=cfg.eval.bn_mode, **sized)
+
+
+def training_batches(cfg: DictConfig, learner: FewShotLearner, data: ClassImages, normalize, device: torch.device
+                     ) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
+    """What one training step of ``learner`` consumes, drawn from ``data`` with a generator: a meta-batch of
+    episodes, or a mini-batch of labelled images for a non-episodic learner."""
+    if not learner.episodic:
+        return partial(ImageBatchSampler(data, normalize, device, where="train split").sample, cfg.trainer.batch_size)
+    task = cfg.task
+    way, shot, query = task.train_way or task.n_way, task.train_shot or task.k_shot, task.train_query or task.n_query
+    if learner.fixed_way and way != task.n_way:
+        raise ConfigError(f"{type(learner).__name__} has an n_way-sized head, so task.train_way={way} must equal "
+                          f"task.n_way={task.n_way}: drop the task.train_way override")
+    sampler = EpisodeSampler(data, way, shot, query, normalize, device, where="train split")
+    return partial(sampler.sample, cfg.trainer.meta_batch)

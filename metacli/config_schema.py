@@ -32,6 +32,7 @@ class TaskSchema:
 class TrainerSchema:
     steps: int = _at_least(0, 1000)
     meta_batch: int = _at_least(1, 4)
+    batch_size: int = _at_least(1, 128)
     val_every: int = _at_least(1, 250)
     val_episodes: int = _at_least(1, 100)
     val_seed: int = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from metacli.algorithms.base import FewShotLearner
+from metacli.data.batches import ImageBatchSampler
 from metacli.data.episodes import Episode, EpisodeSampler
 from metacli.data.synthetic import SyntheticGlyphs
 from metacli.evaluation import score
@@ -24,12 +25,15 @@ def episode(glyphs, seed: int = 0, **shape) -> Episode:
 
 def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr: float,
                optimizer=torch.optim.Adam) -> tuple[float, float]:
-    """Held-out (test split) accuracy on 50 fixed 5-way 1-shot episodes, before and after meta-training."""
+    """Held-out (test split) accuracy on 50 fixed 5-way 1-shot episodes, before and after meta-training.
+
+    A non-episodic learner trains on mini-batches of ``meta_batch`` images from all training classes instead.
+    """
     test = sampler(glyphs, "test")
     before = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
     optimizer = optimizer(learner.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
-    train = sampler(glyphs, "train")
+    train = sampler(glyphs, "train") if learner.episodic else ImageBatchSampler(glyphs.split("train"), glyphs.normalize)
     for _ in range(steps):
         learner.train()
         optimizer.zero_grad(set_to_none=True)

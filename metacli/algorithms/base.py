@@ -34,6 +34,9 @@ class FewShotLearner(nn.Module, ABC):
 
     #: True when the model's output size is tied to ``n_way`` (so training must use the test way).
     fixed_way: bool = False
+    #: False for learners trained on plain mini-batches of all training classes (:class:`LabelledBatch`) instead
+    #: of episodes; their config has an ``n_classes`` key, which the builder fills with the train split's count.
+    episodic: bool = True
 
     def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive") -> None:
         super().__init__()
@@ -59,6 +62,8 @@ class FewShotLearner(nn.Module, ABC):
 
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
         """Accumulate the meta-gradient of a meta-batch into ``.grad`` (the caller steps the optimiser).
+
+        Non-episodic learners receive a :class:`~metacli.data.batches.LabelledBatch` instead.
 
         Back-propagating task by task keeps only one task's graph alive at a time.
         """
