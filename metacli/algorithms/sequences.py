@@ -1,0 +1,35 @@
+"""Episodes as sequences of (embedding, label) steps, for the model-based learners (SNAIL, memory-augmented nets).
+
+Each query gets its own sequence: the whole support set, then the query, so that queries never see each other
+and are classified independently, as in the metric-based algorithms.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def support_order(n_support: int, training: bool, device: torch.device) -> torch.Tensor:
+    """A random order of the support set in meta-training (drawn from torch's seeded generator), the sampler's
+    class-by-class order at evaluation, so a fixed test episode always gives the same sequence."""
+    if training:
+        return torch.randperm(n_support).to(device)
+    return torch.arange(n_support, device=device)
+
+
+def episode_sequences(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int,
+                      label_lag: int) -> torch.Tensor:
+    """``[Q, S+1, D+n_way]`` sequences: every support step then one query step, each ``[embedding, one-hot label]``.
+
+    ``label_lag=0`` pairs each support embedding with its own label and gives the query a zero label (SNAIL).
+    ``label_lag=1`` shows each label one step late, beside the next input (Santoro et al.'s memory-augmented
+    network), so the first step has a zero label and the query step carries the last support label.
+    """
+    if label_lag not in (0, 1):
+        raise ValueError(f"label_lag must be 0 or 1, got {label_lag}")
+    labels = F.one_hot(support_y, n_way).to(support.dtype)
+    blank = labels.new_zeros(1, n_way)
+    labels = torch.cat([labels, blank]) if label_lag == 0 else torch.cat([blank, labels])
+    n_query = query.shape[0]
+    inputs = torch.cat([support.unsqueeze(0).expand(n_query, -1, -1), query.unsqueeze(1)], dim=1)
+    return torch.cat([inputs, labels.expand(n_query, -1, -1)], dim=2)
