@@ -65,7 +65,7 @@ class FewShotPredictor:
 
 def load_learner(run_dir: str | Path, which: str = "best", device: str = "cpu") -> FewShotPredictor:
     """Rebuild the learner of ``run_dir`` from its saved config and load its ``best`` (or ``last``) checkpoint."""
-    from metacli.build import build_dataset, build_learner
+    from metacli.build import build_dataset, build_learner, check_targets
     from metacli.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
@@ -73,6 +73,7 @@ def load_learner(run_dir: str | Path, which: str = "best", device: str = "cpu") 
     if not config_file.is_file():
         raise CheckpointError(f"{run_dir} is not a metacli run dir (no .hydra/config.yaml)")
     cfg = OmegaConf.load(config_file)
+    check_targets(cfg, config_file)
     dataset = build_dataset(cfg)  # builds the preprocessing only: no images are loaded
     learner = build_learner(cfg, dataset).to(device)
     learner.load_state_dict(load_checkpoint(run_dir / f"{which}.pt", device)["learner"])

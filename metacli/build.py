@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import ClassImages, FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch, EpisodeSampler
-from metacli.errors import ConfigError, MetacliError
+from metacli.errors import CheckpointError, ConfigError, MetacliError
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -29,6 +29,39 @@ def build(node: DictConfig, what: str, **kwargs):
         reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise ConfigError(f"cannot build {what}: {reason}; fix the {what}.* overrides "
                           f"(see `metacli train --cfg job`)") from exc
+
+
+def build_partial(node: DictConfig, what: str, *args):
+    """Build a ``_partial_`` config and call it with ``args`` (an optimiser with its parameters, a scheduler with
+    its optimiser); a complaint at either stage is a one-line ConfigError."""
+    factory = build(node, what)
+    try:
+        return factory(*args)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build {what}: {str(exc).splitlines()[0]}; fix the {what}.* overrides") from exc
+
+
+#: Where the ``_target_`` of a config read from disk may point: a saved config is data, and must not be able to
+#: name an arbitrary callable (``os.system``) for ``metacli eval`` or ``load_learner`` to call.
+SAFE_TARGETS = ("metacli.", "torch.optim.", "torch.nn.")
+
+
+def check_targets(cfg: DictConfig, source) -> None:
+    """Raise a one-line CheckpointError if any ``_target_`` in ``cfg`` lies outside :data:`SAFE_TARGETS`."""
+    def walk(node, path: str) -> None:
+        if isinstance(node, DictConfig):
+            target = node.get("_target_")
+            if target is not None and not str(target).startswith(SAFE_TARGETS):
+                raise CheckpointError(f"{source} sets {path}_target_={target}, outside {', '.join(SAFE_TARGETS)}: "
+                                      "a saved config may only build metacli and torch objects; restore the run's "
+                                      "own config")
+            for key in node:
+                walk(node._get_node(key), f"{path}{key}.")
+        elif isinstance(node, ListConfig):
+            for index in range(len(node)):
+                walk(node._get_node(index), f"{path}{index}.")
+
+    walk(cfg, "")
 
 
 def resolve_device(device_cfg: DictConfig) -> torch.device:

@@ -1,6 +1,16 @@
-"""Checkpoints: written atomically (temp file, then rename) and read back with ``weights_only=True``."""
+"""Checkpoints that are atomic, verified, and safe to load.
+
+A checkpoint file is ``torch.save`` of ``{"format", "sha256", "payload"}``: the payload is the serialised state
+as a uint8 tensor and ``sha256`` its digest, so a truncated or altered file is detected on load rather than
+resumed from. Files are written to a temp file, fsynced, then renamed over the old one, whose previous version is
+kept as ``<name>.prev``: a kill at any moment leaves at least one complete, verified checkpoint. Everything is read
+with ``weights_only=True``, so loading a checkpoint can never run code.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -9,34 +19,101 @@ import torch
 
 from metacli.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 LAST, BEST = "last.pt", "best.pt"
+FORMAT = "metacli-checkpoint-1"
+
+
+def previous(path: Path) -> Path:
+    """Where the version before ``path``'s current one is kept."""
+    return path.with_name(path.name + ".prev")
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:
-    """Write ``payload`` so that ``path`` is always either the old or the new complete file."""
+    """Write ``payload`` to ``path``, keeping the version it replaces as ``<path>.prev``.
+
+    A failed write (disk full, read-only dir) leaves the existing files untouched and raises a one-line
+    CheckpointError.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    wrapped = io.BytesIO()
+    torch.save({"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
+                "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, wrapped)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            # Serialised in memory first: a failing file write is then a plain OSError, not an error deep in
+            # torch's zip writer.
+            handle.write(wrapped.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
+        if path.exists():
+            os.replace(path, previous(path))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"could not write the checkpoint {path} ({exc.strerror or exc}); the previous "
+                              f"checkpoint is intact: free disk space or fix the permissions of {path.parent}, then "
+                              "rerun with trainer.resume=true") from exc
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable: without it a power cut may forget them."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint without unpickling arbitrary objects; a bad file is a one-line CheckpointError."""
+    """Load and verify one checkpoint; a missing, corrupt or foreign file is a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first, or point at a run dir that has {path.name}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable metacli checkpoint ({type(exc).__name__}); "
-                              "use another run dir or retrain") from exc
+        raise CheckpointError(f"{path} is not a readable metacli checkpoint ({type(exc).__name__}): it is truncated "
+                              "or not a checkpoint; use another run dir or retrain") from exc
+    if not isinstance(wrapped, dict) or wrapped.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a metacli checkpoint (no {FORMAT} header); use another run dir or "
+                              "retrain")
+    data = wrapped["payload"].numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != wrapped["sha256"]:
+        raise CheckpointError(f"{path} is corrupt (its checksum does not match); use {previous(path).name} or "
+                              "another run dir")
+    payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or "learner" not in payload:
         raise CheckpointError(f"{path} is not a metacli checkpoint (no learner state); use another run dir or retrain")
     return payload
+
+
+def load_latest_good(path: Path, map_location: str | torch.device = "cpu") -> dict | None:
+    """The newest checkpoint among ``path`` and ``<path>.prev`` that verifies, or None when neither exists.
+
+    Falling back is logged as a warning; when both exist and neither verifies, the first problem is raised.
+    """
+    path = Path(path)
+    candidates = [p for p in (path, previous(path)) if p.is_file()]
+    problems = []
+    for candidate in candidates:
+        try:
+            state = load_checkpoint(candidate, map_location)
+        except CheckpointError as exc:
+            problems.append(exc)
+            continue
+        if problems:
+            log.warning("%s; resuming from the previous good checkpoint %s (step %d)", problems[0], candidate,
+                        state["step"])
+        return state
+    if problems:
+        raise problems[0]
+    return None

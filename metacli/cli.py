@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -18,7 +19,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from metacli.config_schema import register
-from metacli.errors import MetacliError
+from metacli.errors import MetacliError, Preempted
+from metacli.preemption import REQUEUE_EXIT_CODE
 
 COMMANDS = {
     "train": "meta-train an algorithm, validate, keep the best checkpoint, test on fixed episodes",
@@ -58,6 +60,9 @@ def _run_reporting_errors(job, cfg: DictConfig):
         if full_errors():
             raise
         fail(str(exc))
+    except Preempted as exc:
+        print(f"metacli: preempted: {exc}", file=sys.stderr)
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
 
 
 def _train_job(cfg: DictConfig, run_dir: Path) -> float:
@@ -84,8 +89,9 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-def preflight(command: str, args: list[str]) -> None:
-    """Compose the config once before Hydra does, to turn composition errors into one line with a fix.
+def preflight(command: str, args: list[str]) -> list[str]:
+    """Compose the config once before Hydra does, to turn composition errors into one line with a fix. Returns
+    overrides to add for Hydra (see :func:`claim_run_dir`).
 
     Only plain overrides and each value of a comma-separated sweep are checked: ranges and intervals of a
     sweeper are left to the sweeper.
@@ -115,11 +121,43 @@ def preflight(command: str, args: list[str]) -> None:
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
         for extra in [[]] + [[c] for c in choices]:
             try:
-                hydra.compose(config_name=command, overrides=plain + extra)
+                cfg = hydra.compose(config_name=command, overrides=plain + extra, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException) as exc:
                 if full_errors():
                     raise
                 fail(_one_line(exc, command))
+    if choices:
+        return []
+    return claim_run_dir(Path(cfg.hydra.run.dir), explicit=any(o.startswith("hydra.run.dir=") for o in plain),
+                         resume=command == "train" and cfg.trainer.resume)
+
+
+def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> list[str]:
+    """Before Hydra writes into the run dir: check it can be written, refuse to start a new run over a finished
+    or interrupted one, and lock a dir the user named (the only kind two processes can share:
+    ``trainer.resume=true`` on the same ``hydra.run.dir``).
+
+    A resume writes its composed config to ``.hydra/resumed/``: the run's own ``.hydra/config.yaml``, which
+    ``metacli eval`` rebuilds the network from, is never overwritten, even by a resume that is then refused.
+    """
+    from metacli.checkpoint import LAST
+    from metacli.run_lock import lock_run_dir
+
+    if not resume and (run_dir / LAST).exists():
+        fail(f"{run_dir} already holds a run ({LAST}): continue it with trainer.resume=true, or give the new run "
+             "its own hydra.run.dir")
+
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        fail(f"cannot write into {existing} ({exc.strerror}): set hydra.run.dir to a writable directory")
+    if explicit:
+        try:
+            lock_run_dir(run_dir)
+        except MetacliError as exc:
+            fail(str(exc))
+    return ["hydra.output_subdir=.hydra/resumed"] if resume and (run_dir / ".hydra" / "config.yaml").exists() else []
 
 
 def _one_line(exc: Exception, command: str) -> str:
@@ -141,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}': use one of {', '.join(COMMANDS)} (see metacli --help)")
     if not {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"} & set(rest):
-        preflight(command, rest)
+        rest += preflight(command, rest)
     register()
     sys.argv = [f"metacli {command}", *rest]
     task = train_command if command == "train" else eval_command

@@ -37,6 +37,8 @@ class TrainerSchema:
     val_episodes: int = _at_least(1, 100)
     val_seed: int = 1
     log_every: int = _at_least(1, 10)
+    checkpoint_every: int = _at_least(1, 50)
+    on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
     resume: bool = False
     progress: bool = True
     optimizer: Any = None

@@ -19,3 +19,7 @@ class CheckpointError(MetacliError):
 
 class TrainingError(MetacliError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint: exit for a requeue, not an error."""

@@ -8,19 +8,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.build import build, build_dataset, build_learner, resolve_device, seed_everything
-from metacli.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from metacli.build import (build, build_dataset, build_learner, build_partial, check_targets, resolve_device,
+                           seed_everything, training_batches)
+from metacli.checkpoint import BEST, LAST, load_checkpoint, load_latest_good, save_checkpoint
 from metacli.config_schema import check_ranges
 from metacli.data.episodes import EpisodeSampler
-from metacli.errors import ConfigError, TrainingError
+from metacli.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.logging.console import console, results_table, training_progress
+from metacli.preemption import PreemptionWatch
+from metacli.rng import capture_rng, restore_rng
+from metacli.run_lock import lock_run_dir, unlock_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +32,6 @@ def write_json(payload: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
-
-
-def _train_shape(cfg: DictConfig) -> tuple[int, int, int]:
-    task = cfg.task
-    return (task.train_way or task.n_way, task.train_shot or task.k_shot, task.train_query or task.n_query)
 
 
 def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list:
@@ -45,83 +43,128 @@ def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> l
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run the whole training job of ``cfg`` in ``run_dir`` and return its test results."""
+    """Run the whole training job of ``cfg`` in ``run_dir`` and return its test results.
+
+    The run dir is locked for the job's duration, so a second process cannot resume the same run meanwhile.
+    """
     check_ranges(cfg)
+    lock_run_dir(run_dir)
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        unlock_run_dir(run_dir)
+
+
+def _nonfinite(loss: float, learner: torch.nn.Module) -> str | None:
+    """What went non-finite in this step (the loss or a gradient), or None."""
+    if not math.isfinite(loss):
+        return f"the meta-training loss became {loss}"
+    grads = [p.grad.detach().abs().amax() for p in learner.parameters() if p.grad is not None]
+    if grads and not torch.stack(grads).isfinite().all():
+        return "a meta-gradient became NaN or Inf"
+    return None
+
+
+def _load_state(cfg: DictConfig, state: dict, where: Path, learner, optimizer, scheduler) -> None:
+    """Load a checkpoint into the run's objects; one written by another algorithm or network is a one-line error."""
+    written_by = (state.get("algo"), state.get("backbone"))
+    if written_by != (cfg.algo._target_, cfg.backbone._target_):
+        raise CheckpointError(f"{where} was written by algo {written_by[0]} with backbone {written_by[1]}, not by this "
+                              "run's config: resume it with its own algo/backbone, or give this run a new hydra.run.dir")
+    try:
+        learner.load_state_dict(state["learner"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{where} does not fit the {type(learner).__name__} built from this config (another "
+                              f"way, width or optimiser?): {str(exc).splitlines()[0]}; resume with the run's own "
+                              "settings or use a new hydra.run.dir") from exc
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device)
-    train_way, train_shot, train_query = _train_shape(cfg)
-    if learner.fixed_way and train_way != cfg.task.n_way:
-        raise ConfigError(f"{type(learner).__name__} has an n_way-sized head, so task.train_way={train_way} must equal "
-                          f"task.n_way={cfg.task.n_way}: drop the task.train_way override")
-    train_sampler = EpisodeSampler(dataset.split("train"), train_way, train_shot, train_query, dataset.normalize,
-                                   device, where="train split")
+    next_batch = training_batches(cfg, learner, dataset.split("train"), dataset.normalize, device)
     val_sampler = EpisodeSampler(dataset.split("val"), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
                                  dataset.normalize, device, where="val split")
     test_sampler = make_test_sampler(cfg, dataset, device)
-    optimizer = build(cfg.trainer.optimizer, "trainer.optimizer")(learner.parameters())
-    scheduler = build(cfg.trainer.scheduler, "trainer.scheduler")(optimizer) if cfg.trainer.scheduler else None
+    optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
+    scheduler = build_partial(cfg.trainer.scheduler, "trainer.scheduler", optimizer) if cfg.trainer.scheduler else None
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    start_step, best_val, best_step = 0, -math.inf, None
-    if cfg.trainer.resume and (run_dir / LAST).exists():
-        state = load_checkpoint(run_dir / LAST, device)
-        learner.load_state_dict(state["learner"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["rng"]["episodes"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate((state["rng"]["python"][0], tuple(state["rng"]["python"][1]), state["rng"]["python"][2]))
-        start_step, best_val, best_step = state["step"], state["best_val"], state.get("best_step")
+    start_step, best_val, best_step, skipped = 0, -math.inf, None, 0
+    state = load_latest_good(run_dir / LAST, device) if cfg.trainer.resume else None
+    if state is not None:
+        _load_state(cfg, state, run_dir / LAST, learner, optimizer, scheduler)
+        restore_rng(state["rng"], generator)
+        start_step, best_val, best_step, skipped = state["step"], state["best_val"], state["best_step"], state["skipped"]
         log.info("resumed from %s at step %d", run_dir / LAST, start_step)
     elif cfg.trainer.resume:
         log.warning("trainer.resume=true but %s has no %s: starting from scratch", run_dir, LAST)
 
     loggers = _build_loggers(cfg, run_dir, start_step if cfg.trainer.resume else None)
 
-    def checkpoint(step: int) -> dict:
-        return {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "step": step, "best_val": best_val, "best_step": best_step,
-                "rng": {"episodes": generator.get_state(), "torch": torch.get_rng_state(),
-                        "python": list(random.getstate())}}
+    def save(step: int, best: bool = False) -> None:
+        state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
+                 "algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "rng": capture_rng(generator)}
+        if best:
+            save_checkpoint(state, run_dir / BEST)
+        save_checkpoint(state, run_dir / LAST)
+
+    def log_row(row: dict, step: int) -> None:
+        for logger in loggers:
+            logger.log(row, step)
 
     steps = cfg.trainer.steps
     try:
-        with training_progress(cfg.trainer.progress) as progress:
+        with PreemptionWatch() as preemption, training_progress(cfg.trainer.progress) as progress:
             bar = progress.add_task("meta-train", total=steps, completed=start_step, loss=float("nan"),
                                     accuracy=float("nan"), val="-")
             for step in range(start_step + 1, steps + 1):
                 learner.train()
                 optimizer.zero_grad(set_to_none=True)
-                metrics = learner.meta_train_step(train_sampler.sample(cfg.trainer.meta_batch, generator))
-                if not math.isfinite(metrics["loss"]):
+                metrics = learner.meta_train_step(next_batch(generator))
+                fault = _nonfinite(metrics["loss"], learner)
+                if fault is None:
+                    optimizer.step()
+                elif cfg.trainer.on_nonfinite == "skip":
+                    skipped += 1
+                    log.warning("%s at step %d: meta-batch skipped (%d so far)", fault, step, skipped)
+                else:
                     raise TrainingError(
-                        f"the meta-training loss became {metrics['loss']} at step {step}: lower trainer.optimizer.lr "
-                        f"or the algorithm's learning rates; the last good checkpoint is kept in {run_dir / LAST}")
-                optimizer.step()
+                        f"{fault} at step {step}: likely a too high trainer.optimizer.lr or inner learning rate, or "
+                        f"exploding second-order gradients; lower them, or set trainer.on_nonfinite=skip; the last "
+                        f"good checkpoint is kept in {run_dir / LAST}")
                 if scheduler is not None:
                     scheduler.step()
                 progress.update(bar, advance=1, loss=metrics["loss"], accuracy=metrics["accuracy"])
                 if step % cfg.trainer.log_every == 0:
-                    row = {**{f"train/{key}": value for key, value in metrics.items()},
-                           "lr": optimizer.param_groups[0]["lr"]}
-                    for logger in loggers:
-                        logger.log(row, step)
+                    row = {f"train/{key}": value for key, value in metrics.items()}
+                    if cfg.trainer.on_nonfinite == "skip":
+                        row["train/skipped_batches"] = skipped
+                    log_row({**row, "lr": optimizer.param_groups[0]["lr"]}, step)
+                # Rows are logged before the checkpoint of their step: a resume keeps exactly the rows up to it.
                 if step % cfg.trainer.val_every == 0 or step == steps:
                     val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,
                                 cfg.eval.batch_size)
-                    if val["accuracy"] > best_val:
+                    improved = val["accuracy"] > best_val
+                    if improved:
                         best_val, best_step = val["accuracy"], step
-                        save_checkpoint(checkpoint(step), run_dir / BEST)
-                    save_checkpoint(checkpoint(step), run_dir / LAST)
+                    log_row({"val/accuracy": val["accuracy"], "val/ci95": val["ci95"]}, step)
+                    save(step, best=improved)
                     progress.update(bar, val=f"{val['accuracy']:.3f}")
-                    for logger in loggers:
-                        logger.log({"val/accuracy": val["accuracy"], "val/ci95": val["ci95"]}, step)
+                elif step % cfg.trainer.checkpoint_every == 0 or preemption.received:
+                    save(step)
+                if preemption.received and step < steps:
+                    raise Preempted(f"{preemption.received} received: stopped at step {step} with a checkpoint in "
+                                    f"{run_dir / LAST}; rerun with trainer.resume=true to continue")
 
-        best = load_checkpoint(run_dir / BEST, device) if (run_dir / BEST).exists() else None
+        best = load_latest_good(run_dir / BEST, device)
         if best is not None:
             learner.load_state_dict(best["learner"])
         results = build_results(cfg, learner, dataset, test_sampler, best)
@@ -142,6 +185,11 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
         raise ConfigError(f"{run_dir} is not a metacli run dir (no .hydra/config.yaml): pass checkpoint=<a run dir "
                           "under outputs/train>")
     cfg = OmegaConf.load(config_file)
+    check_targets(cfg, config_file)
+    # The network is the trained one: interpolations in its sections (SNAIL's depth follows task.k_shot) are
+    # resolved before the overrides change the task.
+    for section in ("algo", "backbone"):
+        cfg[section] = OmegaConf.to_container(cfg[section], resolve=True)
     for section in ("eval", "task"):
         for key, value in overrides[section].items():
             if value is not None:

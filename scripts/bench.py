@@ -2,7 +2,8 @@
 
     python scripts/bench.py                                   # ProtoNet and MAML on MAML's Omniglot network
     python scripts/bench.py --algos maml_second_order anil meta_sgd reptile leo lstm_meta_learner
-    python scripts/bench.py --setups omniglot_conv4 miniimagenet_conv4_32 --algos protonet maml
+    python scripts/bench.py --setups omniglot_conv4 miniimagenet_conv4_32 --algos protonet maml_first_order
+    python scripts/bench.py --setups omniglot_conv4 --algos protonet matching_net siamese relation_net snail baseline
     python scripts/bench.py --device cuda --vectorize true false --out bench-results/
     python scripts/bench.py --memory-sweep                    # MAML 2nd order at 1/5/10/20 inner steps, +- checkpointing
     python scripts/bench.py --peer-python /path/to/venv/bin/python   # learn2learn on the same shapes, same run
@@ -43,6 +44,14 @@ ALGOS = {
     "reptile": ["algo=reptile"],
     "leo": ["algo=leo"],
     "lstm_meta_learner": ["algo=lstm_meta_learner"],
+    "matching_net": ["algo=matching_net"],
+    "matching_net_fce": ["algo=matching_net", "algo.fce=true"],
+    "siamese": ["algo=siamese"],
+    "relation_net": ["algo=relation_net"],
+    "snail": ["algo=snail"],
+    # Non-episodic: one step is a mini-batch of as many images as a 5-way 1-shot meta-batch of 32 holds.
+    "baseline": ["algo=baseline", "trainer.batch_size=2560"],
+    "baseline_plus_plus": ["algo=baseline", "algo.head=cosine", "trainer.batch_size=2560"],
 }
 VECTORIZABLE = ("maml_first_order", "maml_second_order", "anil", "meta_sgd")
 
@@ -71,10 +80,9 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
     from torch.utils.flop_counter import FlopCounterMode
 
     from metacli.algorithms.timing import timed_phases
-    from metacli.build import build, build_dataset, build_learner, resolve_device
+    from metacli.build import build_dataset, build_learner, build_partial, resolve_device, training_batches
     from metacli.cli import config_dir
     from metacli.config_schema import register
-    from metacli.data.episodes import EpisodeSampler
 
     register()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -83,17 +91,16 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
     device_t = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device_t)
-    optimizer = build(cfg.trainer.optimizer, "trainer.optimizer")(learner.parameters())
-    sampler = EpisodeSampler(dataset.split(split), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
-                             dataset.normalize, device_t)
+    optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
+    next_batch = training_batches(cfg, learner, dataset.split(split), dataset.normalize, device_t)
     generator = torch.Generator().manual_seed(0)
-    meta_batch = cfg.trainer.meta_batch
+    per_step, unit = (cfg.trainer.meta_batch, "tasks") if learner.episodic else (cfg.trainer.batch_size, "images")
     sync = torch.cuda.synchronize if device_t.type == "cuda" else (lambda: None)
 
     def step(phases: dict) -> None:
         sync()
         start = time.perf_counter()
-        batch = sampler.sample(meta_batch, generator)
+        batch = next_batch(generator)
         sync()
         phases["sampling"] += time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
@@ -125,11 +132,12 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
     if hasattr(learner, "vectorize"):  # count on the serial path: the same arithmetic, no vmap under the counter
         learner.vectorize, learner.batch_first_step = False, False
     with FlopCounterMode(display=False) as counter:
-        learner.meta_train_step(sampler.sample(meta_batch, generator))
+        learner.meta_train_step(next_batch(generator))
     seconds = statistics.median(times)
     flops = counter.get_total_flops()
-    return {**case, "device": str(device_t), "episodes_from_split": split, "meta_batch": meta_batch, "steps_timed": steps,
-            "seconds_per_meta_iteration": seconds, "tasks_per_second": meta_batch / seconds,
+    return {**case, "device": str(device_t), "episodes_from_split": split, "steps_timed": steps,
+            "meta_batch" if learner.episodic else "batch_size": per_step,
+            "seconds_per_meta_iteration": seconds, f"{unit}_per_second": per_step / seconds,
             "breakdown_seconds": {k: v / steps for k, v in sorted(phases.items())},
             "sampling_fraction": phases["sampling"] / sum(times),
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
@@ -200,7 +208,8 @@ def summary_line(r: dict) -> str:
     tag = f"{r['setup']} {r['algo']}" + (f" vectorize={r['vectorize']}" if r.get("vectorize") is not None else "")
     tag += f" steps={r['inner_steps']} ckpt={r['checkpoint_inner']}" if "inner_steps" in r else ""
     peer = f"  learn2learn {r['peer']['tasks_per_second']:.1f} tasks/s ({r['speedup_vs_peer']:.2f}x)" if "peer" in r else ""
-    return (f"{tag:55s} {r['tasks_per_second']:7.2f} tasks/s {1000 * r['seconds_per_meta_iteration']:8.0f} ms/it "
+    unit = "tasks" if "tasks_per_second" in r else "images"
+    return (f"{tag:55s} {r[unit + '_per_second']:7.2f} {unit}/s {1000 * r['seconds_per_meta_iteration']:8.0f} ms/it "
             f"[{parts} ms] {r['achieved_gflops']:5.1f}/{r['matmul_gflops']:.0f} GFLOP/s "
             f"sampling {100 * r['sampling_fraction']:.1f}% peak +{r['peak_memory_bytes'] / 2**20:.0f} MiB{peer}")
 

@@ -1,12 +1,16 @@
 """Every bad input ends with one line naming the problem and the fix, exit code 2, and no traceback."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from conftest import run_cli
+from metacli.data.mini_imagenet import pinned_wnids
 
 FAST = ["trainer.steps=1", "trainer.val_every=1", "trainer.val_episodes=2", "eval.episodes=2", "dataset=synthetic",
         "device=cpu", "trainer.progress=false"]
@@ -39,14 +43,31 @@ CASES = {
     "missing dataset": (["dataset=omniglot", "dataset.root=/nonexistent/data"], "dataset.download=true"),
     "missing mini-imagenet": (["dataset=mini_imagenet", "dataset.root=/nonexistent/data"], "<split>/<wnid>"),
     "unknown command sweep option": (["-m", "algo=maml,foo"], "unknown algo 'foo'"),
+    "unknown logger": (["logger=foo"], "unknown logger 'foo'"),
+    "unknown experiment": (["experiment=foo"], "unknown experiment 'foo'"),
+    "unknown algo key": (["algo=maml", "algo.inner_lrr=0.1"], "algo.inner_lrr"),
+    "wrong bool": (["trainer.resume=maybe"], "'maybe' is not a valid bool"),
+    "way that is not a number": (["task.n_way=five"], "task.n_way"),
+    "zero queries": (["task.n_query=0"], "task.n_query=0 is out of range"),
+    "negative steps": (["trainer.steps=-3"], "trainer.steps=-3 is out of range"),
+    "zero meta-batch": (["trainer.meta_batch=0"], "trainer.meta_batch=0 is out of range"),
+    "negative outer lr": (["trainer.optimizer.lr=-1"], "Invalid learning rate: -1"),
+    "bad nonfinite policy": (["trainer.on_nonfinite=ignore"], "choose one of stop, skip"),
+    "more training ways than classes": (["task.train_way=300"], "n_way=300 but the split has only 200 classes"),
+    "snail with higher train way": (["algo=snail", "task.train_way=10"], "must equal task.n_way"),
+    "unknown protonet distance": (["algo=protonet", "algo.distance=manhattan"], "algo.distance"),
+    "negative fine-tuning lr": (["algo=baseline", "algo.finetune_lr=-1"], "algo.finetune_lr"),
+    "unknown pooling": (["backbone.pool=avg"], "backbone.pool"),
+    "read-only output dir": (["hydra.run.dir=/sys/metacli-run"], "cannot write into /sys"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_override_is_one_line(name, tmp_path):
     args, expected = CASES[name]
+    run_dir = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={tmp_path / 'run'}"]
     done = run_cli("train", *args, *[f for f in FAST if f.split("=")[0] not in {a.split("=")[0] for a in args}],
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+                   *run_dir, cwd=tmp_path)
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("metacli: error: "), done.stderr
@@ -85,3 +106,124 @@ def test_full_error_shows_the_traceback(tmp_path):
     done = run_cli("train", *FAST, "device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                    env={"HYDRA_FULL_ERROR": "1"})
     assert done.returncode != 0 and "Traceback" in done.stderr and "CUDA is not available" in done.stderr
+
+
+# ---------------------------------------------------------------- data
+
+
+def assert_one_line_error(done, needle: str) -> None:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metacli: error: ") and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def write_jpeg(path: Path, mode: str = "RGB", seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = torch.randint(0, 256, (84, 84, 3 if mode == "RGB" else 1), generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.uint8)
+    Image.fromarray(pixels.squeeze(-1).numpy(), mode).save(path)
+
+
+def mini_imagenet_train_tree(root: Path) -> Path:
+    """``mini-imagenet/train/<wnid>/*.jpg`` for the 64 pinned train classes, 600 images each: hard links to one
+    JPEG, so the tree costs a second. Returns the first file decoded (first class, first name)."""
+    source = root / "source.jpg"
+    write_jpeg(source)
+    for wnid in pinned_wnids("train"):
+        folder = root / "mini-imagenet" / "train" / wnid
+        folder.mkdir(parents=True)
+        for i in range(600):
+            os.link(source, folder / f"{wnid}{i:08d}.jpg")
+    first = pinned_wnids("train")[0]
+    bad = root / "mini-imagenet" / "train" / first / f"{first}00000000.jpg"
+    bad.unlink()  # a link: writing through it would change every image
+    return bad
+
+
+def train_on_mini_imagenet(root: Path, tmp_path: Path):
+    return run_cli("train", "dataset=mini_imagenet", f"dataset.root={root}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                   "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+
+
+@pytest.mark.parametrize("dataset,needle", [("omniglot", "Omniglot not found"), ("mini_imagenet", "mini-ImageNet not found")])
+def test_an_empty_data_dir_is_one_line(tmp_path, dataset, needle):
+    root = tmp_path / "data"
+    (root / ("omniglot" if dataset == "omniglot" else "mini-imagenet")).mkdir(parents=True)
+    done = run_cli("train", f"dataset={dataset}", f"dataset.root={root}", "trainer.steps=1",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line_error(done, needle)
+
+
+def test_a_non_image_file_is_one_line(tmp_path):
+    bad = mini_imagenet_train_tree(tmp_path / "data")
+    bad.write_text("this is not a JPEG")
+    assert_one_line_error(train_on_mini_imagenet(tmp_path / "data", tmp_path), f"cannot decode {bad.parent.name}/{bad.name}")
+
+
+def test_a_grayscale_image_in_an_rgb_dataset_is_one_line(tmp_path):
+    write_jpeg(mini_imagenet_train_tree(tmp_path / "data"), mode="L")
+    assert_one_line_error(train_on_mini_imagenet(tmp_path / "data", tmp_path), "grayscale")
+
+
+def test_a_wrong_ravi_csv_is_one_line(tmp_path):
+    base = tmp_path / "data" / "mini-imagenet"
+    write_jpeg(base / "images" / "n0153282900000005.jpg")
+    (base / "split-ravi").mkdir(parents=True)
+    (base / "split-ravi" / "train.csv").write_text("image;class\nn0153282900000005.jpg;n01532829\n")
+    assert_one_line_error(train_on_mini_imagenet(tmp_path / "data", tmp_path), "is not a Ravi split CSV")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    run = tmp_path / "run"
+    done = run_cli("train", *FAST, "trainer.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def snapshot(run: Path) -> dict:
+    """The run's record: every file but logs and the lock (which holds the last owner's pid)."""
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.suffix != ".log" and p.name != ".metacli.lock"}
+
+
+def assert_nothing_lost(run: Path, before: dict) -> None:
+    after = snapshot(run)
+    assert {name: after.get(name) for name in before} == before
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["algo=maml"], "was written by algo metacli.algorithms.protonet.ProtoNet"),
+    (["backbone.hidden=32"], "does not fit the ProtoNet"),
+])
+def test_resuming_a_checkpoint_of_another_network_is_one_line(finished_run, tmp_path, overrides, needle):
+    before = snapshot(finished_run)
+    done = run_cli("train", *FAST, "trainer.steps=4", *overrides, "trainer.resume=true", f"hydra.run.dir={finished_run}",
+                   cwd=tmp_path)
+    assert_one_line_error(done, needle)
+    assert_nothing_lost(finished_run, before)
+
+
+def test_truncated_checkpoints_are_one_line(finished_run, tmp_path):
+    for name in ("best.pt", "last.pt", "last.pt.prev"):
+        path = finished_run / name
+        if path.exists():
+            path.write_bytes(path.read_bytes()[:1000])
+    before = snapshot(finished_run)
+    done = run_cli("eval", f"checkpoint={finished_run}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    assert_one_line_error(done, "is not a readable metacli checkpoint")
+    done = run_cli("train", *FAST, "trainer.steps=4", "trainer.resume=true", f"hydra.run.dir={finished_run}",
+                   cwd=tmp_path)
+    assert_one_line_error(done, "is not a readable metacli checkpoint")
+    assert_nothing_lost(finished_run, before)
+
+
+def test_a_new_run_over_an_existing_one_is_refused(finished_run, tmp_path):
+    before = snapshot(finished_run)
+    done = run_cli("train", *FAST, f"hydra.run.dir={finished_run}", cwd=tmp_path)
+    assert_one_line_error(done, "already holds a run (last.pt): continue it with trainer.resume=true")
+    assert_nothing_lost(finished_run, before)

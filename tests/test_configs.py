@@ -13,13 +13,18 @@ from omegaconf.errors import MissingMandatoryValue
 import metacli.cli
 from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.anil import ANIL
+from metacli.algorithms.baseline import Baseline
 from metacli.algorithms.leo import LEO
 from metacli.algorithms.lstm_meta_learner import LSTMMetaLearner
 from metacli.algorithms.maml import MAML
+from metacli.algorithms.matching_net import MatchingNet
 from metacli.algorithms.meta_sgd import MetaSGD
 from metacli.algorithms.protonet import ProtoNet
+from metacli.algorithms.relation_net import RelationNet
 from metacli.algorithms.reptile import Reptile
-from metacli.build import build, build_dataset, build_learner, resolve_device
+from metacli.algorithms.siamese import SiameseNet
+from metacli.algorithms.snail import SNAIL
+from metacli.build import build, build_dataset, build_learner, build_partial, resolve_device
 from metacli.config_schema import check_ranges, register
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import Episode
@@ -51,8 +56,9 @@ def compose(*overrides: str, config: str = "train") -> DictConfig:
         return hydra.compose(config_name=config, overrides=list(overrides))
 
 
-ALGORITHMS = {"anil": ANIL, "leo": LEO, "lstm_meta_learner": LSTMMetaLearner, "maml": MAML, "meta_sgd": MetaSGD,
-              "protonet": ProtoNet, "reptile": Reptile}
+ALGORITHMS = {"anil": ANIL, "baseline": Baseline, "leo": LEO, "lstm_meta_learner": LSTMMetaLearner, "maml": MAML,
+              "matching_net": MatchingNet, "meta_sgd": MetaSGD, "protonet": ProtoNet,
+              "relation_net": RelationNet, "reptile": Reptile, "siamese": SiameseNet, "snail": SNAIL}
 
 # Small backbones, so that instantiating a learner costs milliseconds.
 SMALL = {"conv4": ["backbone.hidden=8"], "conv4_stride": ["backbone.hidden=8"], "resnet12": ["backbone.widths=[4,4,8,8]"]}
@@ -89,10 +95,10 @@ def test_every_option_composes(group, option):
             assert cfg.dataset._target_.endswith("." + dataset)
         # The optimiser and scheduler of an experiment build.
         params = [torch.nn.Parameter(torch.zeros(2))]
-        optimizer = build(cfg.trainer.optimizer, "trainer.optimizer")(params)
+        optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", params)
         assert isinstance(optimizer, torch.optim.Optimizer)
         if cfg.trainer.scheduler:
-            assert isinstance(build(cfg.trainer.scheduler, "trainer.scheduler")(optimizer), torch.optim.lr_scheduler.LRScheduler)
+            assert isinstance(build_partial(cfg.trainer.scheduler, "trainer.scheduler", optimizer), torch.optim.lr_scheduler.LRScheduler)
 
 
 def test_experiments_override_the_defaults():
