@@ -50,3 +50,30 @@ def assert_learned(name: str, before: float, after: float, at_least: float, gain
     print(f"{name} 5-way 1-shot test accuracy: {before:.3f} -> {after:.3f}")
     assert after >= at_least, f"{name} reached only {after:.3f} (chance is 0.2)"
     assert after - before >= gain, f"{name} improved only from {before:.3f} to {after:.3f}"
+
+
+def train_a_little(learner: FewShotLearner, glyphs, steps: int = 2, lr: float = 1e-3) -> FewShotLearner:
+    """A few meta-steps, so that the weights and BatchNorm's running statistics leave their initial values."""
+    optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
+    for seed in range(steps):
+        optimizer.zero_grad()
+        learner.meta_train_step(batch(glyphs, seed=seed))
+        optimizer.step()
+    learner.zero_grad(set_to_none=True)
+    return learner
+
+
+def assert_evaluation_leaves_no_trace(learner: FewShotLearner, ep: Episode) -> torch.Tensor:
+    """Evaluation is deterministic, agrees with ``evaluate_episode``, and changes no state, gradient or training
+    flag. Returns the evaluation logits."""
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    with torch.no_grad(), learner.evaluation_mode():
+        first, second = learner.query_logits(ep, training=False), learner.query_logits(ep, training=False)
+    assert torch.equal(first, second) and torch.isfinite(first).all()
+    accuracy = learner.evaluate_episode(ep)
+    assert accuracy == (first.argmax(dim=1) == ep.query_y).float().mean().item()
+    after = learner.state_dict()
+    assert not [k for k in before if not torch.equal(before[k], after[k])], "evaluation changed the state"
+    assert all(p.grad is None for p in learner.parameters()), "evaluation must not accumulate gradients"
+    assert learner.training
+    return first

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import run_cli
 from metacli import load_learner
+from metacli.checkpoint import load_checkpoint
 from metacli.data.synthetic import SyntheticGlyphs
 
 SMOKE = ["experiment=smoke", "trainer.steps=60", "trainer.val_every=20", "eval.episodes=50"]
@@ -111,7 +112,7 @@ def test_resume_continues_to_the_same_numbers(tmp_path):
     second = run_cli("train", *base, "trainer.steps=20", "trainer.resume=true", f"hydra.run.dir={resumed_dir}",
                      cwd=tmp_path)
     assert second.returncode == 0, second.stderr
-    assert torch.load(resumed_dir / "last.pt", weights_only=True)["step"] == 20
+    assert load_checkpoint(resumed_dir / "last.pt")["step"] == 20
     resumed_rows = read_rows(resumed_dir / "metrics.jsonl")
     assert resumed_rows == read_rows(tmp_path / "straight" / "metrics.jsonl")
     assert json.loads((resumed_dir / "results.json").read_text()) == \

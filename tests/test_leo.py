@@ -14,7 +14,7 @@ from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 
-from learning import assert_learned, batch, episode, meta_train
+from learning import assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,17 +148,8 @@ def test_evaluation_is_deterministic_and_leaves_no_trace(glyphs, bn_mode):
     torch.manual_seed(0)
     learner = pretrain(small_leo(bn_mode=bn_mode, dropout=0.3), glyphs)
     learner.zero_grad(set_to_none=True)
-    before = {k: v.clone() for k, v in learner.state_dict().items()}
     ep = episode(glyphs, seed=3, split="test")
-    with torch.no_grad(), learner.evaluation_mode():
-        first, second = learner.query_logits(ep, training=False), learner.query_logits(ep, training=False)
-    assert torch.equal(first, second)
-    accuracy = learner.evaluate_episode(ep)
-    assert accuracy == (first.argmax(dim=1) == ep.query_y).float().mean().item()
-    after = learner.state_dict()
-    assert not [k for k in before if not torch.equal(before[k], after[k])], "evaluation changed the state"
-    assert all(p.grad is None for p in learner.parameters()), "evaluation must not accumulate gradients"
-    assert learner.training
+    assert_evaluation_leaves_no_trace(learner, ep)
     # Meta-training samples codes and weights, so its logits vary from call to call.
     assert not torch.equal(learner.query_logits(ep, training=True), learner.query_logits(ep, training=True))
 

@@ -18,7 +18,8 @@ from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 
-from learning import assert_learned, batch, episode, meta_train
+from learning import (assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train,
+                      train_a_little)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,23 +178,8 @@ def test_fce_query_steps_follow_the_paper_and_each_query_is_alone(glyphs):
 @pytest.mark.parametrize("fce", [False, True])
 def test_evaluation_is_deterministic_and_leaves_no_trace(glyphs, bn_mode, fce):
     torch.manual_seed(0)
-    learner = small_net(bn_mode=bn_mode, fce=fce)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    for seed in range(3):  # move the weights and BatchNorm's running statistics off their initial values
-        optimizer.zero_grad()
-        learner.meta_train_step(batch(glyphs, seed=seed))
-        optimizer.step()
-    learner.zero_grad(set_to_none=True)
-    before = {k: v.clone() for k, v in learner.state_dict().items()}
-    ep = episode(glyphs, seed=6, split="test")
-    first = evaluation_logits(learner, ep)
-    assert torch.equal(first, evaluation_logits(learner, ep))
-    accuracy = learner.evaluate_episode(ep)
-    assert accuracy == (first.argmax(dim=1) == ep.query_y).float().mean().item()
-    after = learner.state_dict()
-    assert not [k for k in before if not torch.equal(before[k], after[k])], "evaluation changed the state"
-    assert all(p.grad is None for p in learner.parameters()), "evaluation must not accumulate gradients"
-    assert learner.training
+    learner = train_a_little(small_net(bn_mode=bn_mode, fce=fce), glyphs, steps=3)
+    assert_evaluation_leaves_no_trace(learner, episode(glyphs, seed=6, split="test"))
 
 
 @pytest.mark.parametrize("n_way", [3, 7])

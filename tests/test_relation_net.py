@@ -14,7 +14,8 @@ from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 
-from learning import assert_learned, batch, episode, meta_train
+from learning import (assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train,
+                      train_a_little)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,22 +89,8 @@ def test_gradients_reach_the_relation_module_and_the_backbone(glyphs):
 @pytest.mark.parametrize("bn_mode", ["transductive", "running"])
 def test_evaluation_is_deterministic_and_leaves_no_trace(glyphs, bn_mode):
     torch.manual_seed(0)
-    learner = small_relation_net(bn_mode=bn_mode)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    learner.meta_train_step(batch(glyphs))  # running statistics away from their initial values
-    optimizer.step()
-    learner.zero_grad(set_to_none=True)
-    before = {k: v.clone() for k, v in learner.state_dict().items()}
-    ep = episode(glyphs, seed=4, split="test")
-    with torch.no_grad(), learner.evaluation_mode():
-        first, second = learner.query_logits(ep, training=False), learner.query_logits(ep, training=False)
-    assert torch.equal(first, second)
-    accuracy = learner.evaluate_episode(ep)
-    assert accuracy == (first.argmax(dim=1) == ep.query_y).float().mean().item()
-    after = learner.state_dict()
-    assert not [k for k in before if not torch.equal(before[k], after[k])], "evaluation changed the state"
-    assert all(p.grad is None for p in learner.parameters()), "evaluation must not accumulate gradients"
-    assert learner.training
+    learner = train_a_little(small_relation_net(bn_mode=bn_mode), glyphs)
+    assert_evaluation_leaves_no_trace(learner, episode(glyphs, seed=4, split="test"))
 
 
 # ---------------------------------------------------------------- construction

@@ -22,8 +22,8 @@ from metacli.checkpoint import (LAST, CheckpointError, load_checkpoint, load_lat
                                 save_checkpoint)
 from metacli.preemption import REQUEUE_EXIT_CODE
 
-# 120 short steps: long enough to be killed at a chosen moment, checkpoints every 7 steps between validations.
-RUN = ["experiment=smoke", "trainer.steps=120", "trainer.val_every=40", "trainer.checkpoint_every=7",
+# 60 short steps: long enough to be killed at a chosen moment, checkpoints every 7 steps between validations.
+RUN = ["experiment=smoke", "trainer.steps=60", "trainer.val_every=20", "trainer.checkpoint_every=7",
        "trainer.log_every=1", "eval.episodes=200", "logger=jsonl"]
 
 
@@ -53,12 +53,13 @@ def resume(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return done
 
 
-def outputs(run_dir: Path) -> tuple[str, dict]:
-    return (run_dir / "metrics.jsonl").read_text(), json.loads((run_dir / "results.json").read_text())
+def outputs(run_dir: Path) -> tuple[bytes, bytes]:
+    """What must match an uninterrupted run byte for byte."""
+    return (run_dir / "metrics.jsonl").read_bytes(), (run_dir / "results.json").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[str, dict]:
+def reference(tmp_path_factory) -> tuple[bytes, bytes]:
     """The uninterrupted run every interrupted one must reproduce exactly."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     done = run_cli("train", *RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
@@ -70,8 +71,8 @@ def reference(tmp_path_factory) -> tuple[str, dict]:
 
 
 def killed_mid_training(run_dir: Path, process: subprocess.Popen) -> None:
-    # Past the checkpoint of step 42 and before the next one: the resume replays steps.
-    wait_for(lambda: any(r["step"] >= 45 for r in rows(run_dir)), process)
+    # Past the checkpoint of step 21 and before the next one: the resume replays steps.
+    wait_for(lambda: any(r["step"] >= 24 for r in rows(run_dir)), process)
 
 
 def killed_while_checkpointing(run_dir: Path, process: subprocess.Popen) -> None:
@@ -82,7 +83,7 @@ def killed_while_checkpointing(run_dir: Path, process: subprocess.Popen) -> None
 
 def killed_while_testing(run_dir: Path, process: subprocess.Popen) -> None:
     # The final validation row is logged just before the final checkpoint; testing follows.
-    wait_for(lambda: any(r["step"] == 120 and "val/accuracy" in r for r in rows(run_dir)), process)
+    wait_for(lambda: any(r["step"] == 60 and "val/accuracy" in r for r in rows(run_dir)), process)
     time.sleep(0.3)
 
 
@@ -108,7 +109,7 @@ def test_a_killed_run_resumes_to_the_same_rows_and_results(reference, tmp_path, 
 def test_preemption_checkpoints_exits_for_requeue_and_resumes_exactly(reference, tmp_path, signum):
     run_dir = tmp_path / "run"
     process = start(run_dir)
-    wait_for(lambda: any(r["step"] >= 30 for r in rows(run_dir)), process)
+    wait_for(lambda: any(r["step"] >= 25 for r in rows(run_dir)), process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == REQUEUE_EXIT_CODE, stderr
@@ -172,7 +173,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
 def test_resume_after_a_corrupted_last_checkpoint_reproduces_the_run(reference, tmp_path):
     run_dir = tmp_path / "run"
     process = start(run_dir)
-    wait_for(lambda: any(r["step"] >= 60 for r in rows(run_dir)), process)
+    wait_for(lambda: any(r["step"] >= 45 for r in rows(run_dir)), process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     data = bytearray((run_dir / LAST).read_bytes())
@@ -208,7 +209,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
 
 def test_a_run_that_cannot_write_its_checkpoint_stops_cleanly(tmp_path):
     run_dir = tmp_path / "run"
-    done = run_cli("train", *RUN, "trainer.steps=14", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    done = run_cli("train", *RUN, "trainer.steps=7", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     before = (run_dir / LAST).read_bytes()
 
@@ -217,7 +218,7 @@ def test_a_run_that_cannot_write_its_checkpoint_stops_cleanly(tmp_path):
         limit = len(before) // 2
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    command = [metacli_command(), "train", *RUN, "trainer.steps=21", "trainer.resume=true", f"hydra.run.dir={run_dir}"]
+    command = [metacli_command(), "train", *RUN, "trainer.steps=14", "trainer.resume=true", f"hydra.run.dir={run_dir}"]
     failed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, preexec_fn=small_files)
     assert failed.returncode == 2, failed.stderr
     lines = failed.stderr.strip().splitlines()
@@ -255,20 +256,46 @@ def test_nan_meta_batches_can_be_skipped_and_are_counted(tmp_path):
 # ---------------------------------------------------------------- concurrency
 
 
-def test_a_second_process_on_the_same_run_dir_is_refused(reference, tmp_path):
+def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    first = start(run_dir)
+    first = start(run_dir, "trainer.steps=5000")  # still running when the second one starts
     wait_for(lambda: any(r["step"] >= 5 for r in rows(run_dir)), first)
-    second = run_cli("train", *RUN, "trainer.resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    config = (run_dir / ".hydra" / "config.yaml").read_bytes()
+    second = run_cli("train", *RUN, "trainer.steps=5000", "trainer.resume=true", f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path)
     assert second.returncode == 2
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and f"is in use by another metacli process (pid {first.pid})" in lines[0]
+    assert first.poll() is None, "the first run must have been running all along"
+    first.send_signal(signal.SIGTERM)
     first.communicate(timeout=300)
-    assert first.returncode == 0
-    assert outputs(run_dir) == reference, "the refused process must not have touched the run"
+    assert first.returncode == REQUEUE_EXIT_CODE
+    # The refused process touched nothing: the first run's record is whole and in order.
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config
+    steps = [r["step"] for r in rows(run_dir) if "train/loss" in r]
+    assert steps == list(range(1, steps[-1] + 1)) and load_checkpoint(run_dir / LAST)["step"] == steps[-1]
 
 
-# ---------------------------------------------------------------- saved configs and secrets
+# ---------------------------------------------------------------- saved configs, pickles and secrets
+
+
+class Exploit:
+    """A pickle that runs a command when it is unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "last.pt"
+    torch.save({"learner": Exploit(marker), "step": 1}, path)
+    with pytest.raises(CheckpointError, match="not a readable metacli checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_a_saved_config_cannot_name_an_arbitrary_callable(tmp_path):
