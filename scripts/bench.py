@@ -3,7 +3,7 @@
     python scripts/bench.py                                   # ProtoNet and MAML on MAML's Omniglot network
     python scripts/bench.py --algos maml_second_order anil meta_sgd reptile leo lstm_meta_learner
     python scripts/bench.py --setups omniglot_conv4 miniimagenet_conv4_32 --algos protonet maml_first_order
-    python scripts/bench.py --setups omniglot_conv4 --algos protonet matching_net siamese relation_net snail baseline
+    python scripts/bench.py --setups omniglot_conv4 --algos protonet matching_net siamese relation_net snail mann baseline
     python scripts/bench.py --device cuda --vectorize true false --out bench-results/
     python scripts/bench.py --memory-sweep                    # MAML 2nd order at 1/5/10/20 inner steps, +- checkpointing
     python scripts/bench.py --peer-python /path/to/venv/bin/python   # learn2learn on the same shapes, same run
@@ -49,6 +49,7 @@ ALGOS = {
     "siamese": ["algo=siamese"],
     "relation_net": ["algo=relation_net"],
     "snail": ["algo=snail"],
+    "mann": ["algo=mann"],
     # Non-episodic: one step is a mini-batch of as many images as a 5-way 1-shot meta-batch of 32 holds.
     "baseline": ["algo=baseline", "trainer.batch_size=2560"],
     "baseline_plus_plus": ["algo=baseline", "algo.head=cosine", "trainer.batch_size=2560"],

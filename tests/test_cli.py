@@ -33,7 +33,7 @@ def test_help_lists_commands_and_groups(tmp_path):
     assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
     train_help = run_cli("train", "--help", cwd=tmp_path)
     assert train_help.returncode == 0
-    for group in ("algo: anil, baseline, leo, lstm_meta_learner, maml, matching_net, meta_sgd, protonet, relation_net, reptile, siamese, snail", "dataset: mini_imagenet, omniglot, synthetic", "device: auto, cpu, cuda"):
+    for group in ("algo: anil, baseline, leo, lstm_meta_learner, maml, mann, matching_net, meta_sgd, protonet, relation_net, reptile, siamese, snail", "dataset: mini_imagenet, omniglot, synthetic", "device: auto, cpu, cuda"):
         assert group in train_help.stdout
     job = run_cli("train", "--cfg", "job", "algo=maml", "task.n_way=7", cwd=tmp_path)
     assert job.returncode == 0 and "metacli.algorithms.maml.MAML" in job.stdout and "n_way: 7" in job.stdout

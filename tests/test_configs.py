@@ -23,6 +23,7 @@ from metacli.algorithms.protonet import ProtoNet
 from metacli.algorithms.relation_net import RelationNet
 from metacli.algorithms.reptile import Reptile
 from metacli.algorithms.siamese import SiameseNet
+from metacli.algorithms.mann import MANN
 from metacli.algorithms.snail import SNAIL
 from metacli.build import build, build_dataset, build_learner, build_partial, resolve_device
 from metacli.config_schema import check_ranges, register
@@ -58,7 +59,8 @@ def compose(*overrides: str, config: str = "train") -> DictConfig:
 
 ALGORITHMS = {"anil": ANIL, "baseline": Baseline, "leo": LEO, "lstm_meta_learner": LSTMMetaLearner, "maml": MAML,
               "matching_net": MatchingNet, "meta_sgd": MetaSGD, "protonet": ProtoNet,
-              "relation_net": RelationNet, "reptile": Reptile, "siamese": SiameseNet, "snail": SNAIL}
+              "relation_net": RelationNet, "reptile": Reptile, "siamese": SiameseNet, "snail": SNAIL,
+              "mann": MANN}
 
 # Small backbones, so that instantiating a learner costs milliseconds.
 SMALL = {"conv4": ["backbone.hidden=8"], "conv4_stride": ["backbone.hidden=8"], "resnet12": ["backbone.widths=[4,4,8,8]"]}

@@ -9,6 +9,13 @@ import torch
 import torch.nn.functional as F
 
 
+def check_way(episode_way: int, n_way: int) -> None:
+    """The label input and the output are ``n_way`` wide, so an episode of another way cannot be read: a wider one
+    would fail inside ``one_hot`` with no hint, a narrower one would be scored against classes it does not have."""
+    if episode_way != n_way:
+        raise ValueError(f"this model was built {n_way}-way and cannot read a {episode_way}-way episode")
+
+
 def support_order(n_support: int, training: bool, device: torch.device) -> torch.Tensor:
     """A random order of the support set in meta-training (drawn from torch's seeded generator), the sampler's
     class-by-class order at evaluation, so a fixed test episode always gives the same sequence."""

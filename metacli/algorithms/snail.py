@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.algorithms.sequences import episode_sequences, support_order
+from metacli.algorithms.sequences import check_way, episode_sequences, support_order
 from metacli.data.episodes import Episode
 from metacli.models.temporal import AttentionBlock, TCBlock
 
@@ -68,8 +68,7 @@ class SNAIL(FewShotLearner):
         self.output = nn.Linear(dim, n_way)
 
     def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
-        if episode.n_way != self.n_way:
-            raise ValueError(f"SNAIL was built {self.n_way}-way and cannot score a {episode.n_way}-way episode")
+        check_way(episode.n_way, self.n_way)
         n_support = episode.support_x.shape[0]
         # One forward for support and query, so transductive BatchNorm sees the whole episode.
         embeddings = self.backbone(torch.cat([episode.support_x, episode.query_x]))
