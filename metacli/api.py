@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from metacli.errors import CheckpointError, DataError
+from metacli.errors import DataError
 
 
 class FewShotPredictor:
@@ -65,17 +64,12 @@ class FewShotPredictor:
 
 def load_learner(run_dir: str | Path, which: str = "best", device: str = "cpu") -> FewShotPredictor:
     """Rebuild the learner of ``run_dir`` from its saved config and load its ``best`` (or ``last``) checkpoint."""
-    from metacli.build import build_dataset, build_learner, check_targets
-    from metacli.checkpoint import load_checkpoint
+    from metacli.build import build_dataset, build_learner, load_run_config, load_trained
 
     run_dir = Path(run_dir)
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{run_dir} is not a metacli run dir (no .hydra/config.yaml)")
-    cfg = OmegaConf.load(config_file)
-    check_targets(cfg, config_file)
+    cfg = load_run_config(run_dir)
     dataset = build_dataset(cfg)  # builds the preprocessing only: no images are loaded
     learner = build_learner(cfg, dataset).to(device)
-    learner.load_state_dict(load_checkpoint(run_dir / f"{which}.pt", device)["learner"])
+    load_trained(learner, run_dir, which, torch.device(device))
     learner.eval()
     return FewShotPredictor(learner, dataset, torch.device(device))

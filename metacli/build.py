@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import random
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from metacli.algorithms.base import FewShotLearner
+from metacli.checkpoint import load_checkpoint
 from metacli.data.base import ClassImages, FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch, EpisodeSampler
@@ -62,6 +64,29 @@ def check_targets(cfg: DictConfig, source) -> None:
                 walk(node._get_node(index), f"{path}{index}.")
 
     walk(cfg, "")
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The config a finished run was trained with, refused if it names a ``_target_`` outside SAFE_TARGETS."""
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{run_dir} is not a metacli run dir (no .hydra/config.yaml): pass a run dir under "
+                              "outputs/train")
+    cfg = OmegaConf.load(config_file)
+    check_targets(cfg, config_file)
+    return cfg
+
+
+def load_trained(learner: FewShotLearner, run_dir: Path, which: str, device: torch.device) -> dict:
+    """Load ``<run_dir>/<which>.pt`` into ``learner``; returns the checkpoint's state."""
+    path = run_dir / f"{which}.pt"
+    state = load_checkpoint(path, device)
+    try:
+        learner.load_state_dict(state["learner"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the {type(learner).__name__} built from the run's config "
+                              f"(changed n_way?): {str(exc).splitlines()[0]}") from exc
+    return state
 
 
 def resolve_device(device_cfg: DictConfig) -> torch.device:

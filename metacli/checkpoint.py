@@ -30,26 +30,31 @@ def previous(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def save_checkpoint(payload: dict, path: Path) -> None:
-    """Write ``payload`` to ``path``, keeping the version it replaces as ``<path>.prev``.
+def save_checkpoint(payload: dict, *paths: Path) -> None:
+    """Write ``payload`` to each of ``paths`` (serialised once), keeping the version each replaces as
+    ``<path>.prev``.
 
-    A failed write (disk full, read-only dir) leaves the existing files untouched and raises a one-line
+    A failed write (disk full, read-only dir) leaves that path's existing files untouched and raises a one-line
     CheckpointError.
     """
-    path = Path(path)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getbuffer()
     wrapped = io.BytesIO()
     torch.save({"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
                 "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, wrapped)
+    for path in paths:
+        _write_atomically(wrapped.getbuffer(), Path(path))
+
+
+def _write_atomically(data: memoryview, path: Path) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             # Serialised in memory first: a failing file write is then a plain OSError, not an error deep in
             # torch's zip writer.
-            handle.write(wrapped.getbuffer())
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.build import (build, build_dataset, build_learner, build_partial, check_targets, resolve_device,
-                           seed_everything, training_batches)
-from metacli.checkpoint import BEST, LAST, load_checkpoint, load_latest_good, save_checkpoint
+from metacli.build import (build, build_dataset, build_learner, build_partial, load_run_config, load_trained,
+                           resolve_device, seed_everything, training_batches)
+from metacli.checkpoint import BEST, LAST, load_latest_good, save_checkpoint
 from metacli.config_schema import check_ranges
 from metacli.data.episodes import EpisodeSampler
-from metacli.errors import CheckpointError, ConfigError, Preempted, TrainingError
+from metacli.errors import CheckpointError, Preempted, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.logging.console import console, results_table, training_progress
 from metacli.preemption import PreemptionWatch
@@ -112,9 +112,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
                  "algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "rng": capture_rng(generator)}
-        if best:
-            save_checkpoint(state, run_dir / BEST)
-        save_checkpoint(state, run_dir / LAST)
+        save_checkpoint(state, *([run_dir / BEST] if best else []), run_dir / LAST)
 
     def log_row(row: dict, step: int) -> None:
         for logger in loggers:
@@ -180,12 +178,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     """Re-test a finished run's checkpoint, optionally with other eval/task/device settings (``metacli eval``)."""
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise ConfigError(f"{run_dir} is not a metacli run dir (no .hydra/config.yaml): pass checkpoint=<a run dir "
-                          "under outputs/train>")
-    cfg = OmegaConf.load(config_file)
-    check_targets(cfg, config_file)
+    cfg = load_run_config(run_dir)
     # The network is the trained one: interpolations in its sections (SNAIL's depth follows task.k_shot) are
     # resolved before the overrides change the task.
     for section in ("algo", "backbone"):
@@ -201,12 +194,7 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device)
-    state = load_checkpoint(run_dir / f"{overrides.which}.pt", device)
-    try:
-        learner.load_state_dict(state["learner"])
-    except RuntimeError as exc:
-        raise ConfigError(f"{run_dir / (overrides.which + '.pt')} does not fit the {type(learner).__name__} built "
-                          f"from the run's config (changed n_way?): {str(exc).splitlines()[0]}") from exc
+    state = load_trained(learner, run_dir, overrides.which, device)
     results = build_results(cfg, learner, dataset, make_test_sampler(cfg, dataset, device), state)
     write_json(results, out_dir / "results.json")
     console.print(results_table(results))

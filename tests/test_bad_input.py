@@ -92,10 +92,8 @@ def test_unknown_command_and_bad_eval_dir(tmp_path):
     assert done.returncode == 2 and "not a metacli run dir" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_not_a_checkpoint_keeps_the_run_dir(tmp_path):
-    run = tmp_path / "run"
-    done = run_cli("train", *FAST, f"hydra.run.dir={run}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+def test_not_a_checkpoint_keeps_the_run_dir(finished_run, tmp_path):
+    run = finished_run
     (run / "best.pt").write_bytes(b"not a checkpoint")
     done = run_cli("eval", f"checkpoint={run}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
     assert done.returncode == 2 and "not a readable metacli checkpoint" in done.stderr
@@ -177,12 +175,19 @@ def test_a_wrong_ravi_csv_is_one_line(tmp_path):
 # ---------------------------------------------------------------- checkpoints
 
 
-@pytest.fixture
-def finished_run(tmp_path) -> Path:
-    run = tmp_path / "run"
-    done = run_cli("train", *FAST, "trainer.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory) -> Path:
+    where = tmp_path_factory.mktemp("finished")
+    run = where / "run"
+    done = run_cli("train", *FAST, "trainer.steps=2", f"hydra.run.dir={run}", cwd=where)
     assert done.returncode == 0, done.stderr
     return run
+
+
+@pytest.fixture
+def finished_run(trained_once, tmp_path) -> Path:
+    """A finished run of its own for each test (a copy of one trained per module: training costs seconds)."""
+    return Path(shutil.copytree(trained_once, tmp_path / "run"))
 
 
 def snapshot(run: Path) -> dict:
