@@ -42,7 +42,8 @@ Deliberate differences from the paper (measured on synthetic glyphs, 5-way 1-sho
   that most support steps show a class seen before. Testing is on the task's own shot, the query read after the
   support set. On glyphs (Conv4, 8 tasks a step, 600 steps, 1-shot test) this reached 0.37 where 1-shot training
   on the query loss alone stayed at chance (0.19); in 1-shot episodes the support loss only teaches "a label not
-  shown yet".
+  shown yet". On real Omniglot (``metacli train algo=mann trainer.meta_batch=8 trainer.steps=1200 seed=1``) it
+  reached 49.97 ± 1.61 % 5-way 1-shot; when it leaves chance depends on the seed (seed 0 had not after 2000 steps).
 """
 from __future__ import annotations
 
