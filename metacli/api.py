@@ -66,10 +66,10 @@ def load_learner(run_dir: str | Path, which: str = "best", device: str = "cpu") 
     """Rebuild the learner of ``run_dir`` from its saved config and load its ``best`` (or ``last``) checkpoint."""
     from metacli.build import build_dataset, build_learner, load_run_config, load_trained
 
-    run_dir = Path(run_dir)
+    run_dir, device = Path(run_dir), torch.device(device)
     cfg = load_run_config(run_dir)
     dataset = build_dataset(cfg)  # builds the preprocessing only: no images are loaded
     learner = build_learner(cfg, dataset).to(device)
-    load_trained(learner, run_dir, which, torch.device(device))
+    load_trained(learner, run_dir, which, device)
     learner.eval()
-    return FewShotPredictor(learner, dataset, torch.device(device))
+    return FewShotPredictor(learner, dataset, device)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.algorithms.sequences import check_way, episode_sequences, support_order
+from metacli.algorithms.sequences import check_way, labelled_steps, support_order
 from metacli.algorithms.similarity import cosine_similarity
 from metacli.algorithms.timing import phase
 from metacli.data.episodes import Episode, EpisodeBatch
@@ -207,9 +207,9 @@ class MANN(FewShotLearner):
         embeddings = self.backbone(torch.cat([episode.support_x, episode.query_x]))
         order = support_order(n_support, training, embeddings.device)
         labels = episode.support_y[order]
-        sequences = episode_sequences(embeddings[:n_support][order], labels, embeddings[n_support:], self.n_way,
-                                      label_lag=1)
-        return sequences[0, :-1], sequences[:, -1], labels
+        support_steps, query_steps = labelled_steps(embeddings[:n_support][order], labels, embeddings[n_support:],
+                                                    self.n_way, label_lag=1)
+        return support_steps, query_steps, labels
 
     def unroll(self, inputs: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
         """``[B, T, n_way]`` logits at every step of ``[B, T, D]`` inputs, from ``state`` (default: a fresh,

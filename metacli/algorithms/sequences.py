@@ -24,9 +24,10 @@ def support_order(n_support: int, training: bool, device: torch.device) -> torch
     return torch.arange(n_support, device=device)
 
 
-def episode_sequences(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int,
-                      label_lag: int) -> torch.Tensor:
-    """``[Q, S+1, D+n_way]`` sequences: every support step then one query step, each ``[embedding, one-hot label]``.
+def labelled_steps(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int,
+                   label_lag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steps every query's sequence is made of, each ``[embedding, one-hot label]``: the support steps
+    ``[S, D+n_way]``, common to all sequences, and one query step per query ``[Q, D+n_way]``.
 
     ``label_lag=0`` pairs each support embedding with its own label and gives the query a zero label (SNAIL).
     ``label_lag=1`` shows each label one step late, beside the next input (Santoro et al.'s memory-augmented
@@ -37,6 +38,13 @@ def episode_sequences(support: torch.Tensor, support_y: torch.Tensor, query: tor
     labels = F.one_hot(support_y, n_way).to(support.dtype)
     blank = labels.new_zeros(1, n_way)
     labels = torch.cat([labels, blank]) if label_lag == 0 else torch.cat([blank, labels])
-    n_query = query.shape[0]
-    inputs = torch.cat([support.unsqueeze(0).expand(n_query, -1, -1), query.unsqueeze(1)], dim=1)
-    return torch.cat([inputs, labels.expand(n_query, -1, -1)], dim=2)
+    support_steps = torch.cat([support, labels[:-1]], dim=1)
+    query_steps = torch.cat([query, labels[-1:].expand(query.shape[0], -1)], dim=1)
+    return support_steps, query_steps
+
+
+def episode_sequences(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int,
+                      label_lag: int) -> torch.Tensor:
+    """``[Q, S+1, D+n_way]`` sequences: every support step then one query step (see :func:`labelled_steps`)."""
+    support_steps, query_steps = labelled_steps(support, support_y, query, n_way, label_lag)
+    return torch.cat([support_steps.expand(query_steps.shape[0], -1, -1), query_steps.unsqueeze(1)], dim=1)
