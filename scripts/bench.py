@@ -130,8 +130,9 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
         peak = torch.cuda.max_memory_allocated() - base_memory
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_memory
-    if hasattr(learner, "vectorize"):  # count on the serial path: the same arithmetic, no vmap under the counter
-        learner.vectorize, learner.batch_first_step = False, False
+    if hasattr(learner, "vectorize"):  # count on the serial path: the same arithmetic, no vmap under the counter,
+        # and in this thread, which is the only one the counter sees
+        learner.vectorize, learner.batch_first_step, learner.task_threads = False, False, 1
     with FlopCounterMode(display=False) as counter:
         learner.meta_train_step(next_batch(generator))
     seconds = statistics.median(times)

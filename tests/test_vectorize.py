@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from metacli.algorithms.inner_loop import PATHS, inner_path, meta_train_batch
+from metacli.algorithms.inner_loop import PATHS, adapt_to_support, inner_path, meta_train_batch, query_loss
 from metacli.algorithms.anil import ANIL
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.meta_sgd import MetaSGD
@@ -25,18 +25,32 @@ def random_batch(tasks: int, queries: int, channels: int = 1, size: int = 28, dt
                         torch.arange(5).repeat(queries).expand(tasks, -1), 5)
 
 
+def textbook_losses(learner: MAML, batch: EpisodeBatch) -> torch.Tensor:
+    """The reference every path must match: MAML as the paper writes it, task by task, with plain autograd."""
+    losses = []
+    for episode in batch:
+        adapted = adapt_to_support(learner, learner.adapted_parameters(), episode, learner.inner_loop(True), True)
+        loss, _ = query_loss(learner, adapted, episode.query_x, episode.query_y)
+        (loss / len(batch)).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
 def run_path(learner: MAML, batch: EpisodeBatch, path: str) -> tuple[dict, dict, torch.Tensor]:
     learner = copy.deepcopy(learner)
-    losses, _ = meta_train_batch(learner, learner.adapted_parameters(), batch, learner.inner_loop(True), path)
+    if path == "textbook":
+        losses = textbook_losses(learner, batch)
+    else:
+        losses, _ = meta_train_batch(learner, learner.adapted_parameters(), batch, learner.inner_loop(True), path)
     grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
     return grads, {name: b.clone() for name, b in learner.named_buffers()}, losses
 
 
 def assert_paths_agree(learner: MAML, batch: EpisodeBatch) -> None:
-    serial_grads, serial_buffers, serial_losses = run_path(learner, batch, "serial")
+    serial_grads, serial_buffers, serial_losses = run_path(learner, batch, "textbook")
     assert max(g.abs().max().item() for g in serial_grads.values()) > 1e-4  # a real, non-zero meta-gradient
     assert serial_buffers and any(b.float().abs().sum() > 0 for b in serial_buffers.values())
-    for path in PATHS[1:]:
+    for path in PATHS:
         grads, buffers, losses = run_path(learner, batch, path)
         torch.testing.assert_close(losses, serial_losses, rtol=1e-9, atol=1e-12, msg=path)
         for name in serial_grads:
@@ -104,3 +118,35 @@ def test_vectorize_switch():
     assert inner_path(True, True, cpu) == "vmap" and inner_path(False, False, cuda) == "serial"
     with pytest.raises(ValueError, match="vectorize must be"):
         MAML(Conv4(hidden=8), n_way=5, vectorize="sometimes")
+
+
+@pytest.mark.parametrize("algorithm,options", [
+    (MAML, {}), (MAML, {"first_order": True}), (MAML, {"batch_first_step": False}),
+    (MAML, {"inner_steps": 3, "checkpoint_inner": True}), (MetaSGD, {"inner_steps": 2}), (ANIL, {"inner_steps": 2})])
+def test_meta_batch_split_over_threads_changes_nothing(algorithm, options):
+    """Two worker threads on an uneven split (3 + 2 tasks), over two meta-iterations with an optimiser step in
+    between: the same losses, meta-gradients and running statistics as one thread."""
+    torch.manual_seed(0)
+    learner = algorithm(Conv4(hidden=8), n_way=5, inner_lr=0.4, **options).double()
+    batch = random_batch(tasks=5, queries=2)
+    runs = []
+    for threads in (1, 2):
+        twin = copy.deepcopy(learner)
+        twin.task_threads = threads
+        optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+        metrics = []
+        for _ in range(2):
+            optimizer.zero_grad()
+            metrics.append(twin.meta_train_step(batch))
+            grads = {name: p.grad.clone() for name, p in twin.named_parameters() if p.grad is not None}
+            optimizer.step()
+        runs.append((metrics, grads, {name: b.clone() for name, b in twin.named_buffers()}))
+    (metrics, grads, buffers), (metrics_2, grads_2, buffers_2) = runs
+    assert len(grads) == len(list(learner.parameters())) and max(g.abs().max() for g in grads.values()) > 1e-4
+    for step, step_2 in zip(metrics, metrics_2):
+        assert step_2 == pytest.approx(step, rel=1e-9)
+    assert grads_2.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_2[name], grads[name], rtol=1e-8, atol=1e-11, msg=name)
+    for name in buffers:
+        torch.testing.assert_close(buffers_2[name], buffers[name], rtol=1e-9, atol=1e-12, msg=name)

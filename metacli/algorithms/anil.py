@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from metacli.algorithms.inner_loop import Params, inner_path, meta_train_batch
+from metacli.algorithms.inner_loop import Params, meta_train_batch
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.timing import phase
 from metacli.data.episodes import EpisodeBatch
@@ -34,19 +34,18 @@ class ANIL(MAML):
             support, query = (torch.stack(sets) for sets in zip(*embedded))
         return EpisodeBatch(support, batch.support_y, query, batch.query_y, batch.n_way)
 
-    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
+    def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         embedded = self.embed_tasks(batch)
         # The head's inner loops and query losses run on leaf copies of the embeddings, so that each task can be
         # back-propagated on its own; the backbone then gets its meta-gradient in one backward.
         support = embedded.support_x.detach().requires_grad_()
         query = embedded.query_x.detach().requires_grad_()
         leaves = EpisodeBatch(support, batch.support_y, query, batch.query_y, batch.n_way)
-        path = inner_path(self.vectorize, self.batch_first_step, support.device)
         head = {name.removeprefix("head."): p for name, p in self.adapted_parameters().items()}
-        losses, accuracies = meta_train_batch(self.head, head, leaves, self.inner_loop(True), path)
+        losses, accuracies = meta_train_batch(self.head, head, leaves, self.inner_loop(True), self.inner_path())
         # First order, the support embeddings do not reach the meta-objective, and get no gradient.
         pairs = [(out, leaf.grad) for out, leaf in ((embedded.support_x, support), (embedded.query_x, query))
                  if leaf.grad is not None]
         with phase("outer_backward"):
             torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-        return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
+        return losses, accuracies

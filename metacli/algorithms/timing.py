@@ -4,6 +4,7 @@ Off by default (``phase`` is then a no-op with no device synchronisation); ``tim
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import torch
 
 _active: dict[str, float] | None = None
 _device: torch.device | None = None
+_lock = threading.Lock()  # tasks may be timed from several threads
 
 
 def _sync() -> None:
@@ -32,7 +34,8 @@ def phase(name: str) -> Iterator[None]:
         yield
     finally:
         _sync()
-        _active[name] += time.perf_counter() - start
+        with _lock:
+            _active[name] += time.perf_counter() - start
 
 
 @contextmanager
@@ -44,3 +47,21 @@ def timed_phases(device: torch.device) -> Iterator[dict[str, float]]:
         yield _active
     finally:
         _active, _device = None, None
+
+
+@contextmanager
+def parallel_phases() -> Iterator[None]:
+    """Phases timed inside concurrent tasks overlap, so their sums are scaled to the region's wall time."""
+    if _active is None:
+        yield
+        return
+    before = dict(_active)
+    _sync()
+    start = time.perf_counter()
+    yield
+    _sync()
+    wall = time.perf_counter() - start
+    added = {name: _active[name] - before.get(name, 0.0) for name in _active}
+    total = sum(added.values())
+    for name, seconds in added.items():
+        _active[name] = before.get(name, 0.0) + (seconds * wall / total if total else 0.0)

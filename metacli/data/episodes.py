@@ -34,6 +34,11 @@ class EpisodeBatch:
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
+    def split(self, parts: int) -> list["EpisodeBatch"]:
+        """``parts`` contiguous meta-batches of near-equal size, in task order."""
+        fields = (self.support_x, self.support_y, self.query_x, self.query_y)
+        return [EpisodeBatch(*chunk, self.n_way) for chunk in zip(*(f.tensor_split(parts) for f in fields))]
+
     def __iter__(self) -> Iterator[Episode]:
         for b in range(len(self)):
             yield Episode(self.support_x[b], self.support_y[b], self.query_x[b], self.query_y[b], self.n_way)

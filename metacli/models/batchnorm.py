@@ -12,6 +12,7 @@ path). Inside :func:`recorded_statistics` it switches to elementary ops, for two
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -28,20 +29,34 @@ class StatisticsRecord:
         self.statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
+# Per thread, because a meta-batch may be split over worker threads (metacli.algorithms.task_threads): whether
+# forwards are being recomputed by checkpointing, and where running-statistic updates are deferred to.
+_thread = threading.local()
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with the same parameters, buffers and modes, plus a recording mode for transforms."""
 
     record: StatisticsRecord | None = None
-    frozen: bool = False  # class-wide, set by frozen_statistics()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.record is None:
-            if BatchNorm2d.frozen and self.training and self.track_running_stats:
+            if not (self.training and self.track_running_stats):
+                return super().forward(x)
+            if getattr(_thread, "frozen", False):
                 # The same kernel call as the first forward (checkpointing compares the saved tensors), with
                 # throwaway copies of the buffers.
                 return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
                                     True, self.momentum or 0.0, self.eps)
-            return super().forward(x)
+            deferred = getattr(_thread, "deferred", None)
+            if deferred is None:
+                return super().forward(x)
+            # Momentum 1 from zero buffers leaves exactly the batch mean and unbiased variance in them.
+            mean, var = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)
+            out = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+            deferred.layers.append(self)
+            deferred.statistics.append((mean, var))
+            return out
         if self.training or not self.track_running_stats:
             mean = x.mean(dim=(0, 2, 3))
             var = x.var(dim=(0, 2, 3), unbiased=False)
@@ -63,8 +78,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         """One running-average update, exactly as a native training-mode forward would make it."""
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.running_mean.lerp_(mean, momentum)
-        self.running_var.lerp_(var, momentum)
+        # Statistics recorded under bfloat16 autocast are folded into the float32 buffers.
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
 
 
 @contextmanager
@@ -86,22 +102,41 @@ def recorded_statistics(module: nn.Module) -> Iterator[StatisticsRecord]:
 
 
 class frozen_statistics:
-    """Training-mode BatchNorm that folds nothing into its buffers: for forwards that gradient checkpointing
-    recomputes during the backward, which would otherwise count every batch twice.
+    """Training-mode BatchNorm in this thread that folds nothing into its buffers: for forwards that gradient
+    checkpointing recomputes during the backward, which would otherwise count every batch twice.
 
     A class, not a generator, because checkpointing may enter the same instance once per backward pass.
     """
 
     def __enter__(self) -> None:
-        self.previous, BatchNorm2d.frozen = BatchNorm2d.frozen, True
+        self.previous, _thread.frozen = getattr(_thread, "frozen", False), True
 
     def __exit__(self, *exc_info) -> None:
-        BatchNorm2d.frozen = self.previous
+        _thread.frozen = self.previous
+
+
+@contextmanager
+def deferred_statistics() -> Iterator[StatisticsRecord]:
+    """Nothing in this thread writes the running buffers: native forwards and :func:`apply_statistics` record
+    their updates instead, in call order, for the caller to fold in with ``apply_statistics(record.layers,
+    record.statistics)`` once it is the thread's turn. Threads sharing the buffers neither race nor reorder them.
+    """
+    previous, _thread.deferred = getattr(_thread, "deferred", None), StatisticsRecord()
+    try:
+        yield _thread.deferred
+    finally:
+        _thread.deferred = previous
 
 
 @torch.no_grad()
 def apply_statistics(layers: list[BatchNorm2d], statistics: list[tuple[torch.Tensor, torch.Tensor]],
                      task: int | None = None) -> None:
     """Fold recorded statistics into the running buffers, in call order (``task`` indexes vmapped records)."""
+    deferred = getattr(_thread, "deferred", None)
     for layer, (mean, var) in zip(layers, statistics):
-        layer.fold_in(mean if task is None else mean[task], var if task is None else var[task])
+        mean, var = (mean, var) if task is None else (mean[task], var[task])
+        if deferred is None:
+            layer.fold_in(mean, var)
+        else:
+            deferred.layers.append(layer)
+            deferred.statistics.append((mean, var))

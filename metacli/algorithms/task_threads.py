@@ -1,0 +1,86 @@
+"""A meta-batch split over worker threads, one intra-op thread each (``algo.task_threads``).
+
+Why: a task's convolutions are too small for oneDNN to keep two cores busy on two intra-op threads, while two
+halves of a meta-batch, one per core, scale almost perfectly. Kernels release the GIL, and a CPU backward runs in
+the thread that calls it.
+
+Each worker meta-trains its chunk on a :func:`replica` of the learner, with every running-statistic update
+deferred (:func:`~metacli.models.batchnorm.deferred_statistics`). The caller then folds the chunks' statistics and
+gradients into the learner in chunk order, so the result does not depend on which thread finished first.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+from torch import nn
+
+from metacli.algorithms.timing import parallel_phases
+from metacli.data.episodes import EpisodeBatch
+from metacli.models.batchnorm import apply_statistics, deferred_statistics
+
+Run = Callable[[nn.Module, EpisodeBatch], tuple[torch.Tensor, torch.Tensor]]
+_pools: dict[int, ThreadPoolExecutor] = {}
+_lock = threading.Lock()
+
+
+def auto_workers(device: torch.device) -> int:
+    """Workers ``algo.task_threads=auto`` gives: one per intra-op thread on the CPU; one on CUDA, whose kernels
+    are launched asynchronously from one thread anyway."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def replica(module: nn.Module) -> nn.Module:
+    """A twin of ``module`` for one worker: its own module objects (``functional_call`` swaps tensors into the
+    module it is given), its own leaf parameters over the same storage (each worker's backward fills its own
+    ``.grad``), and the very same buffers (which workers only read)."""
+    memo: dict[int, torch.Tensor] = {id(b): b for b in module.buffers()}
+    memo.update({id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in module.parameters()})
+    return copy.deepcopy(module, memo)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        if workers not in _pools:
+            threads = torch.get_num_threads()
+            started = threading.Barrier(workers + 1)
+
+            def single_threaded() -> None:
+                torch.set_num_threads(1)
+                started.wait()
+
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="metacli-task", initializer=single_threaded)
+            for _ in range(workers):  # start every worker now, so that the reset below comes after theirs
+                pool.submit(lambda: None)
+            started.wait()
+            # torch.set_num_threads also sets the default of threads created later: give the main thread's back.
+            torch.set_num_threads(threads)
+            _pools[workers] = pool
+        return _pools[workers]
+
+
+def split_meta_batch(learner: nn.Module, batch: EpisodeBatch, workers: int, run: Run) -> tuple[torch.Tensor, ...]:
+    """``run(learner, batch)``, which accumulates the meta-gradient of the mean query loss and returns per-task
+    losses and accuracies; on ``workers`` threads, each running ``run`` on a replica and a contiguous chunk."""
+    chunks = batch.split(min(workers, len(batch)))
+    if len(chunks) == 1:
+        return run(learner, batch)
+
+    def work(chunk: EpisodeBatch):
+        twin = replica(learner)
+        with deferred_statistics() as statistics:
+            losses, accuracies = run(twin, chunk)
+        return losses, accuracies, twin, statistics
+
+    with parallel_phases():
+        results = list(_pool(workers).map(work, chunks))
+    for chunk, (_, _, twin, statistics) in zip(chunks, results):
+        apply_statistics(statistics.layers, statistics.statistics)
+        share = len(chunk) / len(batch)  # each chunk averaged its own tasks' losses
+        for p, q in zip(learner.parameters(), twin.parameters()):
+            if q.grad is not None:
+                p.grad = q.grad * share if p.grad is None else p.grad + q.grad * share
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
