@@ -39,6 +39,7 @@ class TrainerSchema:
     log_every: int = _at_least(1, 10)
     checkpoint_every: int = _at_least(1, 50)
     on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
     resume: bool = False
     progress: bool = True
     optimizer: Any = None

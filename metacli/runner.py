@@ -21,6 +21,7 @@ from metacli.data.episodes import EpisodeSampler
 from metacli.errors import CheckpointError, Preempted, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.logging.console import console, results_table, training_progress
+from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
 from metacli.rng import capture_rng, restore_rng
 from metacli.run_lock import lock_run_dir, unlock_run_dir
@@ -126,7 +127,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             for step in range(start_step + 1, steps + 1):
                 learner.train()
                 optimizer.zero_grad(set_to_none=True)
-                metrics = learner.meta_train_step(next_batch(generator))
+                with training_precision(cfg.trainer.precision, device):
+                    metrics = learner.meta_train_step(next_batch(generator))
                 fault = _nonfinite(metrics["loss"], learner)
                 if fault is None:
                     optimizer.step()

@@ -84,6 +84,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
     from metacli.build import build_dataset, build_learner, build_partial, resolve_device, training_batches
     from metacli.cli import config_dir
     from metacli.config_schema import register
+    from metacli.precision import training_precision
 
     register()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -105,7 +106,8 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
         sync()
         phases["sampling"] += time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
-        learner.meta_train_step(batch)
+        with training_precision(cfg.trainer.precision, device_t):
+            learner.meta_train_step(batch)
         sync()
         start = time.perf_counter()
         optimizer.step()
@@ -133,7 +135,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
     if hasattr(learner, "vectorize"):  # count on the serial path: the same arithmetic, no vmap under the counter,
         # and in this thread, which is the only one the counter sees
         learner.vectorize, learner.batch_first_step, learner.task_threads = False, False, 1
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, training_precision(cfg.trainer.precision, device_t):
         learner.meta_train_step(next_batch(generator))
     seconds = statistics.median(times)
     flops = counter.get_total_flops()

@@ -9,6 +9,7 @@ from metacli.data.batches import ImageBatchSampler
 from metacli.data.episodes import Episode, EpisodeSampler
 from metacli.data.synthetic import SyntheticGlyphs
 from metacli.evaluation import score
+from metacli.precision import training_precision
 
 
 def sampler(glyphs: SyntheticGlyphs, split: str = "train", n_way: int = 5, k_shot: int = 1, n_query: int = 5) -> EpisodeSampler:
@@ -24,10 +25,11 @@ def episode(glyphs, seed: int = 0, **shape) -> Episode:
 
 
 def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr: float,
-               optimizer=torch.optim.Adam) -> tuple[float, float]:
+               optimizer=torch.optim.Adam, precision: str = "fp32") -> tuple[float, float]:
     """Held-out (test split) accuracy on 50 fixed 5-way 1-shot episodes, before and after meta-training.
 
     A non-episodic learner trains on mini-batches of ``meta_batch`` images from all training classes instead.
+    ``precision`` is the training steps' (``trainer.precision``); scoring stays in float32, as in the runner.
     """
     test = sampler(glyphs, "test")
     before = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
@@ -37,7 +39,8 @@ def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr:
     for _ in range(steps):
         learner.train()
         optimizer.zero_grad(set_to_none=True)
-        metrics = learner.meta_train_step(train.sample(meta_batch, generator))
+        with training_precision(precision, torch.device("cpu")):
+            metrics = learner.meta_train_step(train.sample(meta_batch, generator))
         assert torch.isfinite(torch.tensor(metrics["loss"]))
         optimizer.step()
     after = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]

@@ -53,6 +53,7 @@ CASES = {
     "zero meta-batch": (["trainer.meta_batch=0"], "trainer.meta_batch=0 is out of range"),
     "negative outer lr": (["trainer.optimizer.lr=-1"], "Invalid learning rate: -1"),
     "bad nonfinite policy": (["trainer.on_nonfinite=ignore"], "choose one of stop, skip"),
+    "bad precision": (["trainer.precision=fp16"], "choose one of fp32, bf16"),
     "more training ways than classes": (["task.train_way=300"], "n_way=300 but the split has only 200 classes"),
     "snail with higher train way": (["algo=snail", "task.train_way=10"], "must equal task.n_way"),
     "unknown protonet distance": (["algo=protonet", "algo.distance=manhattan"], "algo.distance"),

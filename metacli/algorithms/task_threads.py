@@ -21,6 +21,7 @@ from torch import nn
 from metacli.algorithms.timing import parallel_phases
 from metacli.data.episodes import EpisodeBatch
 from metacli.models.batchnorm import apply_statistics, deferred_statistics
+from metacli.precision import current_autocast
 
 Run = Callable[[nn.Module, EpisodeBatch], tuple[torch.Tensor, torch.Tensor]]
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -69,9 +70,11 @@ def split_meta_batch(learner: nn.Module, batch: EpisodeBatch, workers: int, run:
     if len(chunks) == 1:
         return run(learner, batch)
 
+    autocast = current_autocast(next(learner.parameters()).device)
+
     def work(chunk: EpisodeBatch):
         twin = replica(learner)
-        with deferred_statistics() as statistics:
+        with autocast, deferred_statistics() as statistics:
             losses, accuracies = run(twin, chunk)
         return losses, accuracies, twin, statistics
 
