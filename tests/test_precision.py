@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli
 from learning import assert_learned, meta_train
 from metacli.algorithms.maml import MAML
-from metacli.algorithms.task_threads import split_meta_batch
+from metacli.algorithms.task_threads import auto_workers, split_meta_batch
 from metacli.build import build_dataset, build_learner, training_batches
 from metacli.models.conv4 import Conv4
 from metacli.precision import training_precision
@@ -67,6 +67,18 @@ def test_worker_threads_inherit_autocast(precision):
     assert all(name.startswith("metacli-task") for name, _, _ in seen)
     assert all(enabled == (precision == "bf16") for _, enabled, _ in seen)
     assert precision == "fp32" or all(dtype == torch.bfloat16 for _, _, dtype in seen)
+
+
+def test_bf16_keeps_the_meta_batch_on_one_thread():
+    """oneDNN's bfloat16 weight-gradient kernel is two orders of magnitude slower in a worker thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert auto_workers(CPU) == 2
+        with training_precision("bf16", CPU):
+            assert auto_workers(CPU) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_first_order_maml_learns_in_bf16(glyphs):
