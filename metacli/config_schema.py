@@ -40,6 +40,7 @@ class TrainerSchema:
     checkpoint_every: int = _at_least(1, 50)
     on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    retain_host_memory: bool = True
     resume: bool = False
     progress: bool = True
     optimizer: Any = None

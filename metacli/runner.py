@@ -20,6 +20,7 @@ from metacli.config_schema import check_ranges
 from metacli.data.episodes import EpisodeSampler
 from metacli.errors import CheckpointError, Preempted, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
+from metacli.host_memory import retain_freed_memory
 from metacli.logging.console import console, results_table, training_progress
 from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
@@ -85,6 +86,8 @@ def _load_state(cfg: DictConfig, state: dict, where: Path, learner, optimizer, s
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
+    if cfg.trainer.retain_host_memory:
+        retain_freed_memory()
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device)

@@ -84,11 +84,14 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
     from metacli.build import build_dataset, build_learner, build_partial, resolve_device, training_batches
     from metacli.cli import config_dir
     from metacli.config_schema import register
+    from metacli.host_memory import retain_freed_memory
     from metacli.precision import training_precision
 
     register()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra.compose("train", overrides=[*case["overrides"], f"device={device}"])
+    if cfg.trainer.retain_host_memory:
+        retain_freed_memory()
     torch.manual_seed(0)
     device_t = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
@@ -123,11 +126,13 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
         for _ in range(warmup):
             step(phases)
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with timed_phases(device_t) as phases:
         for _ in range(steps):
             start = time.perf_counter()
             step(phases)
             times.append(time.perf_counter() - start)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     if device_t.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base_memory
     else:
@@ -146,7 +151,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
             "sampling_fraction": phases["sampling"] / sum(times),
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
             "matmul_gflops": matmul_gflops(device_t),
-            "peak_memory_bytes": peak,
+            "peak_memory_bytes": peak, "minor_page_faults_per_step": faults / steps,
             "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth"}
 
 
@@ -215,7 +220,8 @@ def summary_line(r: dict) -> str:
     unit = "tasks" if "tasks_per_second" in r else "images"
     return (f"{tag:55s} {r[unit + '_per_second']:7.2f} {unit}/s {1000 * r['seconds_per_meta_iteration']:8.0f} ms/it "
             f"[{parts} ms] {r['achieved_gflops']:5.1f}/{r['matmul_gflops']:.0f} GFLOP/s "
-            f"sampling {100 * r['sampling_fraction']:.1f}% peak +{r['peak_memory_bytes'] / 2**20:.0f} MiB{peer}")
+            f"sampling {100 * r['sampling_fraction']:.1f}% peak +{r['peak_memory_bytes'] / 2**20:.0f} MiB "
+            f"faults/step {r['minor_page_faults_per_step']:.0f}{peer}")
 
 
 def main() -> None:
