@@ -4,8 +4,8 @@ Why: glibc serves large blocks (one activation of the max-pool Conv4 over an 80-
 ``mmap`` calls and hands the top of its heap back to the kernel after frees, so a step can page-fault its whole
 working set in again. On the 2-core CPU a ProtoNet step on the max-pool Conv4 took 0 to 294,000 minor faults,
 depending on how the heap happened to lie, and the runs that hit them were up to 19% slower. With every block
-taken from the heap and the heap never trimmed, faults stay under 1,000 a step in every run. The cost is that the
-process keeps its peak footprint until it exits, which a training job reaches anyway.
+taken from the heap and the heap never trimmed, it took 0 to 980 in every run. The cost is that the process keeps
+its peak footprint until it exits, which a training job reaches anyway.
 """
 from __future__ import annotations
 

