@@ -74,7 +74,7 @@ def matmul_gflops(device) -> float:
     return 2 * 2048 ** 3 / best / 1e9
 
 
-def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dict:
+def measure(case: dict, device: str, steps: int, warmup: int, split: str, profile: int = 0) -> dict:
     """Time ``steps`` meta-iterations after ``warmup`` ones, in this process."""
     import hydra
     import torch
@@ -137,6 +137,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
         peak = torch.cuda.max_memory_allocated() - base_memory
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_memory
+    top_ops = profile_step(step, learner, device_t, profile) if profile else None
     if hasattr(learner, "vectorize"):  # count on the serial path: the same arithmetic, no vmap under the counter,
         # and in this thread, which is the only one the counter sees
         learner.vectorize, learner.batch_first_step, learner.task_threads = False, False, 1
@@ -152,7 +153,36 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str) -> dic
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
             "matmul_gflops": matmul_gflops(device_t),
             "peak_memory_bytes": peak, "minor_page_faults_per_step": faults / steps,
-            "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth"}
+            "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth",
+            **({"top_ops": top_ops} if top_ops is not None else {})}
+
+
+def profile_step(step, learner, device, count: int) -> list[dict]:
+    """The ``count`` operators with the most self time in one more meta-iteration under ``torch.profiler``, by
+    operator and input shapes, so that a JSON says where the time went.
+
+    The profiler does not see threads started before it, so a learner with task threads runs this iteration on
+    the calling thread alone.
+    """
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    task_threads = getattr(learner, "task_threads", None)
+    if task_threads is not None:
+        learner.task_threads = 1
+    with profile(activities=activities, record_shapes=True) as prof:
+        step(defaultdict(float))
+    if task_threads is not None:
+        learner.task_threads = task_threads
+    events = prof.key_averages(group_by_input_shape=True)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [{"op": e.key, "input_shapes": str(e.input_shapes), "calls": e.count,
+             "self_ms": getattr(e, key) / 1000,
+             "share_of_self_time": getattr(e, key) / total}
+            for e in sorted(events, key=lambda e: -getattr(e, key))[:count]]
 
 
 PEER_SCRIPT = r"""
@@ -241,11 +271,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--split", default="train", choices=["train", "val", "test"],
                         help="split the episodes come from (same shapes; val needs only the smaller archive)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more meta-iteration and add its N costliest operators to the JSON")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(json.loads(args.one), args.device, args.steps, args.warmup, args.split)))
+        print(json.dumps(measure(json.loads(args.one), args.device, args.steps, args.warmup, args.split, args.profile)))
         return
     results = []
     for case in cases(args):
@@ -256,7 +288,8 @@ def main() -> None:
         # and keep the median round of each, so that the ratio compares like with like.
         for _ in range(args.rounds if with_peer else 1):
             done = subprocess.run([sys.executable, __file__, "--one", json.dumps(case), "--device", args.device,
-                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", args.split],
+                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", args.split,
+                                   "--profile", str(args.profile)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"bench of {case['setup']} {case['algo']} failed:\n{done.stderr[-3000:]}")

@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 def test_bench_writes_a_complete_json(shared_data, tmp_path):
     done = subprocess.run([sys.executable, str(BENCH), "--algos", "protonet", "maml_second_order", "--vectorize", "auto",
                            "false", "--set", "trainer.meta_batch=2", "--steps", "1", "--warmup", "1",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                           "--profile", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "METACLI_DATA": str(shared_data)})
     assert done.returncode == 0, done.stderr[-2000:]
     [report_file] = tmp_path.glob("bench-*.json")
@@ -27,6 +27,9 @@ def test_bench_writes_a_complete_json(shared_data, tmp_path):
         assert sum(r["breakdown_seconds"].values()) <= r["seconds_per_meta_iteration"] * 1.5
         assert 0 <= r["sampling_fraction"] < 1
         assert r["flops_per_meta_iteration"] > 1e8 and 0 < r["achieved_gflops"] and r["matmul_gflops"] > 0
-        assert r["peak_memory_bytes"] >= 0
+        assert r["peak_memory_bytes"] >= 0 and r["minor_page_faults_per_step"] >= 0
+        assert len(r["top_ops"]) == 3 and r["top_ops"][0]["op"].startswith("aten::")
+        assert r["top_ops"][0]["self_ms"] >= r["top_ops"][2]["self_ms"] > 0
+        assert 0 < sum(op["share_of_self_time"] for op in r["top_ops"]) <= 1
     # FLOPs are counted on the serial path, so both execution paths report the same arithmetic.
     assert results[1]["flops_per_meta_iteration"] == results[2]["flops_per_meta_iteration"]
