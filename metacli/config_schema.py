@@ -12,6 +12,11 @@ from omegaconf import DictConfig
 from metacli.errors import ConfigError
 
 
+# trainer.precision's values; metacli.precision maps them to autocast contexts (kept here, free of torch, because
+# the CLI composes configs before it imports torch).
+PRECISIONS = ("fp32", "bf16")
+
+
 def _at_least(low, default):
     return field(default=default, metadata={"min": low})
 
@@ -39,7 +44,7 @@ class TrainerSchema:
     log_every: int = _at_least(1, 10)
     checkpoint_every: int = _at_least(1, 50)
     on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
-    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     retain_host_memory: bool = True
     resume: bool = False
     progress: bool = True

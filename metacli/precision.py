@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+from metacli.config_schema import PRECISIONS
 
 
 def training_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
