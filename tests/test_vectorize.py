@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
 
+from metacli.algorithms import task_threads
 from metacli.algorithms.inner_loop import PATHS, adapt_to_support, inner_path, meta_train_batch, query_loss
 from metacli.algorithms.anil import ANIL
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.meta_sgd import MetaSGD
+from metacli.algorithms.task_threads import split_meta_batch
 from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
@@ -150,3 +153,21 @@ def test_meta_batch_split_over_threads_changes_nothing(algorithm, options):
         torch.testing.assert_close(grads_2[name], grads[name], rtol=1e-8, atol=1e-11, msg=name)
     for name in buffers:
         torch.testing.assert_close(buffers_2[name], buffers[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_each_task_thread_runs_one_intra_op_thread(monkeypatch):
+    """Workers must stay on one intra-op thread after the main thread restores its own count; otherwise each one
+    starts an OpenMP team of its own, and two workers oversubscribe two cores (bf16 steps ran 20x slower)."""
+    monkeypatch.setattr(task_threads, "_pools", {})  # a pool made now, with the main thread on two threads
+    torch.set_num_threads(2)
+    seen = []
+
+    def run(twin, chunk):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return torch.zeros(len(chunk)), torch.zeros(len(chunk))
+
+    split_meta_batch(Conv4(hidden=8), random_batch(tasks=4, queries=1), 2, run)
+    assert torch.get_num_threads() == 2
+    assert sorted(threads for _, threads in seen) == [1, 1]
+    assert all(name.startswith("metacli-task") for name, _ in seen)
+    task_threads._pools[2].shutdown()

@@ -29,12 +29,9 @@ _lock = threading.Lock()
 
 
 def auto_workers(device: torch.device) -> int:
-    """Workers ``algo.task_threads=auto`` gives: one per intra-op thread on the CPU; one on CUDA, whose kernels
-    are launched asynchronously from one thread anyway; and one under bfloat16 autocast on the CPU, where oneDNN's
-    AMX weight-gradient kernel (brgconv_bwd_w) took 155 ms a call in a worker thread instead of 0.7 ms."""
-    if device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-        return 1
-    return torch.get_num_threads()
+    """Workers ``algo.task_threads=auto`` gives: one per intra-op thread on the CPU, and one on CUDA, whose kernels
+    are launched asynchronously from one thread anyway."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 def replica(module: nn.Module) -> nn.Module:
@@ -53,6 +50,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
             started = threading.Barrier(workers + 1)
 
             def single_threaded() -> None:
+                # ATen sets a thread's OpenMP thread count from the process-wide one the first time the thread
+                # asks for it, which would undo a bare set_num_threads(1) once the main thread restores its own
+                # count below: ask first, then set.
+                torch.get_num_threads()
                 torch.set_num_threads(1)
                 started.wait()
 
