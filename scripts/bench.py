@@ -57,11 +57,11 @@ ALGOS = {
 VECTORIZABLE = ("maml_first_order", "maml_second_order", "anil", "meta_sgd")
 
 
-def matmul_gflops(device) -> float:
-    """Best dense fp32 matmul rate of a few 2048x2048 products: the yardstick for achieved GFLOP/s."""
+def matmul_gflops(device, dtype) -> float:
+    """Best dense matmul rate of a few 2048x2048 products in ``dtype``: the yardstick for achieved GFLOP/s."""
     import torch
 
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(5):
@@ -138,9 +138,11 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_memory
     top_ops = profile_step(step, learner, device_t, profile) if profile else None
-    if hasattr(learner, "vectorize"):  # count on the serial path: the same arithmetic, no vmap under the counter,
-        # and in this thread, which is the only one the counter sees
-        learner.vectorize, learner.batch_first_step, learner.task_threads = False, False, 1
+    # Count in this thread, the only one the counter sees, and on the serial path: the same arithmetic, no vmap
+    # under the counter.
+    learner.task_threads = 1
+    if hasattr(learner, "vectorize"):
+        learner.vectorize, learner.batch_first_step = False, False
     with FlopCounterMode(display=False) as counter, training_precision(cfg.trainer.precision, device_t):
         learner.meta_train_step(next_batch(generator))
     seconds = statistics.median(times)
@@ -151,7 +153,8 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
             "breakdown_seconds": {k: v / steps for k, v in sorted(phases.items())},
             "sampling_fraction": phases["sampling"] / sum(times),
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
-            "matmul_gflops": matmul_gflops(device_t),
+            "precision": cfg.trainer.precision,
+            "matmul_gflops": matmul_gflops(device_t, torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32),
             "peak_memory_bytes": peak, "minor_page_faults_per_step": faults / steps,
             "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth",
             **({"top_ops": top_ops} if top_ops is not None else {})}
@@ -169,13 +172,10 @@ def profile_step(step, learner, device, count: int) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    task_threads = getattr(learner, "task_threads", None)
-    if task_threads is not None:
-        learner.task_threads = 1
+    task_threads, learner.task_threads = learner.task_threads, 1
     with profile(activities=activities, record_shapes=True) as prof:
         step(defaultdict(float))
-    if task_threads is not None:
-        learner.task_threads = task_threads
+    learner.task_threads = task_threads
     events = prof.key_averages(group_by_input_shape=True)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events) or 1.0
@@ -189,6 +189,7 @@ PEER_SCRIPT = r"""
 import json, sys, time, torch, learn2learn as l2l
 torch.manual_seed(0)
 meta_batch, inner_steps, first_order = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+bf16 = sys.argv[5] == "bf16"  # the same autocast as metacli's trainer.precision=bf16
 model = l2l.vision.models.OmniglotCNN(output_size=5)  # 4 x (conv3x3 stride 2, 64, BatchNorm, ReLU), linear head
 maml = l2l.algorithms.MAML(model, lr=0.4, first_order=first_order)
 optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
@@ -197,12 +198,15 @@ support_x, support_y = torch.rand(5, 1, 28, 28), torch.arange(5)
 query_x, query_y = torch.rand(75, 1, 28, 28), torch.arange(5).repeat(15)
 def iteration():
     optimizer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        tasks()
+    optimizer.step()
+def tasks():
     for _ in range(meta_batch):
         task = maml.clone()
         for _ in range(inner_steps):
             task.adapt(loss(task(support_x), support_y))
         (loss(task(query_x), query_y) / meta_batch).backward()
-    optimizer.step()
 iteration()
 times = []
 for _ in range(int(sys.argv[4])):
@@ -212,10 +216,12 @@ print(json.dumps({"seconds_per_meta_iteration": times[len(times) // 2]}))
 """
 
 
-def measure_peer(python: str, meta_batch: int, inner_steps: int, first_order: bool, steps: int) -> dict:
-    """learn2learn 0.2.0's ``MAML.clone()/adapt()`` on MAML's Omniglot shapes (random pixels), in its own venv."""
+def measure_peer(python: str, meta_batch: int, inner_steps: int, first_order: bool, steps: int,
+                 precision: str) -> dict:
+    """learn2learn 0.2.0's ``MAML.clone()/adapt()`` on MAML's Omniglot shapes (random pixels), in its own venv,
+    under the same autocast as metacli's ``precision``."""
     done = subprocess.run([python, "-c", PEER_SCRIPT, str(meta_batch), str(inner_steps), str(int(first_order)),
-                           str(steps)], capture_output=True, text=True)
+                           str(steps), precision], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"learn2learn timing failed:\n{done.stderr[-2000:]}")
     seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_meta_iteration"]
@@ -246,6 +252,7 @@ def summary_line(r: dict) -> str:
     parts = " ".join(f"{k} {1000 * v:.0f}" for k, v in r["breakdown_seconds"].items())
     tag = f"{r['setup']} {r['algo']}" + (f" vectorize={r['vectorize']}" if r.get("vectorize") is not None else "")
     tag += f" steps={r['inner_steps']} ckpt={r['checkpoint_inner']}" if "inner_steps" in r else ""
+    tag += f" {r['precision']}" if r["precision"] != "fp32" else ""
     peer = f"  learn2learn {r['peer']['tasks_per_second']:.1f} tasks/s ({r['speedup_vs_peer']:.2f}x)" if "peer" in r else ""
     unit = "tasks" if "tasks_per_second" in r else "images"
     return (f"{tag:55s} {r[unit + '_per_second']:7.2f} {unit}/s {1000 * r['seconds_per_meta_iteration']:8.0f} ms/it "
@@ -295,7 +302,7 @@ def main() -> None:
                 sys.exit(f"bench of {case['setup']} {case['algo']} failed:\n{done.stderr[-3000:]}")
             ours = json.loads(done.stdout.strip().splitlines()[-1])
             peer = (measure_peer(args.peer_python, ours["meta_batch"], 1, case["algo"] == "maml_first_order",
-                                 args.steps) if with_peer else None)
+                                 args.steps, ours["precision"]) if with_peer else None)
             rounds.append((ours, peer))
         # Slowest first, i.e. by throughput, which is tasks/s or images/s depending on the learner.
         result = sorted(rounds, key=lambda r: -r[0]["seconds_per_meta_iteration"])[len(rounds) // 2][0]

@@ -12,6 +12,7 @@ from metacli.algorithms.inner_loop import PATHS, adapt_to_support, inner_path, m
 from metacli.algorithms.anil import ANIL
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.meta_sgd import MetaSGD
+from metacli.algorithms.protonet import ProtoNet
 from metacli.algorithms.task_threads import split_meta_batch
 from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
@@ -125,12 +126,15 @@ def test_vectorize_switch():
 
 @pytest.mark.parametrize("algorithm,options", [
     (MAML, {}), (MAML, {"first_order": True}), (MAML, {"batch_first_step": False}),
-    (MAML, {"inner_steps": 3, "checkpoint_inner": True}), (MetaSGD, {"inner_steps": 2}), (ANIL, {"inner_steps": 2})])
+    (MAML, {"inner_steps": 3, "checkpoint_inner": True}), (MetaSGD, {"inner_steps": 2}), (ANIL, {"inner_steps": 2}),
+    (ProtoNet, {})])
 def test_meta_batch_split_over_threads_changes_nothing(algorithm, options):
     """Two worker threads on an uneven split (3 + 2 tasks), over two meta-iterations with an optimiser step in
     between: the same losses, meta-gradients and running statistics as one thread."""
     torch.manual_seed(0)
-    learner = algorithm(Conv4(hidden=8), n_way=5, inner_lr=0.4, **options).double()
+    if algorithm is not ProtoNet:
+        options = {"inner_lr": 0.4, **options}
+    learner = algorithm(Conv4(hidden=8), n_way=5, **options).double()
     batch = random_batch(tasks=5, queries=2)
     runs = []
     for threads in (1, 2):

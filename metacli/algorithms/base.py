@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metacli.algorithms.task_threads import auto_workers, check_task_threads, split_meta_batch
 from metacli.algorithms.timing import phase
 from metacli.data.episodes import Episode, EpisodeBatch
 
@@ -38,13 +39,17 @@ class FewShotLearner(nn.Module, ABC):
     #: of episodes; their config has an ``n_classes`` key, which the builder fills with the train split's count.
     episodic: bool = True
 
-    def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive") -> None:
+    def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive",
+                 task_threads: int | str = 1) -> None:
         super().__init__()
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         self.backbone = backbone
         self.n_way = n_way
         self.bn_mode = bn_mode
+        # Only a learner whose training forward changes no state but metacli's BatchNorm statistics may split a
+        # meta-batch over threads (metacli.algorithms.task_threads); the others keep the default of one.
+        self.task_threads = check_task_threads(task_threads)
 
     @abstractmethod
     def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
@@ -64,6 +69,17 @@ class FewShotLearner(nn.Module, ABC):
         """Accumulate the meta-gradient of a meta-batch into ``.grad`` (the caller steps the optimiser).
 
         Non-episodic learners receive a :class:`~metacli.data.batches.LabelledBatch` instead.
+        """
+        losses, accuracies = split_meta_batch(self, batch, self.meta_batch_workers(), type(self).meta_train_tasks)
+        return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
+
+    def meta_batch_workers(self) -> int:
+        """Worker threads for a meta-batch: ``task_threads``, with ``auto`` resolved for the device."""
+        device = next(self.parameters()).device
+        return auto_workers(device) if self.task_threads == "auto" else self.task_threads
+
+    def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate the meta-gradient of the mean query loss of ``batch``; return per-task losses and accuracies.
 
         Back-propagating task by task keeps only one task's graph alive at a time.
         """
@@ -75,7 +91,7 @@ class FewShotLearner(nn.Module, ABC):
                 (loss / len(batch)).backward()
             losses.append(loss.detach())
             accuracies.append(accuracy)
-        return {"loss": torch.stack(losses).mean().item(), "accuracy": torch.stack(accuracies).mean().item()}
+        return torch.stack(losses), torch.stack(accuracies)
 
     @torch.no_grad()
     def evaluate_episode(self, episode: Episode) -> float:

@@ -13,7 +13,6 @@ from torch import nn
 from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.inner_loop import (InnerLoop, Params, adapt_to_support, functional_forward, inner_path,
                                            meta_train_batch)
-from metacli.algorithms.task_threads import auto_workers, split_meta_batch
 from metacli.data.episodes import Episode, EpisodeBatch
 
 
@@ -42,11 +41,9 @@ class MAML(FewShotLearner):
                  inner_steps: int = 1, test_inner_lr: float | None = None, test_inner_steps: int | None = None,
                  first_order: bool = False, vectorize: bool | str = "auto", batch_first_step: bool = True,
                  checkpoint_inner: bool = False, task_threads: int | str = "auto") -> None:
-        super().__init__(backbone, n_way, bn_mode)
+        super().__init__(backbone, n_way, bn_mode, task_threads)
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"algo.vectorize must be true, false or auto, got {vectorize!r}")
-        if task_threads != "auto" and not (isinstance(task_threads, int) and task_threads >= 1):
-            raise ValueError(f"algo.task_threads must be auto or a positive integer, got {task_threads!r}")
         test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
         test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         if inner_lr <= 0 or inner_steps < 1 or test_inner_lr <= 0 or test_inner_steps < 0:
@@ -55,7 +52,7 @@ class MAML(FewShotLearner):
         self.head = nn.Linear(backbone.out_dim, n_way)
         self.train_loop = InnerLoop(inner_steps, inner_lr, second_order=not first_order, checkpoint=checkpoint_inner)
         self.test_loop = InnerLoop(test_inner_steps, test_inner_lr)
-        self.vectorize, self.batch_first_step, self.task_threads = vectorize, batch_first_step, task_threads
+        self.vectorize, self.batch_first_step = vectorize, batch_first_step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -78,13 +75,8 @@ class MAML(FewShotLearner):
     def inner_path(self) -> str:
         return inner_path(self.vectorize, self.batch_first_step, next(self.parameters()).device)
 
-    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
-        device = next(self.parameters()).device
-        workers = 1 if self.inner_path() == "vmap" else (
-            auto_workers(device) if self.task_threads == "auto" else self.task_threads)
-        losses, accuracies = split_meta_batch(self, batch, workers, type(self).meta_train_tasks)
-        return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
+    def meta_batch_workers(self) -> int:
+        return 1 if self.inner_path() == "vmap" else super().meta_batch_workers()
 
     def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulate the meta-gradient of the mean query loss of ``batch``; return per-task losses and accuracies."""
         return meta_train_batch(self, self.adapted_parameters(), batch, self.inner_loop(True), self.inner_path())

@@ -18,13 +18,15 @@ class ProtoNet(FewShotLearner):
 
     Args:
         backbone, n_way, bn_mode: see :class:`FewShotLearner`.
+        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); the
+            result does not depend on it.
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"``.
         temperature: scale applied to the cosine similarity (ignored for Euclidean).
     """
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", distance: str = "squared_euclidean",
-                 temperature: float = 10.0) -> None:
-        super().__init__(backbone, n_way, bn_mode)
+                 temperature: float = 10.0, task_threads: int | str = "auto") -> None:
+        super().__init__(backbone, n_way, bn_mode, task_threads)
         if distance not in ("squared_euclidean", "cosine"):
             raise ValueError(f"algo.distance must be 'squared_euclidean' or 'cosine', got {distance!r}")
         self.distance, self.temperature = distance, temperature

@@ -28,6 +28,13 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
 
+def check_task_threads(value: int | str) -> int | str:
+    """``algo.task_threads`` as given, once it is ``auto`` or a positive integer."""
+    if value != "auto" and not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"algo.task_threads must be auto or a positive integer, got {value!r}")
+    return value
+
+
 def auto_workers(device: torch.device) -> int:
     """Workers ``algo.task_threads=auto`` gives: one per intra-op thread on the CPU, and one on CUDA, whose kernels
     are launched asynchronously from one thread anyway."""
