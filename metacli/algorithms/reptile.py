@@ -29,6 +29,8 @@ class Reptile(FewShotLearner):
         inner_data: what a meta-training task fits: ``"all"`` its support and query images (Reptile's update needs
             no held-out query, and the paper meta-trains with more shots than it tests), or ``"support"``.
             Evaluation always fits the support set alone.
+        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); the
+            result does not depend on it.
     """
 
     fixed_way = True
@@ -36,8 +38,8 @@ class Reptile(FewShotLearner):
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", inner_optimizer: str = "adam",
                  inner_lr: float = 0.001, inner_steps: int = 5, test_inner_lr: float | None = None,
                  test_inner_steps: int = 50, adam_betas: tuple[float, float] = (0.0, 0.999),
-                 inner_data: str = "all") -> None:
-        super().__init__(backbone, n_way, bn_mode)
+                 inner_data: str = "all", task_threads: int | str = "auto") -> None:
+        super().__init__(backbone, n_way, bn_mode, task_threads)
         test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
         if inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"algo.inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}")
@@ -65,9 +67,8 @@ class Reptile(FewShotLearner):
     def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
         return functional_forward(self, self.adapt(episode, training), episode.query_x)
 
-    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
+    def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         params = dict(self.named_parameters())
-        mean_adapted = {name: torch.zeros_like(p) for name, p in params.items()}
         losses, accuracies = [], []
         for episode in batch:
             with phase("inner_loop"):
@@ -75,13 +76,10 @@ class Reptile(FewShotLearner):
             # The query set only reports progress (on data it may have fitted, with inner_data=all): it must not move
             # the running statistics either.
             with torch.no_grad(), batch_statistics_only(self):
-                for name, p in adapted.items():
-                    mean_adapted[name] += p / len(batch)
                 loss, accuracy = query_loss(self, adapted, episode.query_x, episode.query_y)
+                for name, p in params.items():
+                    step = (p - adapted[name]) / len(batch)
+                    p.grad = step if p.grad is None else p.grad + step
             losses.append(loss)
             accuracies.append(accuracy)
-        with torch.no_grad():
-            for name, p in params.items():
-                step = p - mean_adapted[name]
-                p.grad = step if p.grad is None else p.grad + step
-        return {"loss": torch.stack(losses).mean().item(), "accuracy": torch.stack(accuracies).mean().item()}
+        return torch.stack(losses), torch.stack(accuracies)
