@@ -69,6 +69,7 @@ class Reptile(FewShotLearner):
 
     def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         params = dict(self.named_parameters())
+        mean_adapted = {name: torch.zeros_like(p) for name, p in params.items()}
         losses, accuracies = [], []
         for episode in batch:
             with phase("inner_loop"):
@@ -76,10 +77,13 @@ class Reptile(FewShotLearner):
             # The query set only reports progress (on data it may have fitted, with inner_data=all): it must not move
             # the running statistics either.
             with torch.no_grad(), batch_statistics_only(self):
+                for name, p in adapted.items():
+                    mean_adapted[name] += p / len(batch)
                 loss, accuracy = query_loss(self, adapted, episode.query_x, episode.query_y)
-                for name, p in params.items():
-                    step = (p - adapted[name]) / len(batch)
-                    p.grad = step if p.grad is None else p.grad + step
             losses.append(loss)
             accuracies.append(accuracy)
+        with torch.no_grad():
+            for name, p in params.items():
+                step = p - mean_adapted[name]
+                p.grad = step if p.grad is None else p.grad + step
         return torch.stack(losses), torch.stack(accuracies)
