@@ -147,6 +147,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
         learner.meta_train_step(next_batch(generator))
     seconds = statistics.median(times)
     flops = counter.get_total_flops()
+    matmul_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
     return {**case, "device": str(device_t), "episodes_from_split": split, "steps_timed": steps,
             "meta_batch" if learner.episodic else "batch_size": per_step,
             "seconds_per_meta_iteration": seconds, f"{unit}_per_second": per_step / seconds,
@@ -154,7 +155,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
             "sampling_fraction": phases["sampling"] / sum(times),
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
             "precision": cfg.trainer.precision,
-            "matmul_gflops": matmul_gflops(device_t, torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32),
+            "matmul_gflops": matmul_gflops(device_t, matmul_dtype),
             "peak_memory_bytes": peak, "minor_page_faults_per_step": faults / steps,
             "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth",
             **({"top_ops": top_ops} if top_ops is not None else {})}

@@ -31,8 +31,8 @@ class MAML(FewShotLearner):
         checkpoint_inner: recompute each inner step in the outer backward instead of storing it (memory flat in
             ``inner_steps``, at the cost of one more forward and backward per step).
         task_threads: on the non-vectorised paths, split the meta-batch over this many worker threads
-            (``auto``: see :func:`~metacli.algorithms.task_threads.auto_workers`). The result does not depend on
-            it.
+            (``auto``: see :func:`~metacli.algorithms.task_threads.auto_workers`). Only the rounding of the
+            summed gradients depends on it.
     """
 
     fixed_way = True

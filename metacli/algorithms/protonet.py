@@ -18,8 +18,8 @@ class ProtoNet(FewShotLearner):
 
     Args:
         backbone, n_way, bn_mode: see :class:`FewShotLearner`.
-        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); the
-            result does not depend on it.
+        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); only
+            the rounding of the summed gradients depends on it.
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"``.
         temperature: scale applied to the cosine similarity (ignored for Euclidean).
     """

@@ -29,8 +29,8 @@ class Reptile(FewShotLearner):
         inner_data: what a meta-training task fits: ``"all"`` its support and query images (Reptile's update needs
             no held-out query, and the paper meta-trains with more shots than it tests), or ``"support"``.
             Evaluation always fits the support set alone.
-        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); the
-            result does not depend on it.
+        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); only
+            the rounding of the summed gradients depends on it.
     """
 
     fixed_way = True
