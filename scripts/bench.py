@@ -12,7 +12,8 @@ Each measurement runs in its own subprocess, so its peak memory is its own: on C
 timed steps, on CPU the growth of max RSS over the process's size before the first step. Episodes come from the
 real dataset through the training sampler; configs are composed from conf/ as ``metacli train`` composes them.
 FLOPs of one meta-iteration are counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward and every
-backward) and divided by the measured time; the machine's dense fp32 matmul rate is measured in the same run.
+backward) and divided by the measured time; the machine's dense matmul rate is measured in the same run, in the
+run's precision (fp32, or bf16 with trainer.precision=bf16).
 """
 from __future__ import annotations
 

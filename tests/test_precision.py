@@ -70,7 +70,8 @@ def test_worker_threads_inherit_autocast(precision):
 
 
 def test_bf16_splits_the_meta_batch_like_fp32():
-    """With each worker on one intra-op thread, bfloat16 scales over task threads as float32 does."""
+    """bfloat16 autocast splits the meta-batch as float32 does (it used to keep one worker, while the workers'
+    thread counts were wrong: see test_vectorize.py::test_task_threads_share_the_intra_op_threads)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -13,7 +13,9 @@ from metacli.algorithms.anil import ANIL
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.meta_sgd import MetaSGD
 from metacli.algorithms.protonet import ProtoNet
+from metacli.algorithms.relation_net import RelationNet
 from metacli.algorithms.reptile import Reptile
+from metacli.algorithms.siamese import SiameseNet
 from metacli.algorithms.task_threads import split_meta_batch
 from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
@@ -130,12 +132,12 @@ def test_vectorize_switch():
     (MAML, {"inner_steps": 3, "checkpoint_inner": True}), (MetaSGD, {"inner_steps": 2}), (ANIL, {"inner_steps": 2}),
     # Reptile with SGD inside: Adam would turn the rounding-level gradients of the conv biases in front of
     # BatchNorm (which the normalisation cancels) into steps of their own, different for another summation order.
-    (ProtoNet, {}), (Reptile, {"inner_steps": 2, "inner_optimizer": "sgd"})])
+    (ProtoNet, {}), (Reptile, {"inner_steps": 2, "inner_optimizer": "sgd"}), (RelationNet, {}), (SiameseNet, {})])
 def test_meta_batch_split_over_threads_changes_nothing(algorithm, options):
     """Two worker threads on an uneven split (3 + 2 tasks), over two meta-iterations with an optimiser step in
     between: the same losses, meta-gradients and running statistics as one thread."""
     torch.manual_seed(0)
-    if algorithm is not ProtoNet:
+    if algorithm in (MAML, MetaSGD, ANIL, Reptile):
         options = {"inner_lr": 0.4, **options}
     learner = algorithm(Conv4(hidden=8), n_way=5, **options).double()
     batch = random_batch(tasks=5, queries=2)
@@ -162,19 +164,24 @@ def test_meta_batch_split_over_threads_changes_nothing(algorithm, options):
         torch.testing.assert_close(buffers_2[name], buffers[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_each_task_thread_runs_one_intra_op_thread(monkeypatch):
-    """Workers must stay on one intra-op thread after the main thread restores its own count; otherwise each one
-    starts an OpenMP team of its own, and two workers oversubscribe two cores (bf16 steps ran 20x slower)."""
-    monkeypatch.setattr(task_threads, "_pools", {})  # a pool made now, with the main thread on two threads
-    torch.set_num_threads(2)
+@pytest.mark.parametrize("threads,chunks,share", [(2, 2, 1), (4, 2, 2), (3, 2, 1)])
+def test_task_threads_share_the_intra_op_threads(monkeypatch, threads, chunks, share):
+    """Workers must keep their share after the main thread restores its own count; otherwise each one starts an
+    OpenMP team of the process-wide size, and two workers oversubscribe two cores (bf16 steps ran 20x slower).
+    A meta-batch of fewer tasks than threads gets fewer workers with more threads each."""
+    monkeypatch.setattr(task_threads, "_pools", {})  # pools made now, with the main thread on ``threads``
+    torch.set_num_threads(threads)
     seen = []
 
     def run(twin, chunk):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return torch.zeros(len(chunk)), torch.zeros(len(chunk))
 
-    split_meta_batch(Conv4(hidden=8), random_batch(tasks=4, queries=1), 2, run)
-    assert torch.get_num_threads() == 2
-    assert sorted(threads for _, threads in seen) == [1, 1]
-    assert all(name.startswith("metacli-task") for name, _ in seen)
-    task_threads._pools[2].shutdown()
+    try:
+        split_meta_batch(Conv4(hidden=8), random_batch(tasks=chunks, queries=1), 4, run)
+        assert torch.get_num_threads() == threads
+        assert sorted(n for _, n in seen) == [share] * chunks
+        assert all(name.startswith("metacli-task") for name, _ in seen)
+    finally:
+        for pool in task_threads._pools.values():
+            pool.shutdown()

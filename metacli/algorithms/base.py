@@ -31,6 +31,11 @@ class FewShotLearner(nn.Module, ABC):
         bn_mode: BatchNorm at evaluation. ``"transductive"`` normalises each episode with its own batch statistics
             (support and query together), as most papers' code does; ``"running"`` uses the running statistics
             accumulated in training, so each query is classified independently of the others.
+        task_threads: split a meta-batch over this many worker threads (``auto``: one per CPU thread, one on
+            CUDA). Results change with it only at the level of rounding (it orders the gradient sums, and sizes
+            the batch of MAML's shared first step): float32's, or bfloat16's under ``trainer.precision=bf16``.
+            Learners whose training forward changes state other than metacli's BatchNorm statistics, or draws
+            random numbers, keep one.
     """
 
     #: True when the model's output size is tied to ``n_way`` (so training must use the test way).
@@ -47,8 +52,6 @@ class FewShotLearner(nn.Module, ABC):
         self.backbone = backbone
         self.n_way = n_way
         self.bn_mode = bn_mode
-        # Only a learner whose training forward changes no state but metacli's BatchNorm statistics may split a
-        # meta-batch over threads (metacli.algorithms.task_threads); the others keep the default of one.
         self.task_threads = check_task_threads(task_threads)
 
     @abstractmethod

@@ -30,9 +30,7 @@ class MAML(FewShotLearner):
         batch_first_step: on the non-vectorised path, run the first inner step of all tasks as one batch.
         checkpoint_inner: recompute each inner step in the outer backward instead of storing it (memory flat in
             ``inner_steps``, at the cost of one more forward and backward per step).
-        task_threads: on the non-vectorised paths, split the meta-batch over this many worker threads
-            (``auto``: see :func:`~metacli.algorithms.task_threads.auto_workers`). Only the rounding of the
-            summed gradients depends on it.
+        task_threads: see :class:`FewShotLearner`; the vectorised path always runs on one.
     """
 
     fixed_way = True

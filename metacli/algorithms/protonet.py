@@ -17,9 +17,7 @@ class ProtoNet(FewShotLearner):
     """Prototypical Networks.
 
     Args:
-        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
-        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); only
-            the rounding of the summed gradients depends on it.
+        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"``.
         temperature: scale applied to the cosine similarity (ignored for Euclidean).
     """

@@ -34,12 +34,13 @@ class RelationNet(FewShotLearner):
     """Relation Network.
 
     Args:
-        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
+        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
         hidden: width of the relation module's hidden layer (64 here; the paper's 8 follows two conv blocks).
     """
 
-    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", hidden: int = 64) -> None:
-        super().__init__(backbone, n_way, bn_mode)
+    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", hidden: int = 64,
+                 task_threads: int | str = "auto") -> None:
+        super().__init__(backbone, n_way, bn_mode, task_threads)
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"algo.hidden must be an integer >= 1, got {hidden!r}")
         self.relation = nn.Sequential(nn.Linear(2 * backbone.out_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1),

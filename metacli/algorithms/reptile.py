@@ -22,15 +22,13 @@ class Reptile(FewShotLearner):
     """Reptile on the backbone plus a linear ``n_way`` head.
 
     Args:
-        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
+        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
         inner_optimizer: ``"adam"`` (the paper's, with ``adam_betas`` (0, 0.999)) or ``"sgd"``.
         inner_lr, inner_steps: the per-task training during meta-training (full support set each step).
         test_inner_lr, test_inner_steps: fine-tuning at evaluation (``None`` lr: as in training).
         inner_data: what a meta-training task fits: ``"all"`` its support and query images (Reptile's update needs
             no held-out query, and the paper meta-trains with more shots than it tests), or ``"support"``.
             Evaluation always fits the support set alone.
-        task_threads: split the meta-batch over this many worker threads (``auto``: one per CPU thread); only
-            the rounding of the summed gradients depends on it.
     """
 
     fixed_way = True

@@ -47,12 +47,13 @@ class SiameseNet(FewShotLearner):
     """Siamese Networks.
 
     Args:
-        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
+        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
         balance_pairs: weight the pair cross-entropy so that same-class and different-class pairs count equally.
     """
 
-    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", balance_pairs: bool = True) -> None:
-        super().__init__(backbone, n_way, bn_mode)
+    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", balance_pairs: bool = True,
+                 task_threads: int | str = "auto") -> None:
+        super().__init__(backbone, n_way, bn_mode, task_threads)
         if not isinstance(balance_pairs, bool):
             raise ValueError(f"algo.balance_pairs must be true or false, got {balance_pairs!r}")
         self.balance_pairs = balance_pairs

@@ -1,8 +1,9 @@
-"""A meta-batch split over worker threads, one intra-op thread each (``algo.task_threads``).
+"""A meta-batch split over worker threads, which share the intra-op threads out (``algo.task_threads``).
 
 Why: a task's convolutions are too small for oneDNN to keep two cores busy on two intra-op threads, while two
 halves of a meta-batch, one per core, scale almost perfectly. Kernels release the GIL, and a CPU backward runs in
-the thread that calls it.
+the thread that calls it. A meta-batch smaller than the thread count gets fewer workers, each with more intra-op
+threads, so no core idles.
 
 Each worker meta-trains its chunk on a :func:`replica` of the learner, with every running-statistic update
 deferred (:func:`~metacli.models.batchnorm.deferred_statistics`). The caller then folds the chunks' statistics and
@@ -24,13 +25,13 @@ from metacli.models.batchnorm import apply_statistics, deferred_statistics
 from metacli.precision import current_autocast
 
 Run = Callable[[nn.Module, EpisodeBatch], tuple[torch.Tensor, torch.Tensor]]
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
 
 def check_task_threads(value: int | str) -> int | str:
     """``algo.task_threads`` as given, once it is ``auto`` or a positive integer."""
-    if value != "auto" and not (isinstance(value, int) and value >= 1):
+    if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise ValueError(f"algo.task_threads must be auto or a positive integer, got {value!r}")
     return value
 
@@ -51,27 +52,29 @@ def replica(module: nn.Module) -> nn.Module:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    """``workers`` threads, each with an equal share (at least one) of the calling thread's intra-op threads."""
+    threads = torch.get_num_threads()
+    share = max(1, threads // workers)
     with _lock:
-        if workers not in _pools:
-            threads = torch.get_num_threads()
+        if (workers, share) not in _pools:
             started = threading.Barrier(workers + 1)
 
-            def single_threaded() -> None:
+            def take_share() -> None:
                 # ATen sets a thread's OpenMP thread count from the process-wide one the first time the thread
-                # asks for it, which would undo a bare set_num_threads(1) once the main thread restores its own
+                # asks for it, which would undo a bare set_num_threads once the main thread restores its own
                 # count below: ask first, then set.
                 torch.get_num_threads()
-                torch.set_num_threads(1)
+                torch.set_num_threads(share)
                 started.wait()
 
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="metacli-task", initializer=single_threaded)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="metacli-task", initializer=take_share)
             for _ in range(workers):  # start every worker now, so that the reset below comes after theirs
                 pool.submit(lambda: None)
             started.wait()
             # torch.set_num_threads also sets the default of threads created later: give the main thread's back.
             torch.set_num_threads(threads)
-            _pools[workers] = pool
-        return _pools[workers]
+            _pools[workers, share] = pool
+        return _pools[workers, share]
 
 
 def split_meta_batch(learner: nn.Module, batch: EpisodeBatch, workers: int, run: Run) -> tuple[torch.Tensor, ...]:
@@ -90,7 +93,7 @@ def split_meta_batch(learner: nn.Module, batch: EpisodeBatch, workers: int, run:
         return losses, accuracies, twin, statistics
 
     with parallel_phases():
-        results = list(_pool(workers).map(work, chunks))
+        results = list(_pool(len(chunks)).map(work, chunks))
     for chunk, (_, _, twin, statistics) in zip(chunks, results):
         apply_statistics(statistics.layers, statistics.statistics)
         share = len(chunk) / len(batch)  # each chunk averaged its own tasks' losses
