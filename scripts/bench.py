@@ -286,7 +286,13 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(json.loads(args.one), args.device, args.steps, args.warmup, args.split, args.profile)))
+        from metacli.errors import MetacliError
+
+        try:
+            print(json.dumps(measure(json.loads(args.one), args.device, args.steps, args.warmup, args.split,
+                                     args.profile)))
+        except MetacliError as error:  # bad input (no CUDA, a missing dataset): its one line, no traceback
+            sys.exit(f"bench.py: error: {error}")
         return
     results = []
     for case in cases(args):
@@ -301,7 +307,7 @@ def main() -> None:
                                    "--profile", str(args.profile)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
-                sys.exit(f"bench of {case['setup']} {case['algo']} failed:\n{done.stderr[-3000:]}")
+                sys.exit(f"bench of {case['setup']} {case['algo']} failed:\n{done.stderr[-3000:].strip()}")
             ours = json.loads(done.stdout.strip().splitlines()[-1])
             peer = (measure_peer(args.peer_python, ours["meta_batch"], 1, case["algo"] == "maml_first_order",
                                  args.steps, ours["precision"]) if with_peer else None)

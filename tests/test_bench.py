@@ -34,3 +34,13 @@ def test_bench_writes_a_complete_json(shared_data, tmp_path):
         assert 0 < sum(op["share_of_self_time"] for op in r["top_ops"]) <= 1
     # FLOPs are counted on the serial path, so both execution paths report the same arithmetic.
     assert results[1]["flops_per_meta_iteration"] == results[2]["flops_per_meta_iteration"]
+
+
+def test_bench_reports_bad_input_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--algos", "protonet", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "METACLI_DATA": str(tmp_path / "no-data")})
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "bench.py: error: Omniglot not found" in done.stderr and "dataset.download=true" in done.stderr
+    assert not list(tmp_path.glob("bench-*.json"))
