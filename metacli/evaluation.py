@@ -40,5 +40,7 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         "bn_mode": cfg.eval.bn_mode,
         "checkpoint_step": None if checkpoint is None else checkpoint["step"],
         "best_val_accuracy": None if checkpoint is None else checkpoint["best_val"],
+        # Threads of the training that made the checkpoint (absent from checkpoints older than this record).
+        "trained_on_threads": None if checkpoint is None else checkpoint.get("threads"),
         **scored,
     }

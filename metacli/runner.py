@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from metacli.algorithms.task_threads import thread_layout
 from metacli.build import (build, build_dataset, build_learner, build_partial, load_run_config, load_trained,
                            resolve_device, seed_everything, training_batches)
 from metacli.checkpoint import BEST, LAST, load_latest_good, save_checkpoint
@@ -106,6 +107,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         restore_rng(state["rng"], generator)
         start_step, best_val, best_step, skipped = state["step"], state["best_val"], state["best_step"], state["skipped"]
         log.info("resumed from %s at step %d", run_dir / LAST, start_step)
+        if state.get("threads", thread_layout(learner)) != thread_layout(learner):
+            log.warning("this run was meta-trained with %s and resumes with %s: its numbers will differ from an "
+                        "uninterrupted run's at rounding level; set algo.task_threads and OMP_NUM_THREADS as before "
+                        "to continue it exactly", state["threads"], thread_layout(learner))
     elif cfg.trainer.resume:
         log.warning("trainer.resume=true but %s has no %s: starting from scratch", run_dir, LAST)
 
@@ -115,7 +120,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
-                 "algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "rng": capture_rng(generator)}
+                 "algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "rng": capture_rng(generator),
+                 "threads": thread_layout(learner)}
         save_checkpoint(state, *([run_dir / BEST] if best else []), run_dir / LAST)
 
     def log_row(row: dict, step: int) -> None:

@@ -45,6 +45,9 @@ def test_train_writes_run_record(trained_run):
     assert results["algorithm"] == "ProtoNet" and results["task"] == {"n_way": 5, "k_shot": 1, "n_query": 5}
     assert 0 < results["ci95"] < 0.2
     assert results["accuracy"] > 0.45, "60 ProtoNet steps on synthetic glyphs should be far above 5-way chance"
+    # algo.task_threads=auto: one worker per intra-op thread, whatever this machine has.
+    threads = results["trained_on_threads"]
+    assert threads["task_threads"] == threads["intra_op_threads"] >= 1
     rows = read_rows(trained_run / "metrics.jsonl")
     assert [r["step"] for r in rows if "val/accuracy" in r] == [20, 40, 60]
     for name in ("best.pt", "last.pt", ".hydra/config.yaml"):
@@ -117,6 +120,19 @@ def test_resume_continues_to_the_same_numbers(tmp_path):
     assert resumed_rows == read_rows(tmp_path / "straight" / "metrics.jsonl")
     assert json.loads((resumed_dir / "results.json").read_text()) == \
         json.loads((tmp_path / "straight" / "results.json").read_text())
+
+
+def test_resume_on_other_threads_warns_and_records_them(tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["experiment=smoke", "trainer.val_every=2", "eval.episodes=5", f"hydra.run.dir={run_dir}"]
+    first = run_cli("train", *base, "trainer.steps=2", "algo.task_threads=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert load_checkpoint(run_dir / "last.pt")["threads"]["task_threads"] == 2
+    second = run_cli("train", *base, "trainer.steps=4", "trainer.resume=true", "algo.task_threads=1", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    log = second.stdout + second.stderr
+    assert "'task_threads': 2" in log and "'task_threads': 1" in log and "rounding level" in log, log
+    assert json.loads((run_dir / "results.json").read_text())["trained_on_threads"]["task_threads"] == 1
 
 
 def test_same_seed_same_numbers(tmp_path):

@@ -42,6 +42,12 @@ def auto_workers(device: torch.device) -> int:
     return torch.get_num_threads() if device.type == "cpu" else 1
 
 
+def thread_layout(learner: nn.Module) -> dict[str, int]:
+    """The threads a learner meta-trains on here. They order its gradient sums, so a run's numbers depend on them at
+    rounding level: checkpoints and results.json record them, and a resume with another layout warns."""
+    return {"task_threads": learner.meta_batch_workers(), "intra_op_threads": torch.get_num_threads()}
+
+
 def replica(module: nn.Module) -> nn.Module:
     """A twin of ``module`` for one worker: its own module objects (``functional_call`` swaps tensors into the
     module it is given), its own leaf parameters over the same storage (each worker's backward fills its own
