@@ -5,14 +5,17 @@ import torch
 from torch import nn
 
 
-def feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
-    """Width of the embedding ``backbone`` gives for one ``in_channels x image_size x image_size`` image."""
+def probe(backbone: nn.Module, in_channels: int, image_size: int) -> tuple[int, int]:
+    """Width of the embedding ``backbone`` gives for one ``in_channels x image_size x image_size`` image, and the
+    FLOPs of that forward (convolutions and matrix products), which ``algo.task_threads=auto`` reads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = backbone.training
     backbone.eval()  # a single image would break BatchNorm's batch statistics
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         dim = backbone(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
     backbone.train(was_training)
-    return int(dim)
+    return int(dim), counter.get_total_flops()
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
