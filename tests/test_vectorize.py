@@ -184,19 +184,3 @@ def test_task_threads_share_the_intra_op_threads(monkeypatch, threads, chunks, s
     finally:
         for pool in task_threads._pools.values():
             pool.shutdown()
-
-
-def test_auto_task_threads_keep_wide_backbones_on_one_worker():
-    """ResNet-12's convolutions fill the cores within a task, so splitting its meta-batch only costs memory; the
-    Conv4s gain from the split. The rule reads the backbone's FLOPs for one image, counted when it is built."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        narrow = MAML(Conv4(in_channels=3, image_size=84, hidden=64), 5)
-        wide = MAML(ResNet12(in_channels=3, image_size=84), 5)
-        assert narrow.backbone.flops_per_image < task_threads.WIDE_BACKBONE_FLOPS < wide.backbone.flops_per_image
-        assert (narrow.meta_batch_workers(), wide.meta_batch_workers()) == (2, 1)
-        wide.task_threads = 2  # a number is taken as given
-        assert wide.meta_batch_workers() == 2
-    finally:
-        torch.set_num_threads(threads)

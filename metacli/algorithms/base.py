@@ -31,10 +31,9 @@ class FewShotLearner(nn.Module, ABC):
         bn_mode: BatchNorm at evaluation. ``"transductive"`` normalises each episode with its own batch statistics
             (support and query together), as most papers' code does; ``"running"`` uses the running statistics
             accumulated in training, so each query is classified independently of the others.
-        task_threads: split a meta-batch over this many worker threads (``auto``: one per CPU thread; one on
-            CUDA, and with a backbone whose ``flops_per_image`` fill the cores within a task, as ResNet-12's do).
-            Results change with it only at the level of rounding (it orders the gradient sums, and sizes the batch
-            of MAML's shared first step): float32's, or bfloat16's under ``trainer.precision=bf16``.
+        task_threads: split a meta-batch over this many worker threads (``auto``: one per CPU thread, one on
+            CUDA). Results change with it only at the level of rounding (it orders the gradient sums, and sizes
+            the batch of MAML's shared first step): float32's, or bfloat16's under ``trainer.precision=bf16``.
             Learners whose training forward changes state other than metacli's BatchNorm statistics, or draws
             random numbers, keep one.
     """
@@ -80,9 +79,7 @@ class FewShotLearner(nn.Module, ABC):
     def meta_batch_workers(self) -> int:
         """Worker threads for a meta-batch: ``task_threads``, with ``auto`` resolved for the device."""
         device = next(self.parameters()).device
-        if self.task_threads != "auto":
-            return self.task_threads
-        return auto_workers(device, getattr(self.backbone, "flops_per_image", 0.0))
+        return auto_workers(device) if self.task_threads == "auto" else self.task_threads
 
     def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the meta-gradient of the mean query loss of ``batch``; return per-task losses and accuracies.

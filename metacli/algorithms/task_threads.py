@@ -36,21 +36,10 @@ def check_task_threads(value: int | str) -> int | str:
     return value
 
 
-#: Forward FLOPs of one image above which a task's convolutions keep every intra-op thread busy, so that splitting
-#: the meta-batch only adds memory. Measured on the 2-core CPU (mini-ImageNet 5-way 1-shot, meta-batch 4):
-#: ResNet-12 (7.0 GFLOP an image) ran 0.15 tasks/s on one worker and on two (first-order MAML; ProtoNet 0.18 either
-#: way), with a peak of 6.4 GiB on one and 9.6 GiB on two; Conv4-32 (0.055 GFLOP) went from 6.6-7.0 to 7.6-7.7
-#: tasks/s on two (ProtoNet).
-WIDE_BACKBONE_FLOPS = 1e9
-
-
-def auto_workers(device: torch.device, flops_per_image: float = 0.0) -> int:
-    """Workers ``algo.task_threads=auto`` gives: one per intra-op thread on the CPU, unless the backbone is wide
-    enough to use them all within a task (``flops_per_image``); one on CUDA, whose kernels are launched
-    asynchronously from one thread anyway."""
-    if device.type != "cpu" or flops_per_image > WIDE_BACKBONE_FLOPS:
-        return 1
-    return torch.get_num_threads()
+def auto_workers(device: torch.device) -> int:
+    """Workers ``algo.task_threads=auto`` gives: one per intra-op thread on the CPU, and one on CUDA, whose kernels
+    are launched asynchronously from one thread anyway."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 def thread_layout(learner: nn.Module) -> dict[str, int]:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metacli.models.batchnorm import BatchNorm2d
-from metacli.models.layers import memory_format, probe
+from metacli.models.layers import feature_dim, memory_format
 
 
 class Conv4(nn.Module):
@@ -39,7 +39,7 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = pool
         self.to(memory_format=memory_format(channels_last))
-        self.out_dim, self.flops_per_image = probe(self, in_channels, image_size)
+        self.out_dim = feature_dim(self, in_channels, image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -5,17 +5,14 @@ import torch
 from torch import nn
 
 
-def probe(backbone: nn.Module, in_channels: int, image_size: int) -> tuple[int, int]:
-    """Width of the embedding ``backbone`` gives for one ``in_channels x image_size x image_size`` image, and the
-    FLOPs of that forward (convolutions and matrix products), which ``algo.task_threads=auto`` reads."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
+    """Width of the embedding ``backbone`` gives for one ``in_channels x image_size x image_size`` image."""
     was_training = backbone.training
     backbone.eval()  # a single image would break BatchNorm's batch statistics
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad():
         dim = backbone(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
     backbone.train(was_training)
-    return int(dim), counter.get_total_flops()
+    return int(dim)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

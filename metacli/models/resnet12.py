@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metacli.models.batchnorm import BatchNorm2d
-from metacli.models.layers import memory_format, probe
+from metacli.models.layers import feature_dim, memory_format
 
 
 class _Block(nn.Module):
@@ -47,7 +47,7 @@ class ResNet12(nn.Module):
             channels = int(width)
         self.blocks = nn.Sequential(*blocks)
         self.to(memory_format=memory_format(channels_last))
-        self.out_dim, self.flops_per_image = probe(self, in_channels, image_size)
+        self.out_dim = feature_dim(self, in_channels, image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).mean(dim=(2, 3))
