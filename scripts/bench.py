@@ -81,6 +81,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from metacli.algorithms.task_threads import thread_layout
     from metacli.algorithms.timing import timed_phases
     from metacli.build import build_dataset, build_learner, build_partial, resolve_device, training_batches
     from metacli.cli import config_dir
@@ -139,6 +140,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_memory
     top_ops = profile_step(step, learner, device_t, profile) if profile else None
+    threads = thread_layout(learner)  # before the FLOP count below pins one task thread
     # Count in this thread, the only one the counter sees, and on the serial path: the same arithmetic, no vmap
     # under the counter.
     learner.task_threads = 1
@@ -155,7 +157,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
             "breakdown_seconds": {k: v / steps for k, v in sorted(phases.items())},
             "sampling_fraction": phases["sampling"] / sum(times),
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
-            "precision": cfg.trainer.precision,
+            "precision": cfg.trainer.precision, "threads": threads,
             "matmul_gflops": matmul_gflops(device_t, matmul_dtype),
             "peak_memory_bytes": peak, "minor_page_faults_per_step": faults / steps,
             "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth",

@@ -28,6 +28,8 @@ def test_bench_writes_a_complete_json(shared_data, tmp_path):
         assert 0 <= r["sampling_fraction"] < 1
         assert r["flops_per_meta_iteration"] > 1e8 and 0 < r["achieved_gflops"] and r["matmul_gflops"] > 0
         assert r["precision"] == "fp32"
+        # task_threads=auto: one worker per intra-op thread on the CPU.
+        assert r["threads"]["task_threads"] == r["threads"]["intra_op_threads"] == report["threads"]
         assert r["peak_memory_bytes"] >= 0 and r["minor_page_faults_per_step"] >= 0
         assert len(r["top_ops"]) == 3 and r["top_ops"][0]["op"].startswith("aten::")
         assert r["top_ops"][0]["self_ms"] >= r["top_ops"][2]["self_ms"] > 0
