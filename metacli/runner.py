@@ -101,16 +101,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
 
     start_step, best_val, best_step, skipped = 0, -math.inf, None, 0
+    threads = thread_layout(learner)
     state = load_latest_good(run_dir / LAST, device) if cfg.trainer.resume else None
     if state is not None:
         _load_state(cfg, state, run_dir / LAST, learner, optimizer, scheduler)
         restore_rng(state["rng"], generator)
         start_step, best_val, best_step, skipped = state["step"], state["best_val"], state["best_step"], state["skipped"]
         log.info("resumed from %s at step %d", run_dir / LAST, start_step)
-        if state.get("threads", thread_layout(learner)) != thread_layout(learner):
+        if state.get("threads") not in (None, threads):  # None: a checkpoint older than this record
             log.warning("this run was meta-trained with %s and resumes with %s: its numbers will differ from an "
                         "uninterrupted run's at rounding level; set algo.task_threads and OMP_NUM_THREADS as before "
-                        "to continue it exactly", state["threads"], thread_layout(learner))
+                        "to continue it exactly", state["threads"], threads)
     elif cfg.trainer.resume:
         log.warning("trainer.resume=true but %s has no %s: starting from scratch", run_dir, LAST)
 
@@ -121,7 +122,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
                  "algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "rng": capture_rng(generator),
-                 "threads": thread_layout(learner)}
+                 "threads": threads}
         save_checkpoint(state, *([run_dir / BEST] if best else []), run_dir / LAST)
 
     def log_row(row: dict, step: int) -> None:
