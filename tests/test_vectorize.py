@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from metacli.algorithms import task_threads
+from metacli.algorithms import conv4_first_step, task_threads
 from metacli.algorithms.inner_loop import PATHS, adapt_to_support, inner_path, meta_train_batch, query_loss
 from metacli.algorithms.anil import ANIL
 from metacli.algorithms.maml import MAML
@@ -87,6 +87,28 @@ def test_paths_agree_for_anil_and_meta_sgd(algorithm, first_order):
             for rate in learner.inner_rates.values():
                 rate.uniform_(0.1, 0.5)
     assert_paths_agree(learner, random_batch(tasks=3, queries=2))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_paths_agree_on_a_colour_conv4_with_a_2x2_final_map(channels_last):
+    # 36 -> 18 -> 9 -> 4 -> 2: an odd map for the pooling to round, and a flattened 2x2 map for the head.
+    torch.manual_seed(0)
+    learner = MAML(Conv4(in_channels=3, image_size=36, hidden=6, channels_last=channels_last), n_way=5,
+                   inner_lr=0.4).double()
+    assert_paths_agree(learner, random_batch(tasks=3, queries=2, channels=3, size=36))
+
+
+def test_conv4_first_step_is_taken_where_it_applies():
+    maml = MAML(Conv4(hidden=8, pool="stride"), n_way=5)
+    assert conv4_first_step.applies(maml, maml.adapted_parameters())
+    meta_sgd = MetaSGD(Conv4(hidden=8), n_way=5)
+    assert conv4_first_step.applies(meta_sgd, meta_sgd.adapted_parameters())
+    anil = ANIL(Conv4(hidden=8), n_way=5)  # adapts its head alone, with a path of its own
+    assert not conv4_first_step.applies(anil.head, dict(anil.head.named_parameters()))
+    resnet = MAML(ResNet12(image_size=32, widths=(4, 6, 8, 8)), n_way=5)
+    assert not conv4_first_step.applies(resnet, resnet.adapted_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the vmapped step follows autocast's casts
+        assert not conv4_first_step.applies(maml, maml.adapted_parameters())
 
 
 def test_paths_agree_on_resnet12_with_checkpointing():

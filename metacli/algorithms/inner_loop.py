@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from metacli.algorithms import conv4_first_step
 from metacli.algorithms.timing import phase
 from metacli.data.episodes import Episode, EpisodeBatch
 from metacli.models.batchnorm import apply_statistics, frozen_statistics, recorded_statistics
@@ -181,8 +182,13 @@ def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch,
         grads, statistics = _support_grads(module, params, x, y, loop, record)
         return sgd_step(params, grads, loop.lr), statistics
 
-    with phase("inner_loop"), recorded_statistics(module) as record:
-        first, statistics = torch.func.vmap(first_step)(batch.support_x, batch.support_y)
+    with phase("inner_loop"):
+        if conv4_first_step.applies(module, params):
+            first, layers, statistics = _conv4_first(module, params, batch, loop)
+        else:
+            with recorded_statistics(module) as record:
+                first, statistics = torch.func.vmap(first_step)(batch.support_x, batch.support_y)
+            layers = record.layers
     names = list(first)
     per_task = list(zip(*(first[name].detach().unbind(0) for name in names)))
     first_grads: list[list[torch.Tensor]] = [[] for _ in names]
@@ -192,7 +198,7 @@ def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch,
         # step is back-propagated once for all tasks below.
         start = {name: value.requires_grad_() for name, value in zip(names, per_task[task])}
         with phase("inner_loop"):
-            apply_statistics(record.layers, statistics, task)
+            apply_statistics(layers, statistics, task)
             adapted = gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y),
                                        start, loop, training=True, steps=loop.steps - 1)
             loss, accuracy = query_loss(module, adapted, episode.query_x, episode.query_y)
@@ -205,6 +211,16 @@ def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch,
     with phase("outer_backward"):
         torch.autograd.backward([first[name] for name in names], [torch.stack(g) for g in first_grads])
     return torch.stack(losses), torch.stack(accuracies)
+
+
+def _conv4_first(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop):
+    """The shared first step written out for Conv4 (:mod:`metacli.algorithms.conv4_first_step`): first-step
+    weights ``[tasks, ...]``, the BatchNorm layers and their per-task statistics."""
+    # First order treats the inner gradients as constants, so they need no graph.
+    with contextlib.nullcontext() if loop.second_order else torch.no_grad():
+        grads, layers, statistics = conv4_first_step.support_grads(
+            module, params, batch.support_x.flatten(0, 1), batch.support_y.flatten(0, 1), len(batch))
+    return sgd_step(params, grads, loop.lr), layers, statistics
 
 
 def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch,

@@ -1,0 +1,185 @@
+"""MAML's shared first inner step for Conv4 + linear head, written out layer by layer instead of vmapped.
+
+The first inner step of every task in a meta-batch starts from the same weights (``inner_loop._batched_first``).
+Under ``torch.func.vmap`` that step cost as much as all the query passes on the 2-core CPU, although it sees a
+fifteenth of the images. Traced operator by operator, the waste was layouts and indirection, not arithmetic:
+
+- functorch takes each task's conv weight gradient as a grouped convolution over a task-major NCHW copy of the
+  activations, and the gradients flowing back from it meet channels-last activations in BatchNorm and ReLU:
+  elementwise kernels over mixed layouts ran at a tenth of their speed;
+- the outer backward differentiates ``convolution_backward`` with ATen's double-backward formula, which takes the
+  shared weight's gradient as a convolution over transposed activations (27 ms a call on the 14x14 layer, where
+  the native weight-gradient kernel takes about 5 ms).
+
+Here the support forward and its backward are explicit tensor code over all tasks at once: each convolution runs
+once over every task's images with the shared weights; BatchNorm normalises with per-task statistics and is
+differentiated by its closed-form backward; every elementwise operation sees channels-last activations as
+contiguous ``[tasks, images * height * width, channels]`` views, so layouts never mix; the input gradients are
+transposed convolutions, and the conv weights' per-task gradients are one grouped convolution
+(:class:`_PerTaskWeightGrad`, whose backward is again native convolutions). Autograd differentiates all of it for
+second-order MAML. The per-task gradients, running statistics and meta-gradient are those of the vmapped step
+(``tests/test_vectorize.py`` checks them in float64, both poolings, first and second order).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metacli.models.batchnorm import BatchNorm2d
+from metacli.models.conv4 import Conv4
+
+Params = dict[str, torch.Tensor]
+Statistics = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def applies(module: nn.Module, params: Params) -> bool:
+    """Whether ``module`` is a Conv4 followed by a linear head, adapting all its parameters, with BatchNorm on batch
+    statistics, outside autocast: what :func:`support_grads` implements."""
+    backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
+    if not (isinstance(backbone, Conv4) and isinstance(head, nn.Linear)) or torch.is_autocast_enabled(
+            head.weight.device.type):
+        return False
+    own = {name for name, _ in module.named_parameters() if name.startswith(("backbone.", "head."))}
+    return set(params) == own and all(norm.training and norm.track_running_stats and norm.affine
+                                      and conv.bias is not None for conv, norm, _ in _blocks(backbone))
+
+
+def _channels(t: torch.Tensor, tasks: int) -> torch.Tensor:
+    """A channels-last ``[tasks * n, c, h, w]`` batch as its contiguous ``[tasks, n * h * w, c]`` view."""
+    return t.permute(0, 2, 3, 1).reshape(tasks, -1, t.shape[1])
+
+
+def _images(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_channels`, for a batch of ``shape`` (``[tasks * n, c, h, w]``)."""
+    n, c, h, w = shape
+    return t.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _grouped(batch: torch.Tensor, tasks: int) -> torch.Tensor:
+    """``[tasks * n, c, h, w]`` as the channels-last ``[n, tasks * c, h, w]`` input of a per-task grouped
+    convolution."""
+    n, (c, h, w) = batch.shape[0] // tasks, batch.shape[1:]
+    per_task = batch.reshape(tasks, n, c, h, w).permute(1, 3, 4, 0, 2).contiguous()  # memory: n, h, w, task, c
+    return per_task.permute(0, 3, 4, 1, 2).reshape(n, tasks * c, h, w)
+
+
+def _ungrouped(grouped: torch.Tensor, tasks: int) -> torch.Tensor:
+    """The inverse of :func:`_grouped`."""
+    n, c, (h, w) = grouped.shape[0], grouped.shape[1] // tasks, grouped.shape[2:]
+    per_image = grouped.reshape(n, tasks, c, h, w).permute(1, 0, 3, 4, 2).contiguous()  # memory: task, n, h, w, c
+    return per_image.permute(0, 1, 4, 2, 3).reshape(tasks * n, c, h, w)
+
+
+class _PerTaskWeightGrad(torch.autograd.Function):
+    """The weight gradient of each task's slice of a convolution's batch: ``[tasks, *weight.shape]``, each task's
+    gradient with the weight's strides (the later steps and the query pass adapt from it, and a first-layer weight
+    with NCHW strides sends oneDNN to a kernel 5x slower on channels-last images)."""
+
+    @staticmethod
+    def forward(grad_out, images, weight, tasks, conv):
+        out_channels, in_channels, kh, kw = weight.shape
+        # Only the shape and layout of the weight argument matter to the kernel.
+        layout = torch.empty((tasks * out_channels, kh, kw, in_channels), dtype=images.dtype, device=images.device)
+        grads = torch.ops.aten.convolution_backward(
+            _grouped(grad_out, tasks), _grouped(images, tasks), layout.permute(0, 3, 1, 2), None, conv.stride,
+            conv.padding, conv.dilation, False, [0, 0], tasks, [False, True, False])[1]
+        like = torch.empty_like(weight)  # the weight's strides where they are dense, else contiguous
+        out = torch.empty_strided((tasks, *like.shape), (like.numel(), *like.stride()), dtype=like.dtype,
+                                  device=like.device)
+        return out.copy_(grads.view(tasks, *like.shape))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, images, _, ctx.tasks, ctx.conv = inputs
+        ctx.save_for_backward(grad_out, images)
+
+    @staticmethod
+    def backward(ctx, grad_weights):
+        grad_out, images = ctx.saved_tensors
+        tasks, conv = ctx.tasks, ctx.conv
+        _, out_channels, in_channels, kh, kw = grad_weights.shape
+        weights = torch.empty((tasks, out_channels, kh, kw, in_channels), dtype=grad_weights.dtype,
+                              device=grad_weights.device)
+        weights.copy_(grad_weights.permute(0, 1, 3, 4, 2))
+        weights = weights.view(tasks * out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+        grouped_images = _grouped(images, tasks)
+        d_grad_out = d_images = None
+        if ctx.needs_input_grad[0]:
+            d_grad_out = _ungrouped(F.conv2d(grouped_images, weights, None, conv.stride, conv.padding, conv.dilation,
+                                             tasks), tasks)
+        if ctx.needs_input_grad[1]:
+            d_images = _ungrouped(torch.ops.aten.convolution_backward(
+                _grouped(grad_out, tasks), grouped_images, weights, None, conv.stride, conv.padding, conv.dilation,
+                False, [0, 0], tasks, [True, False, False])[0], tasks)
+        return d_grad_out, d_images, None, None, None
+
+
+def _blocks(backbone: Conv4) -> list[tuple[nn.Conv2d, BatchNorm2d, nn.MaxPool2d | None]]:
+    """Conv4's blocks: conv, BatchNorm, then max-pooling (``pool="max"``) and ReLU, or ReLU alone."""
+    layers, size = list(backbone.features), 4 if backbone.pool == "max" else 3
+    return [(layers[i], layers[i + 1], layers[i + 2] if size == 4 else None) for i in range(0, len(layers), size)]
+
+
+def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
+                  tasks: int) -> tuple[Params, list[BatchNorm2d], Statistics]:
+    """Per-task gradients ``[tasks, *p.shape]`` of each task's mean support cross-entropy, for a module that
+    :func:`applies`; with the BatchNorm layers in call order and their per-task ``(mean, unbiased var)``, as
+    :func:`metacli.models.batchnorm.apply_statistics` takes them. ``x``: ``[tasks * n, c, h, w]``, ``y``:
+    ``[tasks * n]``."""
+    backbone, head, n = module.backbone, module.head, x.shape[0] // tasks
+    names = {id(q): name for name, q in module.named_parameters() if name in params}
+    p = {id(q): params[name] for name, q in module.named_parameters() if name in params}  # the values to adapt
+    saved, statistics = [], []
+    h = x.contiguous(memory_format=torch.channels_last)
+    for conv, norm, pool in _blocks(backbone):
+        z = F.conv2d(h, p[id(conv.weight)], p[id(conv.bias)], conv.stride, conv.padding, conv.dilation)
+        flat = _channels(z, tasks)
+        mean = flat.mean(dim=1, keepdim=True)
+        centred = flat - mean
+        var = (centred * centred).mean(dim=1, keepdim=True)
+        inv_std = torch.rsqrt(var + norm.eps)
+        normalised = centred * inv_std
+        count = flat.shape[1]
+        statistics.append((mean.detach().flatten(1), var.detach().flatten(1) * count / max(count - 1, 1)))
+        out = _images(normalised * p[id(norm.weight)] + p[id(norm.bias)], z.shape)
+        pre_pool, indices = out.detach(), None
+        if pool is not None:  # Conv4 pools before the ReLU (the two commute)
+            out, indices = F.max_pool2d(out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                        pool.ceil_mode, return_indices=True)
+        out = out.relu()
+        saved.append((h, z.shape, normalised, inv_std, pre_pool, indices, out))
+        h = out
+    features = h.mean(dim=(2, 3)) if backbone.pool == "stride" else h.flatten(1)
+    logits = features @ p[id(head.weight)].t() + p[id(head.bias)]
+    # d(mean cross-entropy)/d(logits), each task averaging over its own n images.
+    d_logits = (logits.softmax(dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)) / n
+    per_task = d_logits.view(tasks, n, -1)
+    grads = {names[id(head.weight)]: per_task.transpose(1, 2) @ features.view(tasks, n, -1),
+             names[id(head.bias)]: per_task.sum(dim=1)}
+    d_features = d_logits @ p[id(head.weight)]
+    if backbone.pool == "stride":
+        d_h = (d_features[:, :, None, None] / (h.shape[2] * h.shape[3])).expand(h.shape)
+    else:
+        d_h = d_features.view(h.shape)
+    for block, ((conv, norm, pool), (block_in, z_shape, normalised, inv_std, pre_pool, indices, out)) in reversed(
+            list(enumerate(zip(_blocks(backbone), saved)))):
+        d_out = d_h * (out > 0)
+        if pool is not None:
+            d_out = torch.ops.aten.max_pool2d_with_indices_backward(
+                d_out, pre_pool, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, indices)
+        d_scaled = _channels(d_out, tasks)
+        grads[names[id(norm.bias)]] = d_scaled.sum(dim=1)
+        grads[names[id(norm.weight)]] = (d_scaled * normalised).sum(dim=1)
+        d_norm = d_scaled * p[id(norm.weight)]
+        d_flat = inv_std * (d_norm - d_norm.mean(dim=1, keepdim=True)
+                            - normalised * (d_norm * normalised).mean(dim=1, keepdim=True))
+        d_z = _images(d_flat, z_shape)
+        weight = p[id(conv.weight)]
+        grads[names[id(conv.weight)]] = _PerTaskWeightGrad.apply(d_z, block_in, weight.detach(), tasks, conv)
+        grads[names[id(conv.bias)]] = d_flat.sum(dim=1)
+        if block > 0:  # no gradient for the images
+            extra = [block_in.shape[i] - ((z_shape[i] - 1) * conv.stride[i - 2] - 2 * conv.padding[i - 2]
+                                          + conv.dilation[i - 2] * (weight.shape[i] - 1) + 1) for i in (2, 3)]
+            d_h = F.conv_transpose2d(d_z, weight, None, conv.stride, conv.padding, extra, 1, conv.dilation)
+    return grads, [norm for _, norm, _ in _blocks(backbone)], statistics
