@@ -37,8 +37,9 @@ def applies(module: nn.Module, params: Params) -> bool:
     """Whether ``module`` is a Conv4 followed by a linear head, adapting all its parameters, with BatchNorm on batch
     statistics, outside autocast: what :func:`support_grads` implements."""
     backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
-    if not (isinstance(backbone, Conv4) and isinstance(head, nn.Linear)) or torch.is_autocast_enabled(
-            head.weight.device.type):
+    if not (isinstance(backbone, Conv4) and isinstance(head, nn.Linear)):
+        return False
+    if torch.is_autocast_enabled(head.weight.device.type):  # the vmapped step follows autocast's casts
         return False
     own = {name for name, _ in module.named_parameters() if name.startswith(("backbone.", "head."))}
     return set(params) == own and all(norm.training and norm.track_running_stats and norm.affine
@@ -52,8 +53,8 @@ def _channels(t: torch.Tensor, tasks: int) -> torch.Tensor:
 
 def _images(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The inverse of :func:`_channels`, for a batch of ``shape`` (``[tasks * n, c, h, w]``)."""
-    n, c, h, w = shape
-    return t.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    images, c, h, w = shape
+    return t.reshape(images, h, w, c).permute(0, 3, 1, 2)
 
 
 def _grouped(batch: torch.Tensor, tasks: int) -> torch.Tensor:

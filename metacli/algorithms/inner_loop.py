@@ -7,7 +7,8 @@ BatchNorm statistics (tested in float64):
   at a time. The reference path.
 - ``batched_first``: the first inner step of every task starts from the same weights, so it runs for the whole
   meta-batch at once (``vmap`` over tasks with shared weights folds into one large batch with per-task BatchNorm
-  statistics); the remaining steps and the query pass run task by task with the native kernels, and the
+  statistics; for Conv4 with a linear head, :mod:`metacli.algorithms.conv4_first_step` writes that step out
+  instead, faster); the remaining steps and the query pass run task by task with the native kernels, and the
   meta-gradient is chained through the shared first step in one final backward. The fast path on CPU.
 - ``vmap``: every step and the query pass vectorised over tasks with ``torch.func.vmap``. Per-task weights turn
   into grouped kernels, which pay off on a GPU and lose on a 2-core CPU.
