@@ -33,8 +33,10 @@ def start(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Pop
 
 
 def rows(run_dir: Path) -> list[dict]:
+    """The complete rows of a run's metrics so far: the run may be writing its last line while we read."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> None:
