@@ -20,13 +20,13 @@ for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(*faults[-4:])
+print(*faults)
 """
 
 
 def _faults_per_step(mode: str) -> list[int]:
-    """Minor faults of each of the last four of twelve steps. Retained, the heap takes up to five steps to grow to
-    the step's footprint (16 MiB blocks fault in until it has), and then faults nothing.
+    """Minor faults of each of twelve steps. Retained, the heap takes up to five steps to grow to the step's
+    footprint (16 MiB blocks fault in until it has), and then faults nothing.
 
     A fresh interpreter each, so that the allocator settings of this process (the runner sets them) play no part.
     """
@@ -36,9 +36,10 @@ def _faults_per_step(mode: str) -> list[int]:
 
 def test_retained_memory_is_reused_without_page_faults():
     default, retained = _faults_per_step("default"), _faults_per_step("retain")
-    # By default the 40 MiB block (10,240 pages) is a fresh mmap in most steps; now and then glibc finds it room.
-    assert sum(default) >= 9_000, f"glibc's default should fault the 40 MiB block in again: {default}"
-    assert max(retained) <= 1_024, f"minor faults a step with freed memory retained: {retained} (default: {default})"
+    # By default the 40 MiB block (10,240 pages) is a fresh mmap after the first step, until glibc, sometimes,
+    # finds it room; so the default run is judged over all steps after the first.
+    assert sum(default[1:]) >= 9_000, f"glibc's default should fault the 40 MiB block in again: {default}"
+    assert max(retained[-4:]) <= 1_024, f"minor faults a step with freed memory retained: {retained}"
 
 
 def test_settings_apply_on_glibc():
