@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metacli.models.batchnorm import BatchNorm2d
+from metacli.models.batchnorm import BatchNorm2d, running_update
 from metacli.models.conv4 import Conv4
 
 Params = dict[str, torch.Tensor]
@@ -130,7 +130,7 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
     ``[tasks * n]``."""
     backbone, head, n = module.backbone, module.head, x.shape[0] // tasks
     names = {id(q): name for name, q in module.named_parameters() if name in params}
-    p = {id(q): params[name] for name, q in module.named_parameters() if name in params}  # the values to adapt
+    p = {key: params[name] for key, name in names.items()}  # module parameter -> the value to adapt
     saved, statistics = [], []
     h = x.contiguous(memory_format=torch.channels_last)
     for conv, norm, pool in _blocks(backbone):
@@ -141,15 +141,14 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
         var = (centred * centred).mean(dim=1, keepdim=True)
         inv_std = torch.rsqrt(var + norm.eps)
         normalised = centred * inv_std
-        count = flat.shape[1]
-        statistics.append((mean.detach().flatten(1), var.detach().flatten(1) * count / max(count - 1, 1)))
+        statistics.append(running_update(mean.flatten(1), var.flatten(1), flat.shape[1]))
         out = _images(normalised * p[id(norm.weight)] + p[id(norm.bias)], z.shape)
         pre_pool, indices = out.detach(), None
         if pool is not None:  # Conv4 pools before the ReLU (the two commute)
             out, indices = F.max_pool2d(out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
                                         pool.ceil_mode, return_indices=True)
         out = out.relu()
-        saved.append((h, z.shape, normalised, inv_std, pre_pool, indices, out))
+        saved.append((conv, norm, pool, h, z.shape, normalised, inv_std, pre_pool, indices, out))
         h = out
     features = h.mean(dim=(2, 3)) if backbone.pool == "stride" else h.flatten(1)
     logits = features @ p[id(head.weight)].t() + p[id(head.bias)]
@@ -163,8 +162,8 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
         d_h = (d_features[:, :, None, None] / (h.shape[2] * h.shape[3])).expand(h.shape)
     else:
         d_h = d_features.view(h.shape)
-    for block, ((conv, norm, pool), (block_in, z_shape, normalised, inv_std, pre_pool, indices, out)) in reversed(
-            list(enumerate(zip(_blocks(backbone), saved)))):
+    for block in reversed(range(len(saved))):
+        conv, norm, pool, block_in, z_shape, normalised, inv_std, pre_pool, indices, out = saved[block]
         d_out = d_h * (out > 0)
         if pool is not None:
             d_out = torch.ops.aten.max_pool2d_with_indices_backward(
@@ -183,4 +182,4 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
             extra = [block_in.shape[i] - ((z_shape[i] - 1) * conv.stride[i - 2] - 2 * conv.padding[i - 2]
                                           + conv.dilation[i - 2] * (weight.shape[i] - 1) + 1) for i in (2, 3)]
             d_h = F.conv_transpose2d(d_z, weight, None, conv.stride, conv.padding, extra, 1, conv.dilation)
-    return grads, [norm for _, norm, _ in _blocks(backbone)], statistics
+    return grads, [norm for _, norm, *_ in saved], statistics

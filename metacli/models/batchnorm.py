@@ -61,9 +61,8 @@ class BatchNorm2d(nn.BatchNorm2d):
             mean = x.mean(dim=(0, 2, 3))
             var = x.var(dim=(0, 2, 3), unbiased=False)
             if self.training and self.track_running_stats:
-                n = x.numel() / x.shape[1]
                 self.record.layers.append(self)
-                self.record.statistics.append((mean.detach(), var.detach() * n / max(n - 1, 1)))
+                self.record.statistics.append(running_update(mean, var, x.numel() // x.shape[1]))
         else:
             mean, var = self.running_mean, self.running_var
         scale = torch.rsqrt(var + self.eps)
@@ -81,6 +80,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         # Statistics recorded under bfloat16 autocast are folded into the float32 buffers.
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
+
+
+def running_update(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a training-mode forward folds into the running buffers, from a batch's mean and biased variance over
+    ``count`` values a channel: the mean and the unbiased variance, detached."""
+    return mean.detach(), var.detach() * count / max(count - 1, 1)
 
 
 @contextmanager
