@@ -70,9 +70,10 @@ def assert_paths_agree(learner: MAML, batch: EpisodeBatch) -> None:
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("pool", ["max", "stride"])
-def test_paths_agree_on_conv4(first_order, steps, pool):
+@pytest.mark.parametrize("hidden", [8, 40])  # 40: wide enough for the first block to run as a patch product
+def test_paths_agree_on_conv4(first_order, steps, pool, hidden):
     torch.manual_seed(0)
-    learner = MAML(Conv4(hidden=8, pool=pool), n_way=5, inner_lr=0.4, inner_steps=steps,
+    learner = MAML(Conv4(hidden=hidden, pool=pool), n_way=5, inner_lr=0.4, inner_steps=steps,
                    first_order=first_order).double()
     assert_paths_agree(learner, random_batch(tasks=4, queries=3))
 

@@ -57,12 +57,10 @@ class BatchNorm2d(nn.BatchNorm2d):
             deferred.layers.append(self)
             deferred.statistics.append((mean, var))
             return out
-        if self.training or not self.track_running_stats:
+        if self.uses_batch_statistics():
             mean = x.mean(dim=(0, 2, 3))
             var = x.var(dim=(0, 2, 3), unbiased=False)
-            if self.training and self.track_running_stats:
-                self.record.layers.append(self)
-                self.record.statistics.append(running_update(mean, var, x.numel() // x.shape[1]))
+            self.take_batch_statistics(mean, var, x.numel() // x.shape[1])
         else:
             mean, var = self.running_mean, self.running_var
         scale = torch.rsqrt(var + self.eps)
@@ -72,6 +70,24 @@ class BatchNorm2d(nn.BatchNorm2d):
         else:
             shift = -mean * scale
         return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+    def uses_batch_statistics(self) -> bool:
+        """Whether a forward normalises with the batch's own statistics (else with the running ones)."""
+        return self.training or not self.track_running_stats
+
+    def take_batch_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """Do with a batch's mean and biased variance (over ``count`` values a channel) what a forward in this mode
+        does with them: record them inside :func:`recorded_statistics`, nothing while checkpointing recomputes,
+        defer them in a task thread, else fold them into the running buffers; nothing unless training and
+        tracking. For forwards that compute the statistics another way (:mod:`metacli.models.patch_conv`)."""
+        if not (self.training and self.track_running_stats):
+            return
+        update = running_update(mean, var, count)
+        if self.record is not None:
+            self.record.layers.append(self)
+            self.record.statistics.append(update)
+        elif not getattr(_thread, "frozen", False):
+            apply_statistics([self], [update])
 
     def fold_in(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         """One running-average update, exactly as a native training-mode forward would make it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metacli.models import patch_conv
 from metacli.models.batchnorm import BatchNorm2d
 from metacli.models.layers import feature_dim, memory_format
 
@@ -20,6 +21,9 @@ class Conv4(nn.Module):
             ``"stride"`` uses stride-2 convolutions and averages the final map (MAML's Omniglot network).
         channels_last: keep the weights in NHWC layout, as the episode sampler keeps images, so the
             activations stay NHWC too (faster; same numbers).
+
+    The first convolution and its BatchNorm run as one product over image patches where they can
+    (:mod:`metacli.models.patch_conv`): the same function, with fewer passes over the largest activation.
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64, blocks: int = 4,
@@ -37,10 +41,17 @@ class Conv4(nn.Module):
             layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)] if pool == "max" else [nn.ReLU(inplace=True)]
             channels = hidden
         self.features = nn.Sequential(*layers)
-        self.pool = pool
+        self.pool, self.channels_last = pool, channels_last
         self.to(memory_format=memory_format(channels_last))
         self.out_dim = feature_dim(self, in_channels, image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
+        layers = list(self.features)
+        if patch_conv.applies(layers[0], layers[1], x):
+            relu = self.pool == "stride"  # max-pooling comes between BatchNorm and ReLU
+            x = patch_conv.conv_batchnorm(x, layers[0], layers[1], relu)  # channels-last
+            x = x if self.channels_last else x.contiguous()
+            layers = layers[3 if relu else 2:]
+        for layer in layers:
+            x = layer(x)
         return x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1)

@@ -1,0 +1,101 @@
+"""The first convolution and BatchNorm as one product over patches (metacli.models.patch_conv) computes what the
+native kernels compute: values, running statistics, first and second derivatives, in every BatchNorm mode."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from metacli.algorithms.base import batch_statistics_only
+from metacli.models import patch_conv
+from metacli.models.batchnorm import BatchNorm2d, deferred_statistics
+from metacli.models.conv4 import Conv4
+
+
+def layers(channels: int, stride: int) -> tuple[nn.Conv2d, BatchNorm2d]:
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(channels, 12, 3, stride=stride, padding=1).double(), BatchNorm2d(12).double()
+    with torch.no_grad():  # affine parameters and running statistics away from their initial values
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    return conv, norm
+
+
+def native(x, conv, norm, relu):
+    out = nn.BatchNorm2d.forward(norm, conv(x))
+    return torch.relu(out) if relu else out
+
+
+def images(channels: int, size: int = 11) -> torch.Tensor:
+    # Not centred, so that the bias and the patch mean matter.
+    return (torch.rand(6, channels, size, size, dtype=torch.float64) + 0.3).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", ["train", "eval", "transductive"])
+def test_values_statistics_and_gradients_match_the_native_kernels(mode, channels, stride, relu):
+    conv, norm = layers(channels, stride)
+    ref_conv, ref_norm = copy.deepcopy(conv), copy.deepcopy(norm)
+    x = images(channels)
+    for module in (norm, ref_norm):
+        module.train(mode != "eval")
+    statistics = batch_statistics_only if mode == "transductive" else lambda _: contextlib.nullcontext()
+    with statistics(norm), statistics(ref_norm):
+        out = patch_conv.conv_batchnorm(x, conv, norm, relu)
+        ref = native(x, ref_conv, ref_norm, relu)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(norm, name), getattr(ref_norm, name), rtol=1e-12, atol=1e-14)
+    if mode == "train":  # the buffers did move
+        assert norm.num_batches_tracked.item() == 1
+    weights = [conv.weight, conv.bias, norm.weight, norm.bias]
+    ref_weights = [ref_conv.weight, ref_conv.bias, ref_norm.weight, ref_norm.bias]
+    target = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * target).sum(), weights, create_graph=True)
+    ref_grads = torch.autograd.grad((ref * target).sum(), ref_weights, create_graph=True)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11)
+    # Second order, as MAML differentiates its inner step.
+    second = torch.autograd.grad(sum((g ** 2).sum() for g in grads), weights, materialize_grads=True)
+    ref_second = torch.autograd.grad(sum((g ** 2).sum() for g in ref_grads), ref_weights, materialize_grads=True)
+    scale = max(g.abs().max().item() for g in ref_second)  # the conv bias's are rounding noise around zero
+    for grad, ref_grad in zip(second, ref_second):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12 * scale)
+
+
+def test_deferred_statistics_are_deferred_not_applied():
+    conv, norm = layers(1, 2)
+    before = norm.running_mean.clone()
+    with deferred_statistics() as deferred:
+        patch_conv.conv_batchnorm(images(1), conv, norm, relu=True)
+    assert torch.equal(norm.running_mean, before)
+    assert deferred.layers == [norm] and len(deferred.statistics) == 1
+
+
+def test_taken_by_omniglot_conv4_only_where_it_pays():
+    x = torch.zeros(2, 1, 28, 28)
+    omniglot = Conv4(in_channels=1, hidden=64)
+    assert patch_conv.applies(omniglot.features[0], omniglot.features[1], x)
+    # mini-ImageNet's first layer: its 27-value patches are nearly as wide as the output (slower, measured).
+    colour = Conv4(in_channels=3, image_size=84, hidden=32)
+    assert not patch_conv.applies(colour.features[0], colour.features[1], torch.zeros(2, 3, 84, 84))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not patch_conv.applies(omniglot.features[0], omniglot.features[1], x)
+
+
+@pytest.mark.parametrize("pool", ["max", "stride"])
+def test_conv4_gives_the_native_forward(pool):
+    torch.manual_seed(0)
+    model = Conv4(hidden=40, pool=pool).double()
+    reference = copy.deepcopy(model)
+    x = images(1, size=28)
+    torch.testing.assert_close(model(x), reference.features(x).mean(dim=(2, 3)) if pool == "stride"
+                               else reference.features(x).flatten(1), rtol=1e-10, atol=1e-12)
