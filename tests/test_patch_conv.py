@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from metacli.algorithms.base import batch_statistics_only
+from metacli.algorithms.maml import MAML
 from metacli.models import patch_conv
 from metacli.models.batchnorm import BatchNorm2d, deferred_statistics
 from metacli.models.conv4 import Conv4
+from test_vectorize import random_batch
 
 
 def layers(channels: int, stride: int) -> tuple[nn.Conv2d, BatchNorm2d]:
@@ -99,3 +101,36 @@ def test_conv4_gives_the_native_forward(pool):
     x = images(1, size=28)
     torch.testing.assert_close(model(x), reference.features(x).mean(dim=(2, 3)) if pool == "stride"
                                else reference.features(x).flatten(1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", ["checkpoint_inner", "task_threads", "cumulative_momentum", "nchw"])
+def test_meta_training_through_it_matches_the_native_kernels(setting, monkeypatch):
+    """Two second-order MAML steps on a Conv4 wide enough to take the patch product, against the same steps on
+    the native kernels: recomputation under checkpointing, statistics deferred in task threads, BatchNorm's
+    cumulative average (momentum None), NCHW weights."""
+    batch = random_batch(tasks=4, queries=2)
+
+    def train(native: bool):
+        torch.manual_seed(0)
+        learner = MAML(Conv4(hidden=40, pool="stride", channels_last=setting != "nchw"), n_way=5, inner_steps=2,
+                       checkpoint_inner=setting == "checkpoint_inner",
+                       task_threads=2 if setting == "task_threads" else 1).double()
+        conv, norm, _ = learner.backbone.blocks()[0]
+        if setting == "cumulative_momentum":
+            for module in learner.modules():
+                if isinstance(module, BatchNorm2d):
+                    module.momentum = None
+        with monkeypatch.context() as patch:
+            if native:
+                patch.setattr(patch_conv, "applies", lambda *_: False)
+            assert patch_conv.applies(conv, norm, batch.query_x[0]) != native
+            for _ in range(2):
+                learner.meta_train_step(batch)
+        return {n: p.grad for n, p in learner.named_parameters()}, dict(learner.named_buffers())
+
+    (grads, buffers), (ref_grads, ref_buffers) = train(native=False), train(native=True)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-12, msg=name)
+    for name, ref in ref_buffers.items():
+        torch.testing.assert_close(buffers[name], ref, rtol=1e-9, atol=1e-12, msg=name)
+    assert ref_buffers["backbone.features.1.num_batches_tracked"].item() > 0

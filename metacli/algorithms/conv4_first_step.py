@@ -43,7 +43,7 @@ def applies(module: nn.Module, params: Params) -> bool:
         return False
     own = {name for name, _ in module.named_parameters() if name.startswith(("backbone.", "head."))}
     return set(params) == own and all(norm.training and norm.track_running_stats and norm.affine
-                                      and conv.bias is not None for conv, norm, _ in _blocks(backbone))
+                                      and conv.bias is not None for conv, norm, _ in backbone.blocks())
 
 
 def _channels(t: torch.Tensor, tasks: int) -> torch.Tensor:
@@ -116,12 +116,6 @@ class _PerTaskWeightGrad(torch.autograd.Function):
         return d_grad_out, d_images, None, None, None
 
 
-def _blocks(backbone: Conv4) -> list[tuple[nn.Conv2d, BatchNorm2d, nn.MaxPool2d | None]]:
-    """Conv4's blocks: conv, BatchNorm, then max-pooling (``pool="max"``) and ReLU, or ReLU alone."""
-    layers, size = list(backbone.features), 4 if backbone.pool == "max" else 3
-    return [(layers[i], layers[i + 1], layers[i + 2] if size == 4 else None) for i in range(0, len(layers), size)]
-
-
 def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
                   tasks: int) -> tuple[Params, list[BatchNorm2d], Statistics]:
     """Per-task gradients ``[tasks, *p.shape]`` of each task's mean support cross-entropy, for a module that
@@ -133,7 +127,7 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
     p = {key: params[name] for key, name in names.items()}  # module parameter -> the value to adapt
     saved, statistics = [], []
     h = x.contiguous(memory_format=torch.channels_last)
-    for conv, norm, pool in _blocks(backbone):
+    for conv, norm, pool in backbone.blocks():
         z = F.conv2d(h, p[id(conv.weight)], p[id(conv.bias)], conv.stride, conv.padding, conv.dilation)
         flat = _channels(z, tasks)
         mean = flat.mean(dim=1, keepdim=True)

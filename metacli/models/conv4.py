@@ -45,13 +45,19 @@ class Conv4(nn.Module):
         self.to(memory_format=memory_format(channels_last))
         self.out_dim = feature_dim(self, in_channels, image_size)
 
+    def blocks(self) -> list[tuple[nn.Conv2d, BatchNorm2d, nn.MaxPool2d | None]]:
+        """Each block's convolution, BatchNorm and max-pooling (``None`` with ``pool="stride"``); a ReLU ends it."""
+        layers, size = list(self.features), 4 if self.pool == "max" else 3
+        return [(layers[i], layers[i + 1], layers[i + 2] if size == 4 else None) for i in range(0, len(layers), size)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.features)
-        if patch_conv.applies(layers[0], layers[1], x):
-            relu = self.pool == "stride"  # max-pooling comes between BatchNorm and ReLU
-            x = patch_conv.conv_batchnorm(x, layers[0], layers[1], relu)  # channels-last
+        conv, norm, pool = self.blocks()[0]
+        if patch_conv.applies(conv, norm, x):
+            # With max-pooling between BatchNorm and ReLU, the pooling and the ReLU stay modules.
+            x = patch_conv.conv_batchnorm(x, conv, norm, relu=pool is None)  # channels-last
             x = x if self.channels_last else x.contiguous()
-            layers = layers[3 if relu else 2:]
+            layers = layers[2 if pool is not None else 3:]
         for layer in layers:
             x = layer(x)
         return x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1)

@@ -23,8 +23,8 @@ from metacli.models.batchnorm import BatchNorm2d
 
 def applies(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`conv_batchnorm` computes ``norm(conv(x))``, and pays: a 3x3 convolution with zero padding 1
-    and an affine metacli BatchNorm, outside autocast (whose low-precision product would spoil the statistics),
-    with a patch row of at most a quarter of the output's channels.
+    and an affine metacli BatchNorm, on the CPU (where it was measured), outside autocast (whose low-precision
+    product would spoil the statistics), with a patch row of at most a quarter of the output's channels.
 
     The patch matrix is read and written several times, so it must be small next to the activation it saves
     passes over. On the 2-core CPU (ProtoNet, meta-batch 32, alternating runs): Omniglot's 1 channel into 64 gains
@@ -35,7 +35,7 @@ def applies(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
             and 4 * (9 * conv.in_channels + 1) <= conv.out_channels
             and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.dilation == (1, 1)
             and conv.stride[0] == conv.stride[1] and conv.groups == 1 and conv.padding_mode == "zeros"
-            and not torch.is_autocast_enabled(x.device.type))
+            and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
 
 
 def patches(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
