@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metacli.models import patch_conv
 from metacli.models.batchnorm import BatchNorm2d, running_update
 from metacli.models.conv4 import Conv4
 
@@ -72,6 +73,47 @@ def _ungrouped(grouped: torch.Tensor, tasks: int) -> torch.Tensor:
     return per_image.permute(0, 1, 4, 2, 3).reshape(tasks * n, c, h, w)
 
 
+def _like_weight(grads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-task gradients ``[tasks, *weight.shape]``, each with the weight's strides where they are dense (else
+    contiguous)."""
+    like = torch.empty_like(weight)
+    out = torch.empty_strided(grads.shape, (like.numel(), *like.stride()), dtype=like.dtype, device=like.device)
+    return out.copy_(grads)
+
+
+class _PatchBlock:
+    """The first block's convolution and BatchNorm as :mod:`metacli.models.patch_conv`'s product, with per-task
+    statistics (each task's patch covariance), and its closed-form backward. It spares the passes over the
+    largest activation that the elementary BatchNorm below makes, forward and backward."""
+
+    def __init__(self, h: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, p: dict, tasks: int) -> None:
+        rows, (images, height, width) = patch_conv.patches(h, conv.stride[0])
+        rows = rows.view(tasks, -1, rows.shape[1])
+        self.centred = rows - rows.mean(dim=1, keepdim=True)
+        covariance = self.centred.transpose(1, 2) @ self.centred / rows.shape[1]
+        self.conv_weight, self.gamma = p[id(conv.weight)], p[id(norm.weight)]
+        self.weight = self.conv_weight.reshape(conv.out_channels, -1)
+        centre = rows.mean(dim=1) @ self.weight.t() + p[id(conv.bias)]
+        self.spread = self.weight @ covariance  # [tasks, out, patch]: d(variance)/d(weight) / 2
+        var = (self.spread * self.weight).sum(dim=2).clamp(min=0)
+        self.statistics = running_update(centre, var, rows.shape[1])
+        self.inv_std = torch.rsqrt(var + norm.eps)
+        self.scale = self.gamma * self.inv_std
+        flat = self.centred @ (self.weight.t() * self.scale[:, None, :]) + p[id(norm.bias)]
+        self.out = _images(flat, (images, conv.out_channels, height, width))
+
+    def backward(self, d_scaled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-task gradients of the conv weight and bias and the BatchNorm weight and bias, from the gradient of
+        BatchNorm's output as ``[tasks, n * h * w, channels]``."""
+        d_product = self.centred.transpose(1, 2) @ d_scaled  # d/d(the scaled weights), [tasks, patch, out]
+        d_scale = (d_product * self.weight.t()).sum(dim=1)
+        d_var = -0.5 * d_scale * self.gamma * self.inv_std ** 3
+        d_weight = (d_product * self.scale[:, None, :]).transpose(1, 2) + 2 * d_var[:, :, None] * self.spread
+        return {"conv_weight": _like_weight(d_weight.reshape(-1, *self.conv_weight.shape), self.conv_weight),
+                "conv_bias": torch.zeros_like(d_scale),  # BatchNorm removes it
+                "norm_weight": d_scale * self.inv_std, "norm_bias": d_scaled.sum(dim=1)}
+
+
 class _PerTaskWeightGrad(torch.autograd.Function):
     """The weight gradient of each task's slice of a convolution's batch: ``[tasks, *weight.shape]``, each task's
     gradient with the weight's strides (the later steps and the query pass adapt from it, and a first-layer weight
@@ -85,10 +127,7 @@ class _PerTaskWeightGrad(torch.autograd.Function):
         grads = torch.ops.aten.convolution_backward(
             _grouped(grad_out, tasks), _grouped(images, tasks), layout.permute(0, 3, 1, 2), None, conv.stride,
             conv.padding, conv.dilation, False, [0, 0], tasks, [False, True, False])[1]
-        like = torch.empty_like(weight)  # the weight's strides where they are dense, else contiguous
-        out = torch.empty_strided((tasks, *like.shape), (like.numel(), *like.stride()), dtype=like.dtype,
-                                  device=like.device)
-        return out.copy_(grads.view(tasks, *like.shape))
+        return _like_weight(grads.view(tasks, *weight.shape), weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -128,21 +167,28 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
     saved, statistics = [], []
     h = x.contiguous(memory_format=torch.channels_last)
     for conv, norm, pool in backbone.blocks():
-        z = F.conv2d(h, p[id(conv.weight)], p[id(conv.bias)], conv.stride, conv.padding, conv.dilation)
-        flat = _channels(z, tasks)
-        mean = flat.mean(dim=1, keepdim=True)
-        centred = flat - mean
-        var = (centred * centred).mean(dim=1, keepdim=True)
-        inv_std = torch.rsqrt(var + norm.eps)
-        normalised = centred * inv_std
-        statistics.append(running_update(mean.flatten(1), var.flatten(1), flat.shape[1]))
-        out = _images(normalised * p[id(norm.weight)] + p[id(norm.bias)], z.shape)
+        if not saved and patch_conv.applies(conv, norm, h):
+            patch = _PatchBlock(h, conv, norm, p, tasks)
+            z, normalised, inv_std, out = None, None, None, patch.out
+            statistics.append(patch.statistics)
+        else:
+            z, patch = F.conv2d(h, p[id(conv.weight)], p[id(conv.bias)], conv.stride, conv.padding,
+                                conv.dilation), None
+            flat = _channels(z, tasks)
+            mean = flat.mean(dim=1, keepdim=True)
+            centred = flat - mean
+            var = (centred * centred).mean(dim=1, keepdim=True)
+            inv_std = torch.rsqrt(var + norm.eps)
+            normalised = centred * inv_std
+            statistics.append(running_update(mean.flatten(1), var.flatten(1), flat.shape[1]))
+            out = _images(normalised * p[id(norm.weight)] + p[id(norm.bias)], z.shape)
         pre_pool, indices = out.detach(), None
         if pool is not None:  # Conv4 pools before the ReLU (the two commute)
             out, indices = F.max_pool2d(out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
                                         pool.ceil_mode, return_indices=True)
         out = out.relu()
-        saved.append((conv, norm, pool, h, z.shape, normalised, inv_std, pre_pool, indices, out))
+        saved.append((conv, norm, pool, h, None if z is None else z.shape, patch, normalised, inv_std, pre_pool, indices,
+                      out))
         h = out
     features = h.mean(dim=(2, 3)) if backbone.pool == "stride" else h.flatten(1)
     logits = features @ p[id(head.weight)].t() + p[id(head.bias)]
@@ -157,12 +203,18 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
     else:
         d_h = d_features.view(h.shape)
     for block in reversed(range(len(saved))):
-        conv, norm, pool, block_in, z_shape, normalised, inv_std, pre_pool, indices, out = saved[block]
+        conv, norm, pool, block_in, z_shape, patch, normalised, inv_std, pre_pool, indices, out = saved[block]
         d_out = d_h * (out > 0)
         if pool is not None:
             d_out = torch.ops.aten.max_pool2d_with_indices_backward(
                 d_out, pre_pool, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, indices)
         d_scaled = _channels(d_out, tasks)
+        if patch is not None:  # the first block, which needs no gradient for the images
+            first = patch.backward(d_scaled)
+            for key, q in (("conv_weight", conv.weight), ("conv_bias", conv.bias), ("norm_weight", norm.weight),
+                           ("norm_bias", norm.bias)):
+                grads[names[id(q)]] = first[key]
+            continue
         grads[names[id(norm.bias)]] = d_scaled.sum(dim=1)
         grads[names[id(norm.weight)]] = (d_scaled * normalised).sum(dim=1)
         d_norm = d_scaled * p[id(norm.weight)]
