@@ -35,7 +35,8 @@ def native(x, conv, norm, relu):
 
 def images(channels: int, size: int = 11) -> torch.Tensor:
     # Not centred, so that the bias and the patch mean matter.
-    return (torch.rand(6, channels, size, size, dtype=torch.float64) + 0.3).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(6, channels, size, size, dtype=torch.float64) + 0.3
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("relu", [True, False])

@@ -91,10 +91,11 @@ def test_paths_agree_for_anil_and_meta_sgd(algorithm, first_order):
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_paths_agree_on_a_colour_conv4_with_a_2x2_final_map(channels_last):
+@pytest.mark.parametrize("hidden", [6, 112])  # 112: wide enough for 3 channels to take the patch product
+def test_paths_agree_on_a_colour_conv4_with_a_2x2_final_map(channels_last, hidden):
     # 36 -> 18 -> 9 -> 4 -> 2: an odd map for the pooling to round, and a flattened 2x2 map for the head.
     torch.manual_seed(0)
-    learner = MAML(Conv4(in_channels=3, image_size=36, hidden=6, channels_last=channels_last), n_way=5,
+    learner = MAML(Conv4(in_channels=3, image_size=36, hidden=hidden, channels_last=channels_last), n_way=5,
                    inner_lr=0.4).double()
     assert_paths_agree(learner, random_batch(tasks=3, queries=2, channels=3, size=36))
 

@@ -16,8 +16,10 @@ once over every task's images with the shared weights; BatchNorm normalises with
 differentiated by its closed-form backward; every elementwise operation sees channels-last activations as
 contiguous ``[tasks, images * height * width, channels]`` views, so layouts never mix; the input gradients are
 transposed convolutions, and the conv weights' per-task gradients are one grouped convolution
-(:class:`_PerTaskWeightGrad`, whose backward is again native convolutions). Autograd differentiates all of it for
-second-order MAML. The per-task gradients, running statistics and meta-gradient are those of the vmapped step
+(:class:`_PerTaskWeightGrad`, whose backward is again native convolutions). Where
+:func:`metacli.models.patch_conv.applies` (Omniglot's one-channel images), the first block is instead one product
+over image patches with each task's statistics from its patch covariance (:class:`_PatchBlock`), which spares
+the passes over the largest activation. Autograd differentiates all of it for second-order MAML. The per-task gradients, running statistics and meta-gradient are those of the vmapped step
 (``tests/test_vectorize.py`` checks them in float64, both poolings, first and second order).
 """
 from __future__ import annotations
@@ -86,27 +88,28 @@ class _PatchBlock:
     statistics (each task's patch covariance), and its closed-form backward. It spares the passes over the
     largest activation that the elementary BatchNorm below makes, forward and backward."""
 
-    def __init__(self, h: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, p: dict, tasks: int) -> None:
+    def __init__(self, h: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, p: dict[int, torch.Tensor],
+                 tasks: int) -> None:
         rows, (images, height, width) = patch_conv.patches(h, conv.stride[0])
         rows = rows.view(tasks, -1, rows.shape[1])
         self.centred = rows - rows.mean(dim=1, keepdim=True)
         covariance = self.centred.transpose(1, 2) @ self.centred / rows.shape[1]
         self.conv_weight, self.gamma = p[id(conv.weight)], p[id(norm.weight)]
-        self.weight = self.conv_weight.reshape(conv.out_channels, -1)
-        centre = rows.mean(dim=1) @ self.weight.t() + p[id(conv.bias)]
-        self.spread = self.weight @ covariance  # [tasks, out, patch]: d(variance)/d(weight) / 2
-        var = (self.spread * self.weight).sum(dim=2).clamp(min=0)
+        self.flat_weight = self.conv_weight.reshape(conv.out_channels, -1)
+        centre = rows.mean(dim=1) @ self.flat_weight.t() + p[id(conv.bias)]
+        self.spread = self.flat_weight @ covariance  # [tasks, out, patch]: d(variance)/d(weight) / 2
+        var = (self.spread * self.flat_weight).sum(dim=2).clamp(min=0)
         self.statistics = running_update(centre, var, rows.shape[1])
         self.inv_std = torch.rsqrt(var + norm.eps)
         self.scale = self.gamma * self.inv_std
-        flat = self.centred @ (self.weight.t() * self.scale[:, None, :]) + p[id(norm.bias)]
+        flat = self.centred @ (self.flat_weight.t() * self.scale[:, None, :]) + p[id(norm.bias)]
         self.out = _images(flat, (images, conv.out_channels, height, width))
 
     def backward(self, d_scaled: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task gradients of the conv weight and bias and the BatchNorm weight and bias, from the gradient of
         BatchNorm's output as ``[tasks, n * h * w, channels]``."""
         d_product = self.centred.transpose(1, 2) @ d_scaled  # d/d(the scaled weights), [tasks, patch, out]
-        d_scale = (d_product * self.weight.t()).sum(dim=1)
+        d_scale = (d_product * self.flat_weight.t()).sum(dim=1)
         d_var = -0.5 * d_scale * self.gamma * self.inv_std ** 3
         d_weight = (d_product * self.scale[:, None, :]).transpose(1, 2) + 2 * d_var[:, :, None] * self.spread
         return {"conv_weight": _like_weight(d_weight.reshape(-1, *self.conv_weight.shape), self.conv_weight),
@@ -187,8 +190,8 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
             out, indices = F.max_pool2d(out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
                                         pool.ceil_mode, return_indices=True)
         out = out.relu()
-        saved.append((conv, norm, pool, h, None if z is None else z.shape, patch, normalised, inv_std, pre_pool, indices,
-                      out))
+        z_shape = None if z is None else z.shape
+        saved.append((conv, norm, pool, h, z_shape, patch, normalised, inv_std, pre_pool, indices, out))
         h = out
     features = h.mean(dim=(2, 3)) if backbone.pool == "stride" else h.flatten(1)
     logits = features @ p[id(head.weight)].t() + p[id(head.bias)]
