@@ -19,8 +19,9 @@ transposed convolutions, and the conv weights' per-task gradients are one groupe
 (:class:`_PerTaskWeightGrad`, whose backward is again native convolutions). Where
 :func:`metacli.models.patch_conv.applies` (Omniglot's one-channel images), the first block is instead one product
 over image patches with each task's statistics from its patch covariance (:class:`_PatchBlock`), which spares
-the passes over the largest activation. Autograd differentiates all of it for second-order MAML. The per-task gradients, running statistics and meta-gradient are those of the vmapped step
-(``tests/test_vectorize.py`` checks them in float64, both poolings, first and second order).
+the passes over the largest activation. Autograd differentiates all of it for second-order MAML. The per-task
+gradients, running statistics and meta-gradient are those of the vmapped step (``tests/test_vectorize.py`` checks
+them in float64, both poolings, first and second order).
 """
 from __future__ import annotations
 
@@ -92,29 +93,25 @@ class _PatchBlock:
                  tasks: int) -> None:
         rows, (images, height, width) = patch_conv.patches(h, conv.stride[0])
         rows = rows.view(tasks, -1, rows.shape[1])
-        self.centred = rows - rows.mean(dim=1, keepdim=True)
-        covariance = self.centred.transpose(1, 2) @ self.centred / rows.shape[1]
         self.conv_weight, self.gamma = p[id(conv.weight)], p[id(norm.weight)]
         self.flat_weight = self.conv_weight.reshape(conv.out_channels, -1)
-        centre = rows.mean(dim=1) @ self.flat_weight.t() + p[id(conv.bias)]
-        self.spread = self.flat_weight @ covariance  # [tasks, out, patch]: d(variance)/d(weight) / 2
-        var = (self.spread * self.flat_weight).sum(dim=2).clamp(min=0)
+        self.centred, centre, var, self.spread = patch_conv.output_moments(rows, self.flat_weight, p[id(conv.bias)])
         self.statistics = running_update(centre, var, rows.shape[1])
         self.inv_std = torch.rsqrt(var + norm.eps)
         self.scale = self.gamma * self.inv_std
         flat = self.centred @ (self.flat_weight.t() * self.scale[:, None, :]) + p[id(norm.bias)]
         self.out = _images(flat, (images, conv.out_channels, height, width))
 
-    def backward(self, d_scaled: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-task gradients of the conv weight and bias and the BatchNorm weight and bias, from the gradient of
-        BatchNorm's output as ``[tasks, n * h * w, channels]``."""
+    def backward(self, d_scaled: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-task gradients of the conv weight and bias and the BatchNorm weight and bias, in that order, from the
+        gradient of BatchNorm's output as ``[tasks, n * h * w, channels]``."""
         d_product = self.centred.transpose(1, 2) @ d_scaled  # d/d(the scaled weights), [tasks, patch, out]
         d_scale = (d_product * self.flat_weight.t()).sum(dim=1)
         d_var = -0.5 * d_scale * self.gamma * self.inv_std ** 3
         d_weight = (d_product * self.scale[:, None, :]).transpose(1, 2) + 2 * d_var[:, :, None] * self.spread
-        return {"conv_weight": _like_weight(d_weight.reshape(-1, *self.conv_weight.shape), self.conv_weight),
-                "conv_bias": torch.zeros_like(d_scale),  # BatchNorm removes it
-                "norm_weight": d_scale * self.inv_std, "norm_bias": d_scaled.sum(dim=1)}
+        return (_like_weight(d_weight.reshape(-1, *self.conv_weight.shape), self.conv_weight),
+                torch.zeros_like(d_scale),  # BatchNorm removes the conv bias
+                d_scale * self.inv_std, d_scaled.sum(dim=1))
 
 
 class _PerTaskWeightGrad(torch.autograd.Function):
@@ -213,10 +210,8 @@ def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.T
                 d_out, pre_pool, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, indices)
         d_scaled = _channels(d_out, tasks)
         if patch is not None:  # the first block, which needs no gradient for the images
-            first = patch.backward(d_scaled)
-            for key, q in (("conv_weight", conv.weight), ("conv_bias", conv.bias), ("norm_weight", norm.weight),
-                           ("norm_bias", norm.bias)):
-                grads[names[id(q)]] = first[key]
+            for q, grad in zip((conv.weight, conv.bias, norm.weight, norm.bias), patch.backward(d_scaled)):
+                grads[names[id(q)]] = grad
             continue
         grads[names[id(norm.bias)]] = d_scaled.sum(dim=1)
         grads[names[id(norm.weight)]] = (d_scaled * normalised).sum(dim=1)

@@ -49,18 +49,28 @@ def patches(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, tuple[int, int,
     return torch.stack(taps, dim=-1).permute(0, 2, 3, 1, 4).reshape(n * out_h * out_w, -1), (n, out_h, out_w)
 
 
+def output_moments(rows: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For patch rows ``[..., rows, k]`` and a flattened conv weight ``[out, k]``: the centred rows, and the
+    convolution output's mean ``[..., out]`` and biased variance ``[..., out]`` over the rows, with ``weight @
+    covariance`` (``[..., out, k]``, half the variance's gradient in the weight)."""
+    patch_mean = rows.mean(dim=-2, keepdim=True)
+    centred = rows - patch_mean
+    covariance = centred.transpose(-1, -2) @ centred / rows.shape[-2]
+    spread = weight @ covariance
+    var = (spread * weight).sum(dim=-1).clamp(min=0)
+    centre = patch_mean.squeeze(-2) @ weight.transpose(0, 1)
+    return centred, centre if bias is None else centre + bias, var, spread
+
+
 def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bool) -> torch.Tensor:
     """``norm(conv(x))``, followed by a ReLU if ``relu``, in every BatchNorm mode, as a channels-last batch."""
     rows, (n, h, w) = patches(x, conv.stride[0])
-    patch_mean = rows.mean(dim=0)
-    centred = rows - patch_mean
     weight = conv.weight.reshape(conv.out_channels, -1)
-    # The convolution's mean output; its bias cancels against itself in training, but stays in the graph so that
-    # it gets its (zero) gradient, as with the native kernels.
-    centre = weight @ patch_mean + conv.bias if conv.bias is not None else weight @ patch_mean
+    # The convolution's mean output (centre) keeps the bias, which cancels against itself in training but stays
+    # in the graph so that it gets its (zero) gradient, as with the native kernels.
+    centred, centre, var, _ = output_moments(rows, weight, conv.bias)
     if norm.uses_batch_statistics():
-        covariance = centred.transpose(0, 1) @ centred / rows.shape[0]
-        var = ((weight @ covariance) * weight).sum(dim=1).clamp(min=0)
         norm.take_batch_statistics(centre, var, rows.shape[0])
         mean = centre
     else:
