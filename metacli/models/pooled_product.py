@@ -46,7 +46,7 @@ def _extension():
 
                 cpu = hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:10]
                 _module = load(f"metacli_pooled_product_{cpu}", [str(_SOURCE)],
-                               extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"])
+                               extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"])
             except Exception as error:  # any build failure leaves the patch product, which computes the same
                 _failed = True
                 _log.warning("the native pooled-product kernel did not build (%s); Conv4 uses the patch product",
@@ -71,35 +71,6 @@ def available() -> bool:
     return _extension() is not None
 
 
-class _PooledProduct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, padded: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        out, winner = _extension().forward(padded, weight, shift)
-        ctx.save_for_backward(padded, winner)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        padded, winner = ctx.saved_tensors
-        d_weight, d_shift = _PooledProductGrad.apply(grad, padded, winner)
-        return None, d_weight, d_shift
-
-
-class _PooledProductGrad(torch.autograd.Function):
-    """The block's weight and shift gradients from its output gradient: linear in that gradient, so its own
-    backward is the adjoint map, another kernel."""
-
-    @staticmethod
-    def forward(ctx, grad: torch.Tensor, padded: torch.Tensor, winner: torch.Tensor):
-        ctx.save_for_backward(padded, winner)
-        return tuple(_extension().weight_grad(padded, grad, winner, grad.shape[-1]))
-
-    @staticmethod
-    def backward(ctx, u_weight: torch.Tensor, u_shift: torch.Tensor):
-        padded, winner = ctx.saved_tensors
-        return _extension().output_grad(padded, u_weight, u_shift, winner), None, None
-
-
 def applies(x: torch.Tensor) -> bool:
     """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.patch_conv.applies` to: even
     sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func`` transform, which
@@ -111,6 +82,4 @@ def applies(x: torch.Tensor) -> bool:
 def pooled_product(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``relu(max_pool2d(conv2d(x, w, padding=1) + shift, 2))`` as a channels-last ``[n, c, h / 2, w / 2]`` batch,
     for ``weight = w.flatten(1).T`` (``[c * 9, filters]``)."""
-    padded = F.pad(x, (1, 1, 1, 1)).contiguous()
-    out = _PooledProduct.apply(padded, weight.contiguous(), shift)
-    return out.permute(0, 3, 1, 2)
+    return _extension().pooled_product(F.pad(x, (1, 1, 1, 1)).contiguous(), weight, shift).permute(0, 3, 1, 2)

@@ -4,10 +4,9 @@
 // Layouts: x is the zero-padded input [n, c, h + 2, w + 2]; weight is [c * 9, C] with rows in the order of a
 // flattened conv weight (channel, row, column); the output and the winner are [n, h / 2, w / 2, C] (channels
 // last). winner holds the position in the pooling window (0..3, row-major) whose value went through, or 4 where
-// the ReLU cut it. Loops over C are innermost so that the compiler vectorises them.
+// the ReLU cut it. Loops over C are innermost so that the compiler vectorises them. The kernels run on the
+// calling thread: ATen's parallel_for, inlined here, would start an OpenMP team per task thread.
 #include <torch/extension.h>
-
-#include <ATen/Parallel.h>
 
 #include <vector>
 
@@ -47,86 +46,70 @@ inline void window_products(const T* __restrict x, const T* __restrict weight, c
 template <typename T>
 void forward_impl(const T* x, const T* weight, const T* shift, const Shape& s, T* out, uint8_t* winner) {
   const int64_t C = s.filters;
-  at::parallel_for(0, s.images * s.out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> z(4 * C), arg(C);
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t b = 0; b < s.out_w; ++b) {
-        window_products(x, weight, shift, s, r / s.out_h, r % s.out_h, b, z.data());
-        // Branch-free, so that it vectorises: the first maximal position wins and a NaN propagates, as in ATen's
-        // max-pooling; z[0..C) becomes the maximum.
-        T* best = z.data();
-        T* at = arg.data();
+  std::vector<T> z(4 * C), arg(C);
+  for (int64_t r = 0; r < s.images * s.out_h; ++r) {
+    for (int64_t b = 0; b < s.out_w; ++b) {
+      window_products(x, weight, shift, s, r / s.out_h, r % s.out_h, b, z.data());
+      // Branch-free, so that it vectorises: the first maximal position wins and a NaN propagates, as in ATen's
+      // max-pooling; z[0..C) becomes the maximum.
+      T* best = z.data();
+      T* at = arg.data();
 #pragma omp simd
-        for (int64_t f = 0; f < C; ++f) at[f] = T(0);
-        for (int k = 1; k < 4; ++k) {
-          const T* zk = z.data() + k * C;
-          const T position = T(k);
-#pragma omp simd
-          for (int64_t f = 0; f < C; ++f) {
-            const T v = zk[f];
-            const bool take = (v > best[f]) | (v != v);
-            best[f] = take ? v : best[f];
-            at[f] = take ? position : at[f];
-          }
-        }
-        T* o = out + (r * s.out_w + b) * C;
-        uint8_t* won = winner + (r * s.out_w + b) * C;
+      for (int64_t f = 0; f < C; ++f) at[f] = T(0);
+      for (int k = 1; k < 4; ++k) {
+        const T* zk = z.data() + k * C;
+        const T position = T(k);
 #pragma omp simd
         for (int64_t f = 0; f < C; ++f) {
-          const bool through = (best[f] > T(0)) | (best[f] != best[f]);
-          o[f] = through ? best[f] : T(0);
-          won[f] = static_cast<uint8_t>(through ? at[f] : T(4));
+          const T v = zk[f];
+          const bool take = (v > best[f]) | (v != v);
+          best[f] = take ? v : best[f];
+          at[f] = take ? position : at[f];
         }
       }
+      T* o = out + (r * s.out_w + b) * C;
+      uint8_t* won = winner + (r * s.out_w + b) * C;
+#pragma omp simd
+      for (int64_t f = 0; f < C; ++f) {
+        const bool through = (best[f] > T(0)) | (best[f] != best[f]);
+        o[f] = through ? best[f] : T(0);
+        won[f] = static_cast<uint8_t>(through ? at[f] : T(4));
+      }
     }
-  });
+  }
 }
 
 // Gradients of the weight and shift from the output's gradient g: each window's winning patch times g.
 template <typename T>
 void weight_grad_impl(const T* x, const T* g, const uint8_t* winner, const Shape& s, T* d_weight, T* d_shift) {
-  const int64_t C = s.filters, rows = s.channels * 9;
-  const int64_t total = s.images * s.out_h;
-  // Fixed chunks summed in order, so the result does not depend on which thread ran which chunk.
-  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), total);
-  std::vector<std::vector<T>> partial(chunks, std::vector<T>((rows + 1) * C, T(0)));
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<T> masked(4 * C);
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      T* acc = partial[chunk].data();
-      for (int64_t r = total * chunk / chunks; r < total * (chunk + 1) / chunks; ++r) {
-        const int64_t img = r / s.out_h, a = r % s.out_h;
-        for (int64_t b = 0; b < s.out_w; ++b) {
-          const T* gr = g + (r * s.out_w + b) * C;
-          const uint8_t* won = winner + (r * s.out_w + b) * C;
-          for (int k = 0; k < 4; ++k)
+  const int64_t C = s.filters;
+  std::vector<T> masked(4 * C);
+  for (int64_t r = 0; r < s.images * s.out_h; ++r) {
+    const int64_t img = r / s.out_h, a = r % s.out_h;
+    for (int64_t b = 0; b < s.out_w; ++b) {
+      const T* gr = g + (r * s.out_w + b) * C;
+      const uint8_t* won = winner + (r * s.out_w + b) * C;
+      for (int k = 0; k < 4; ++k)
 #pragma omp simd
-            for (int64_t f = 0; f < C; ++f) masked[k * C + f] = won[f] == k ? gr[f] : T(0);
+        for (int64_t f = 0; f < C; ++f) masked[k * C + f] = won[f] == k ? gr[f] : T(0);
 #pragma omp simd
-          for (int64_t f = 0; f < C; ++f) acc[rows * C + f] += won[f] < 4 ? gr[f] : T(0);
-          for (int k = 0; k < 4; ++k) {
-            const T* mk = masked.data() + k * C;
-            for (int64_t ci = 0; ci < s.channels; ++ci) {
-              const T* plane = x + (img * s.channels + ci) * s.padded_h * s.padded_w;
-              for (int dy = 0; dy < 3; ++dy) {
-                const T* row = plane + (2 * a + (k >> 1) + dy) * s.padded_w + 2 * b + (k & 1);
-                for (int dx = 0; dx < 3; ++dx) {
-                  const T p = row[dx];
-                  T* dw = acc + ((ci * 3 + dy) * 3 + dx) * C;
+      for (int64_t f = 0; f < C; ++f) d_shift[f] += won[f] < 4 ? gr[f] : T(0);
+      for (int k = 0; k < 4; ++k) {
+        const T* mk = masked.data() + k * C;
+        for (int64_t ci = 0; ci < s.channels; ++ci) {
+          const T* plane = x + (img * s.channels + ci) * s.padded_h * s.padded_w;
+          for (int dy = 0; dy < 3; ++dy) {
+            const T* row = plane + (2 * a + (k >> 1) + dy) * s.padded_w + 2 * b + (k & 1);
+            for (int dx = 0; dx < 3; ++dx) {
+              const T p = row[dx];
+              T* __restrict dw = d_weight + ((ci * 3 + dy) * 3 + dx) * C;
 #pragma omp simd
-                  for (int64_t f = 0; f < C; ++f) dw[f] += p * mk[f];
-                }
-              }
+              for (int64_t f = 0; f < C; ++f) dw[f] += p * mk[f];
             }
           }
         }
       }
     }
-  });
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const T* acc = partial[chunk].data();
-    for (int64_t i = 0; i < rows * C; ++i) d_weight[i] += acc[i];
-    for (int64_t f = 0; f < C; ++f) d_shift[f] += acc[rows * C + f];
   }
 }
 
@@ -136,17 +119,15 @@ template <typename T>
 void output_grad_impl(const T* x, const T* u_weight, const T* u_shift, const uint8_t* winner, const Shape& s,
                       T* d_g) {
   const int64_t C = s.filters;
-  at::parallel_for(0, s.images * s.out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> z(4 * C);
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t b = 0; b < s.out_w; ++b) {
-        window_products(x, u_weight, u_shift, s, r / s.out_h, r % s.out_h, b, z.data());
-        const uint8_t* won = winner + (r * s.out_w + b) * C;
-        T* o = d_g + (r * s.out_w + b) * C;
-        for (int64_t f = 0; f < C; ++f) o[f] = won[f] < 4 ? z[won[f] * C + f] : T(0);
-      }
+  std::vector<T> z(4 * C);
+  for (int64_t r = 0; r < s.images * s.out_h; ++r) {
+    for (int64_t b = 0; b < s.out_w; ++b) {
+      window_products(x, u_weight, u_shift, s, r / s.out_h, r % s.out_h, b, z.data());
+      const uint8_t* won = winner + (r * s.out_w + b) * C;
+      T* o = d_g + (r * s.out_w + b) * C;
+      for (int64_t f = 0; f < C; ++f) o[f] = won[f] < 4 ? z[won[f] * C + f] : T(0);
     }
-  });
+  }
 }
 
 void check(const torch::Tensor& x, const torch::Tensor& weight) {
@@ -157,19 +138,25 @@ void check(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, "the unpadded image sides must be even");
 }
 
-std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor weight, torch::Tensor shift) {
+std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& shift) {
   check(x, weight);
   const Shape s = shape_of(x, weight.size(1));
   auto out = torch::empty({s.images, s.out_h, s.out_w, s.filters}, x.options());
   auto winner = torch::empty({s.images, s.out_h, s.out_w, s.filters}, x.options().dtype(torch::kUInt8));
+  auto sc = shift.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pooled_product_forward", [&] {
-    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), shift.contiguous().data_ptr<scalar_t>(),
-                           s, out.data_ptr<scalar_t>(), winner.data_ptr<uint8_t>());
+    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), s,
+                           out.data_ptr<scalar_t>(), winner.data_ptr<uint8_t>());
   });
   return {out, winner};
 }
 
-std::vector<torch::Tensor> weight_grad(torch::Tensor x, torch::Tensor g, torch::Tensor winner, int64_t filters) {
+torch::Tensor or_zeros(const torch::Tensor& t, at::IntArrayRef size, const torch::Tensor& like) {
+  return t.defined() ? t.contiguous() : torch::zeros(size, like.options());
+}
+
+std::vector<torch::Tensor> weight_grad(const torch::Tensor& x, const torch::Tensor& g, const torch::Tensor& winner,
+                                       int64_t filters) {
   const Shape s = shape_of(x, filters);
   auto d_weight = torch::zeros({s.channels * 9, filters}, x.options());
   auto d_shift = torch::zeros({filters}, x.options());
@@ -181,23 +168,60 @@ std::vector<torch::Tensor> weight_grad(torch::Tensor x, torch::Tensor g, torch::
   return {d_weight, d_shift};
 }
 
-torch::Tensor output_grad(torch::Tensor x, torch::Tensor u_weight, torch::Tensor u_shift, torch::Tensor winner) {
-  auto uw = u_weight.contiguous();
-  check(x, uw);
-  const Shape s = shape_of(x, uw.size(1));
+torch::Tensor output_grad(const torch::Tensor& x, const torch::Tensor& u_weight, const torch::Tensor& u_shift,
+                          const torch::Tensor& winner) {
+  const Shape s = shape_of(x, u_weight.size(1));
   auto d_g = torch::empty({s.images, s.out_h, s.out_w, s.filters}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pooled_product_output_grad", [&] {
-    output_grad_impl<scalar_t>(x.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(), u_shift.contiguous().data_ptr<scalar_t>(),
+    output_grad_impl<scalar_t>(x.data_ptr<scalar_t>(), u_weight.data_ptr<scalar_t>(), u_shift.data_ptr<scalar_t>(),
                                winner.data_ptr<uint8_t>(), s, d_g.data_ptr<scalar_t>());
   });
   return d_g;
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The weight and shift gradients from the output's gradient: linear in it, so its own backward is the adjoint
+// map (output_grad). Autograd functions in C++, so that a backward never waits for the GIL.
+struct WeightGrad : public torch::autograd::Function<WeightGrad> {
+  static variable_list forward(AutogradContext* ctx, const torch::Tensor& g, const torch::Tensor& x,
+                               const torch::Tensor& winner) {
+    ctx->save_for_backward({x, winner});
+    return weight_grad(x, g, winner, g.size(-1));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const int64_t filters = saved[1].size(-1);
+    auto u_weight = or_zeros(grads[0], {x.size(1) * 9, filters}, x);
+    auto u_shift = or_zeros(grads[1], {filters}, x);
+    return {output_grad(x, u_weight, u_shift, saved[1]), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+struct PooledProduct : public torch::autograd::Function<PooledProduct> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& weight,
+                               const torch::Tensor& shift) {
+    auto result = ::forward(x, weight, shift);
+    ctx->save_for_backward({x, result[1]});
+    return result[0];
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto g = or_zeros(grads[0], saved[1].sizes(), saved[0]);
+    auto d = WeightGrad::apply(g, saved[0], saved[1]);
+    return {torch::Tensor(), d[0], d[1]};
+  }
+};
+
+torch::Tensor pooled_product(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& shift) {
+  return PooledProduct::apply(x, weight.contiguous(), shift);
+}
+
 }  // namespace
 
-// The GIL is let go while a kernel runs, so that task threads run their kernels side by side.
+// The GIL is let go while the kernels run, so that task threads run theirs side by side.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, py::call_guard<py::gil_scoped_release>());
-  m.def("weight_grad", &weight_grad, py::call_guard<py::gil_scoped_release>());
-  m.def("output_grad", &output_grad, py::call_guard<py::gil_scoped_release>());
+  m.def("pooled_product", &pooled_product, py::call_guard<py::gil_scoped_release>());
 }
