@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metacli.models import patch_conv
+from metacli.models import patch_conv, pooled_product
 from metacli.models.batchnorm import BatchNorm2d
 from metacli.models.layers import feature_dim, memory_format
 
@@ -54,10 +54,13 @@ class Conv4(nn.Module):
         layers = list(self.features)
         conv, norm, pool = self.blocks()[0]
         if patch_conv.applies(conv, norm, x):
-            # With max-pooling between BatchNorm and ReLU, the pooling and the ReLU stay modules.
-            x = patch_conv.conv_batchnorm(x, conv, norm, relu=pool is None)  # channels-last
-            x = x if self.channels_last else x.contiguous()
-            layers = layers[2 if pool is not None else 3:]
+            if pool is not None and pooled_product.applies(x):
+                x, layers = patch_conv.conv_batchnorm_pool_relu(x, conv, norm), layers[4:]
+            else:
+                # With max-pooling between BatchNorm and ReLU, the pooling and the ReLU stay modules.
+                x = patch_conv.conv_batchnorm(x, conv, norm, relu=pool is None)
+                layers = layers[2 if pool is not None else 3:]
+            x = x if self.channels_last else x.contiguous()  # both come channels-last
         for layer in layers:
             x = layer(x)
         return x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1)

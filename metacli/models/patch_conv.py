@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metacli.models import pooled_product
 from metacli.models.batchnorm import BatchNorm2d
 
 
@@ -63,9 +64,9 @@ def output_moments(rows: torch.Tensor, weight: torch.Tensor,
     return centred, centre if bias is None else centre + bias, var, spread
 
 
-def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bool) -> torch.Tensor:
-    """``norm(conv(x))``, followed by a ReLU if ``relu``, in every BatchNorm mode, as a channels-last batch."""
-    rows, (n, h, w) = patches(x, conv.stride[0])
+def _folded_statistics(rows: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d):
+    """The centred patch rows, the flat weight, the convolution's batch mean, and the mean and scale ``norm``
+    normalises with (recording the batch statistics as its mode says)."""
     weight = conv.weight.reshape(conv.out_channels, -1)
     # The convolution's mean output (centre) keeps the bias, which cancels against itself in training but stays
     # in the graph so that it gets its (zero) gradient, as with the native kernels.
@@ -75,7 +76,13 @@ def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bo
         mean = centre
     else:
         mean, var = norm.running_mean, norm.running_var
-    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    return centred, weight, centre, mean, norm.weight * torch.rsqrt(var + norm.eps)
+
+
+def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bool) -> torch.Tensor:
+    """``norm(conv(x))``, followed by a ReLU if ``relu``, in every BatchNorm mode, as a channels-last batch."""
+    rows, (n, h, w) = patches(x, conv.stride[0])
+    centred, weight, centre, mean, scale = _folded_statistics(rows, conv, norm)
     shift = (centre - mean) * scale + norm.bias
     ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
     out = torch.cat([centred, ones], dim=1) @ torch.cat([weight.transpose(0, 1) * scale, shift[None]])
@@ -83,3 +90,12 @@ def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bo
         # In place here, not on the 4-d view below: an in-place op on a view makes autograd copy its gradient.
         out = out.relu_()
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def conv_batchnorm_pool_relu(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d) -> torch.Tensor:
+    """``relu(max_pool2d(norm(conv(x)), 2))`` for a stride-1 ``conv``, by :mod:`metacli.models.pooled_product`'s
+    kernel, where :func:`~metacli.models.pooled_product.applies` says it can."""
+    rows, _ = patches(x, 1)
+    _, weight, _, mean, scale = _folded_statistics(rows, conv, norm)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+    return pooled_product.pooled_product(x, (weight * scale[:, None]).transpose(0, 1), (bias - mean) * scale + norm.bias)

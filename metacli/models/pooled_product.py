@@ -1,0 +1,85 @@
+"""The max-pool Conv4's first block (convolution, BatchNorm, 2x2 max-pooling, ReLU) as one native kernel.
+
+Why: the first convolution of the max-pool Conv4 writes a 64x28x28 activation for each 28x28 Omniglot image, four
+times the pooled output. Even as :mod:`metacli.models.patch_conv`'s single product, writing it, pooling it
+(with int64 indices) and zero-filling and scattering its gradient took 19 of the 60 ms a ProtoNet episode took on
+one CPU thread, for 2 % of its FLOPs. Done window by window in C++, that activation is never stored, and only a
+byte per output (which of the four positions went through, or none past the ReLU) is kept for the backward.
+
+BatchNorm's statistics still come from the patch covariance (:func:`~metacli.models.patch_conv.output_moments`),
+so every BatchNorm mode is handled as there; the kernel gets the normalisation folded into the weights and the
+shift. Its backward is itself differentiable (a second kernel is its adjoint), so second-order MAML can take
+the block. The kernel is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s, cached in
+``TORCH_EXTENSIONS_DIR``); where that fails (no C++ compiler, no ninja), :func:`available` says so once and
+Conv4 keeps the patch product.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SOURCE = Path(__file__).with_name("native") / "pooled_product.cpp"
+_log = logging.getLogger(__name__)
+_module = None
+_failed = False
+_lock = threading.Lock()
+
+
+def _extension():
+    """The compiled kernels, built for this CPU the first time (``-march=native``, so the build directory is
+    named after the CPU too, for home directories that machines of several kinds share)."""
+    global _module, _failed
+    with _lock:  # task threads reach the first block together
+        if _module is None and not _failed:
+            # Importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA, which is no concern
+            # of a CPU kernel.
+            quiet = logging.getLogger("torch.utils.cpp_extension")
+            level, quiet.level = quiet.level, logging.ERROR
+            try:
+                from torch.utils.cpp_extension import load
+
+                cpu = hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:10]
+                _module = load(f"metacli_pooled_product_{cpu}", [str(_SOURCE)],
+                               extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"])
+            except Exception as error:  # any build failure leaves the patch product, which computes the same
+                _failed = True
+                _log.warning("the native pooled-product kernel did not build (%s); Conv4 uses the patch product",
+                             str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            finally:
+                quiet.setLevel(level)
+    return _module
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it now if it was never tried)."""
+    return _extension() is not None
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.patch_conv.applies` to: even
+    sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func`` transform, which
+    the kernels have no rules for."""
+    return (x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0 and not x.requires_grad
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and available())
+
+
+def pooled_product(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``relu(max_pool2d(conv2d(x, w, padding=1) + shift, 2))`` as a channels-last ``[n, c, h / 2, w / 2]`` batch,
+    for ``weight = w.flatten(1).T`` (``[c * 9, filters]``)."""
+    return _extension().pooled_product(F.pad(x, (1, 1, 1, 1)).contiguous(), weight, shift).permute(0, 3, 1, 2)

@@ -1,0 +1,137 @@
+"""The max-pool Conv4's first block as one native kernel (metacli.models.pooled_product) computes what the native
+PyTorch kernels compute: values, running statistics, first and second derivatives, in every BatchNorm mode."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metacli.algorithms.base import batch_statistics_only
+from metacli.algorithms.maml import MAML
+from metacli.models import patch_conv, pooled_product
+from metacli.models.batchnorm import BatchNorm2d
+from metacli.models.conv4 import Conv4
+from test_vectorize import random_batch
+
+
+def block(channels: int) -> tuple[nn.Conv2d, BatchNorm2d]:
+    torch.manual_seed(0)
+    filters = 4 * (9 * channels + 1)  # the narrowest the patch product takes
+    conv, norm = nn.Conv2d(channels, filters, 3, padding=1).double(), BatchNorm2d(filters).double()
+    with torch.no_grad():  # affine parameters (some negative) and running statistics away from their defaults
+        norm.weight.uniform_(-1.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    return conv, norm
+
+
+def native(x, conv, norm):
+    return torch.relu(F.max_pool2d(nn.BatchNorm2d.forward(norm, conv(x)), 2))
+
+
+def images(channels: int) -> torch.Tensor:
+    x = torch.rand(6, channels, 12, 10, dtype=torch.float64) + 0.3
+    x[:, :, :4] = 0.5  # flat background, as in Omniglot: ties inside pooling windows
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def test_the_kernel_builds_here():
+    assert pooled_product.available()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", ["train", "eval", "transductive"])
+def test_values_statistics_and_two_derivatives_match_the_native_kernels(mode, channels):
+    conv, norm = block(channels)
+    ref_conv, ref_norm = copy.deepcopy(conv), copy.deepcopy(norm)
+    x = images(channels)
+    assert pooled_product.applies(x) and patch_conv.applies(conv, norm, x)
+    for module in (norm, ref_norm):
+        module.train(mode != "eval")
+    statistics = batch_statistics_only if mode == "transductive" else lambda _: contextlib.nullcontext()
+    with statistics(norm), statistics(ref_norm):
+        out = patch_conv.conv_batchnorm_pool_relu(x, conv, norm)
+        ref = native(x, ref_conv, ref_norm)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last) and (out == 0).any() and (out > 0).any()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(norm, name), getattr(ref_norm, name), rtol=1e-12, atol=1e-14)
+
+    params, ref_params = [*conv.parameters(), *norm.parameters()], [*ref_conv.parameters(), *ref_norm.parameters()]
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weights).sum(), params, create_graph=True)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), ref_params, create_graph=True)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+    # Second derivatives through the gradient: a Hessian-vector product, as second-order MAML takes them.
+    directions = [torch.randn_like(p) for p in params]
+    hvp = torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, directions)), params, allow_unused=True)
+    ref_hvp = torch.autograd.grad(sum((g * d).sum() for g, d in zip(ref_grads, directions)), ref_params,
+                                  allow_unused=True)
+    for h, r in zip(hvp, ref_hvp):
+        h = torch.zeros_like(r) if h is None and r is not None else h
+        r = torch.zeros_like(h) if r is None and h is not None else r
+        if h is not None:
+            torch.testing.assert_close(h, r, rtol=1e-8, atol=1e-10)
+
+
+def test_a_nan_weight_reaches_the_output_as_natively():
+    conv, norm = block(1)
+    with torch.no_grad():
+        conv.weight[3] = float("nan")
+    out = patch_conv.conv_batchnorm_pool_relu(images(1), conv, norm)
+    assert out[:, 3].isnan().all() and not out[:, :3].isnan().any()
+
+
+def test_float32_agrees_with_the_patch_product():
+    torch.manual_seed(0)
+    model = Conv4(pool="max")
+    x = torch.randn(20, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    conv, norm, _ = model.blocks()[0]
+    fused = patch_conv.conv_batchnorm_pool_relu(x, conv, norm)
+    unfused = torch.relu(F.max_pool2d(patch_conv.conv_batchnorm(x, conv, norm, relu=False), 2))
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_conv4_skips_it_under_vmap_and_for_images_that_want_gradients():
+    x = torch.rand(2, 4, 1, 28, 28, dtype=torch.float64)
+    assert pooled_product.applies(x[0])
+    assert not pooled_product.applies(x[0].clone().requires_grad_())
+    assert not pooled_product.applies(torch.rand(4, 1, 27, 27))
+    seen = []
+    torch.func.vmap(lambda images: seen.append(pooled_product.applies(images)) or images.sum())(x)
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("setting", ["serial", "task_threads", "checkpoint_inner"])
+def test_second_order_maml_through_it_matches_the_native_kernels(setting, monkeypatch):
+    """Two second-order MAML steps (two inner steps, so the support passes go through the kernels' double
+    backward) on a max-pool Conv4, against the same steps with neither the kernel nor the patch product."""
+    batch = random_batch(tasks=4, queries=2)
+
+    def train(native: bool):
+        torch.manual_seed(0)
+        learner = MAML(Conv4(hidden=40, pool="max"), n_way=5, inner_steps=2, batch_first_step=False,
+                       checkpoint_inner=setting == "checkpoint_inner",
+                       task_threads=2 if setting == "task_threads" else 1).double()
+        with monkeypatch.context() as patch:
+            if native:
+                patch.setattr(patch_conv, "applies", lambda *_: False)
+            for _ in range(2):
+                learner.meta_train_step(batch)
+        return {n: p.grad for n, p in learner.named_parameters()}, dict(learner.named_buffers())
+
+    calls = []
+    kernel = pooled_product.pooled_product
+    monkeypatch.setattr(pooled_product, "pooled_product", lambda *args: calls.append(1) or kernel(*args))
+    (grads, buffers), (ref_grads, ref_buffers) = train(native=False), train(native=True)
+    assert calls  # the kernel path was taken
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-12, msg=name)
+    for name, ref in ref_buffers.items():
+        torch.testing.assert_close(buffers[name], ref, rtol=1e-9, atol=1e-12, msg=name)
