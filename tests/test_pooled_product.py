@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from metacli.algorithms.base import batch_statistics_only
 from metacli.algorithms.maml import MAML
@@ -42,6 +44,30 @@ def images(channels: int) -> torch.Tensor:
 
 def test_the_kernel_builds_here():
     assert pooled_product.available()
+
+
+def test_a_failed_build_leaves_the_patch_product(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(pooled_product, "_module", None)
+    monkeypatch.setattr(pooled_product, "_failed", False)
+    monkeypatch.setattr(pooled_product, "_SOURCE", tmp_path / "missing.cpp")
+    x = images(1)
+    with caplog.at_level(logging.WARNING, logger="metacli.models.pooled_product"):
+        assert not pooled_product.applies(x)
+    assert "did not build" in caplog.text and "patch product" in caplog.text
+    torch.manual_seed(0)
+    model, omniglot = Conv4(hidden=40, pool="max").double(), torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(model(omniglot), model.features(omniglot).flatten(1), rtol=1e-10, atol=1e-12)
+
+
+def test_the_flop_counter_sees_the_native_twin():
+    model = Conv4(hidden=40, pool="max").double()
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    with FlopCounterMode(display=False) as inside:
+        model(x)
+    with FlopCounterMode(display=False) as twin, pooled_product.disabled():
+        model(x)
+    assert pooled_product.applies(x)  # enabled again on leaving
+    assert twin.get_total_flops() > inside.get_total_flops() > 0
 
 
 @pytest.mark.parametrize("channels", [1, 3])

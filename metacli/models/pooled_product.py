@@ -8,10 +8,11 @@ byte per output (which of the four positions went through, or none past the ReLU
 
 BatchNorm's statistics still come from the patch covariance (:func:`~metacli.models.patch_conv.output_moments`),
 so every BatchNorm mode is handled as there; the kernel gets the normalisation folded into the weights and the
-shift. Its backward is itself differentiable (a second kernel is its adjoint), so second-order MAML can take
-the block. The kernel is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s, cached in
-``TORCH_EXTENSIONS_DIR``); where that fails (no C++ compiler, no ninja), :func:`available` says so once and
-Conv4 keeps the patch product.
+shift. Its backward (a second kernel) is differentiable in turn (a third kernel is that one's adjoint), so
+second-order MAML can take the block. Both are C++ autograd functions and the kernels let go of the GIL, so task
+threads run them side by side. The kernels are compiled on first use with ``torch.utils.cpp_extension`` (about
+30 s, cached in ``TORCH_EXTENSIONS_DIR``); where that fails (no C++ compiler, no ninja), :func:`available` says
+so once and Conv4 keeps the patch product.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import hashlib
 import logging
 import platform
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ _log = logging.getLogger(__name__)
 _module = None
 _failed = False
 _lock = threading.Lock()
+_enabled = True
 
 
 def _extension():
@@ -71,12 +75,24 @@ def available() -> bool:
     return _extension() is not None
 
 
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Conv4 without the kernel while inside: for ``torch.utils.flop_counter``, which counts the native operators
+    but cannot see into the kernel."""
+    global _enabled
+    _enabled = False
+    try:
+        yield
+    finally:
+        _enabled = True
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.patch_conv.applies` to: even
     sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func`` transform, which
     the kernels have no rules for."""
     return (x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0 and not x.requires_grad
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and available())
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _enabled and available())
 
 
 def pooled_product(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
