@@ -20,26 +20,32 @@ Shape shape_of(const torch::Tensor& x, int64_t filters) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), (x.size(2) - 2) / 2, (x.size(3) - 2) / 2, filters};
 }
 
-// z[k * C + f] = shift[f] + the patch under position k of window (img, a, b) times weight[:, f]; shift may be null.
+// visit(tap, p) for each of the c * 9 values p of the patch under position k of window (img, a, b); tap is the
+// value's row in the weight.
+template <typename T, typename Visit>
+inline void for_each_tap(const T* x, const Shape& s, int64_t img, int64_t a, int64_t b, int k, Visit visit) {
+  for (int64_t ci = 0; ci < s.channels; ++ci) {
+    const T* plane = x + (img * s.channels + ci) * s.padded_h * s.padded_w;
+    for (int dy = 0; dy < 3; ++dy) {
+      const T* row = plane + (2 * a + (k >> 1) + dy) * s.padded_w + 2 * b + (k & 1);
+      for (int dx = 0; dx < 3; ++dx) visit((ci * 3 + dy) * 3 + dx, row[dx]);
+    }
+  }
+}
+
+// z[k * C + f] = shift[f] + the patch under position k of window (img, a, b) times weight[:, f].
 template <typename T>
 inline void window_products(const T* __restrict x, const T* __restrict weight, const T* __restrict shift,
                             const Shape& s, int64_t img, int64_t a, int64_t b, T* __restrict z) {
   const int64_t C = s.filters;
   for (int k = 0; k < 4; ++k) {
     T* __restrict zk = z + k * C;
-    for (int64_t f = 0; f < C; ++f) zk[f] = shift ? shift[f] : T(0);
-    for (int64_t ci = 0; ci < s.channels; ++ci) {
-      const T* plane = x + (img * s.channels + ci) * s.padded_h * s.padded_w;
-      for (int dy = 0; dy < 3; ++dy) {
-        const T* row = plane + (2 * a + (k >> 1) + dy) * s.padded_w + 2 * b + (k & 1);
-        for (int dx = 0; dx < 3; ++dx) {
-          const T p = row[dx];
-          const T* __restrict w = weight + ((ci * 3 + dy) * 3 + dx) * C;
+    for (int64_t f = 0; f < C; ++f) zk[f] = shift[f];
+    for_each_tap(x, s, img, a, b, k, [&](int64_t tap, T p) {
+      const T* __restrict w = weight + tap * C;
 #pragma omp simd
-          for (int64_t f = 0; f < C; ++f) zk[f] += p * w[f];
-        }
-      }
-    }
+      for (int64_t f = 0; f < C; ++f) zk[f] += p * w[f];
+    });
   }
 }
 
@@ -95,19 +101,12 @@ void weight_grad_impl(const T* x, const T* g, const uint8_t* winner, const Shape
 #pragma omp simd
       for (int64_t f = 0; f < C; ++f) d_shift[f] += won[f] < 4 ? gr[f] : T(0);
       for (int k = 0; k < 4; ++k) {
-        const T* mk = masked.data() + k * C;
-        for (int64_t ci = 0; ci < s.channels; ++ci) {
-          const T* plane = x + (img * s.channels + ci) * s.padded_h * s.padded_w;
-          for (int dy = 0; dy < 3; ++dy) {
-            const T* row = plane + (2 * a + (k >> 1) + dy) * s.padded_w + 2 * b + (k & 1);
-            for (int dx = 0; dx < 3; ++dx) {
-              const T p = row[dx];
-              T* __restrict dw = d_weight + ((ci * 3 + dy) * 3 + dx) * C;
+        const T* __restrict mk = masked.data() + k * C;
+        for_each_tap(x, s, img, a, b, k, [&](int64_t tap, T p) {
+          T* __restrict dw = d_weight + tap * C;
 #pragma omp simd
-              for (int64_t f = 0; f < C; ++f) dw[f] += p * mk[f];
-            }
-          }
-        }
+          for (int64_t f = 0; f < C; ++f) dw[f] += p * mk[f];
+        });
       }
     }
   }
