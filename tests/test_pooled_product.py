@@ -124,11 +124,12 @@ def test_float32_agrees_with_the_patch_product():
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
 
 
-def test_conv4_skips_it_under_vmap_and_for_images_that_want_gradients():
+def test_conv4_skips_it_under_vmap_for_odd_sizes_half_precision_and_images_that_want_gradients():
     x = torch.rand(2, 4, 1, 28, 28, dtype=torch.float64)
     assert pooled_product.applies(x[0])
     assert not pooled_product.applies(x[0].clone().requires_grad_())
     assert not pooled_product.applies(torch.rand(4, 1, 27, 27))
+    assert not pooled_product.applies(torch.rand(4, 1, 28, 28, dtype=torch.bfloat16))
     seen = []
     torch.func.vmap(lambda images: seen.append(pooled_product.applies(images)) or images.sum())(x)
     assert seen == [False]

@@ -49,8 +49,10 @@ def _extension():
                 from torch.utils.cpp_extension import load
 
                 cpu = hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:10]
+                # 512-bit vectors where the CPU has them: the loops run over 64 filters.
+                wide = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
                 _module = load(f"metacli_pooled_product_{cpu}", [str(_SOURCE)],
-                               extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"])
+                               extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *wide])
             except Exception as error:  # any build failure leaves the patch product, which computes the same
                 _failed = True
                 _log.warning("the native pooled-product kernel did not build (%s); Conv4 uses the patch product",
@@ -88,10 +90,11 @@ def disabled() -> Iterator[None]:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.patch_conv.applies` to: even
-    sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func`` transform, which
-    the kernels have no rules for."""
-    return (x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0 and not x.requires_grad
+    """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.patch_conv.applies` to: float32
+    or float64, even sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func``
+    transform, which the kernels have no rules for."""
+    return (x.dtype in (torch.float32, torch.float64) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
+            and not x.requires_grad
             and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _enabled and available())
 
 
