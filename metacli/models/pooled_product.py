@@ -39,12 +39,15 @@ def _extension():
     """The compiled kernels, built for this CPU the first time (``-march=native``, so the build directory is
     named after the CPU too, for home directories that machines of several kinds share)."""
     global _module, _failed
+    if _module is not None or _failed:  # every forward asks: no lock once the build was tried
+        return _module
     with _lock:  # task threads reach the first block together
         if _module is None and not _failed:
             # Importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA, which is no concern
             # of a CPU kernel.
             quiet = logging.getLogger("torch.utils.cpp_extension")
-            level, quiet.level = quiet.level, logging.ERROR
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
             try:
                 from torch.utils.cpp_extension import load
 
