@@ -112,6 +112,20 @@ def test_a_nan_weight_reaches_the_output_as_natively():
     assert out[:, 3].isnan().all() and not out[:, :3].isnan().any()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_patch_moments_match_the_patch_matrix_far_from_zero(channels):
+    """The one-pass sums are taken in float64: on float32 images around 50 (a covariance 4 orders of magnitude below
+    the squared mean) they still match the two-pass moments of the patch matrix in float64."""
+    torch.manual_seed(0)
+    x = (50 + torch.rand(5, channels, 8, 6)).contiguous(memory_format=torch.channels_last)
+    rows, _ = patch_conv.patches(x.double(), 1)
+    mean, covariance = pooled_product.patch_moments(pooled_product.padded(x))
+    centred = rows - rows.mean(0)
+    assert mean.dtype == covariance.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), rows.mean(0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(covariance.double(), centred.T @ centred / rows.shape[0], rtol=2e-6, atol=1e-6)
+
+
 def test_float32_agrees_with_the_patch_product():
     torch.manual_seed(0)
     model = Conv4(pool="max")

@@ -52,37 +52,45 @@ def patches(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, tuple[int, int,
 
 def output_moments(rows: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For patch rows ``[..., rows, k]`` and a flattened conv weight ``[out, k]``: the centred rows, and the
-    convolution output's mean ``[..., out]`` and biased variance ``[..., out]`` over the rows, with ``weight @
-    covariance`` (``[..., out, k]``, half the variance's gradient in the weight)."""
+    """For patch rows ``[..., rows, k]`` and a flattened conv weight ``[out, k]``: the centred rows, and what
+    :func:`conv_moments` gives for the rows' mean and biased covariance."""
     patch_mean = rows.mean(dim=-2, keepdim=True)
     centred = rows - patch_mean
     covariance = centred.transpose(-1, -2) @ centred / rows.shape[-2]
+    return (centred, *conv_moments(patch_mean.squeeze(-2), covariance, weight, bias))
+
+
+def conv_moments(patch_mean: torch.Tensor, covariance: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For patches with mean ``[..., k]`` and biased covariance ``[..., k, k]`` and a flattened conv weight
+    ``[out, k]``: the convolution output's mean ``[..., out]`` and biased variance ``[..., out]``, with ``weight @
+    covariance`` (``[..., out, k]``, half the variance's gradient in the weight)."""
     spread = weight @ covariance
     var = (spread * weight).sum(dim=-1).clamp(min=0)
-    centre = patch_mean.squeeze(-2) @ weight.transpose(0, 1)
-    return centred, centre if bias is None else centre + bias, var, spread
+    centre = patch_mean @ weight.transpose(0, 1)
+    return centre if bias is None else centre + bias, var, spread
 
 
-def _folded_statistics(rows: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d):
-    """The centred patch rows, the flat weight, the convolution's batch mean, and the mean and scale ``norm``
-    normalises with (recording the batch statistics as its mode says)."""
-    weight = conv.weight.reshape(conv.out_channels, -1)
-    # The convolution's mean output (centre) keeps the bias, which cancels against itself in training but stays
-    # in the graph so that it gets its (zero) gradient, as with the native kernels.
-    centred, centre, var, _ = output_moments(rows, weight, conv.bias)
+def _normalisation(centre: torch.Tensor, var: torch.Tensor, count: int,
+                   norm: BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and scale ``norm`` normalises a convolution's output with, from the output's batch mean and
+    biased variance over ``count`` values a channel, which it records as its mode says."""
     if norm.uses_batch_statistics():
-        norm.take_batch_statistics(centre, var, rows.shape[0])
+        norm.take_batch_statistics(centre, var, count)
         mean = centre
     else:
         mean, var = norm.running_mean, norm.running_var
-    return centred, weight, centre, mean, norm.weight * torch.rsqrt(var + norm.eps)
+    return mean, norm.weight * torch.rsqrt(var + norm.eps)
 
 
 def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bool) -> torch.Tensor:
     """``norm(conv(x))``, followed by a ReLU if ``relu``, in every BatchNorm mode, as a channels-last batch."""
     rows, (n, h, w) = patches(x, conv.stride[0])
-    centred, weight, centre, mean, scale = _folded_statistics(rows, conv, norm)
+    weight = conv.weight.reshape(conv.out_channels, -1)
+    # The convolution's mean output (centre) keeps the bias, which cancels against itself in training but stays
+    # in the graph so that it gets its (zero) gradient, as with the native kernels.
+    centred, centre, var, _ = output_moments(rows, weight, conv.bias)
+    mean, scale = _normalisation(centre, var, rows.shape[0], norm)
     shift = (centre - mean) * scale + norm.bias
     ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
     out = torch.cat([centred, ones], dim=1) @ torch.cat([weight.transpose(0, 1) * scale, shift[None]])
@@ -94,8 +102,12 @@ def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bo
 
 def conv_batchnorm_pool_relu(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d) -> torch.Tensor:
     """``relu(max_pool2d(norm(conv(x)), 2))`` for a stride-1 ``conv``, by :mod:`metacli.models.pooled_product`'s
-    kernel, where :func:`~metacli.models.pooled_product.applies` says it can."""
-    rows, _ = patches(x, 1)
-    _, weight, _, mean, scale = _folded_statistics(rows, conv, norm)
+    kernels, where :func:`~metacli.models.pooled_product.applies` says they can."""
+    padded = pooled_product.padded(x)
+    patch_mean, covariance = pooled_product.patch_moments(padded)
+    weight = conv.weight.reshape(conv.out_channels, -1)
+    centre, var, _ = conv_moments(patch_mean, covariance, weight, conv.bias)  # centre keeps the bias, as above
+    mean, scale = _normalisation(centre, var, x.shape[0] * x.shape[2] * x.shape[3], norm)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
-    return pooled_product.pooled_product(x, (weight * scale[:, None]).transpose(0, 1), (bias - mean) * scale + norm.bias)
+    return pooled_product.pooled_product(padded, (weight * scale[:, None]).transpose(0, 1),
+                                         (bias - mean) * scale + norm.bias)

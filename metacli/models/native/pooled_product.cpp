@@ -129,6 +129,44 @@ void output_grad_impl(const T* x, const T* u_weight, const T* u_shift, const uin
   }
 }
 
+// The sums over every position of a 3x3 stride-1 convolution of the padded input of its patch p (k = c * 9
+// values) and of p p^T, in double, from which BatchNorm's statistics of the convolution follow. An image's
+// patches are gathered tap-major, so that the k (k + 1) / 2 products are long vectorised dot products.
+template <typename T>
+void moments_impl(const T* x, const Shape& s, double* sum, double* outer) {
+  const int64_t k = s.channels * 9, rows = s.padded_h - 2, cols = s.padded_w - 2, n = rows * cols;
+  std::vector<double> p(k * n);
+  for (int64_t img = 0; img < s.images; ++img) {
+    for (int64_t ci = 0; ci < s.channels; ++ci) {
+      const T* plane = x + (img * s.channels + ci) * s.padded_h * s.padded_w;
+      for (int dy = 0; dy < 3; ++dy)
+        for (int dx = 0; dx < 3; ++dx) {
+          double* tap = p.data() + ((ci * 3 + dy) * 3 + dx) * n;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* row = plane + (r + dy) * s.padded_w + dx;
+            for (int64_t c = 0; c < cols; ++c) tap[r * cols + c] = row[c];
+          }
+        }
+    }
+    for (int64_t t = 0; t < k; ++t) {
+      const double* __restrict a = p.data() + t * n;
+      double total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < n; ++j) total += a[j];
+      sum[t] += total;
+      for (int64_t u = 0; u <= t; ++u) {
+        const double* __restrict b = p.data() + u * n;
+        double dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < n; ++j) dot += a[j] * b[j];
+        outer[t * k + u] += dot;
+      }
+    }
+  }
+  for (int64_t t = 0; t < k; ++t)
+    for (int64_t u = 0; u < t; ++u) outer[u * k + t] = outer[t * k + u];
+}
+
 void check(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous [n, c, h + 2, w + 2] on the CPU");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(0) == x.size(1) * 9 &&
@@ -148,6 +186,24 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& 
                            out.data_ptr<scalar_t>(), winner.data_ptr<uint8_t>());
   });
   return {out, winner};
+}
+
+// The mean [k] and biased covariance [k, k] of the patches of a 3x3 stride-1 convolution of the padded input x,
+// in x's dtype.
+std::vector<torch::Tensor> patch_moments(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu() && x.size(2) >= 3 && x.size(3) >= 3,
+              "x: contiguous [n, c, h + 2, w + 2] on the CPU");
+  const Shape s = shape_of(x, 0);
+  const int64_t k = s.channels * 9;
+  auto sum = torch::zeros({k}, x.options().dtype(torch::kFloat64));
+  auto outer = torch::zeros({k, k}, x.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "patch_moments", [&] {
+    moments_impl<scalar_t>(x.data_ptr<scalar_t>(), s, sum.data_ptr<double>(), outer.data_ptr<double>());
+  });
+  const double count = double(s.images * (s.padded_h - 2) * (s.padded_w - 2));
+  auto mean = sum / count;
+  auto covariance = outer / count - torch::outer(mean, mean);
+  return {mean.to(x.scalar_type()), covariance.to(x.scalar_type())};
 }
 
 torch::Tensor or_zeros(const torch::Tensor& t, at::IntArrayRef size, const torch::Tensor& like) {
@@ -223,4 +279,5 @@ torch::Tensor pooled_product(const torch::Tensor& x, const torch::Tensor& weight
 // The GIL is let go while the kernels run, so that task threads run theirs side by side.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooled_product", &pooled_product, py::call_guard<py::gil_scoped_release>());
+  m.def("patch_moments", &patch_moments, py::call_guard<py::gil_scoped_release>());
 }
