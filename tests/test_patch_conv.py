@@ -104,6 +104,29 @@ def test_conv4_gives_the_native_forward(pool):
                                else reference.features(x).flatten(1), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("hooked", [0, 1, 2])
+@pytest.mark.parametrize("pool", ["max", "stride"])
+def test_a_hook_on_the_first_block_runs_and_sees_the_native_values(pool, hooked, monkeypatch):
+    """The fused first block skips its modules' calls; a forward hook on any of them turns it off instead of being
+    skipped silently."""
+    torch.manual_seed(0)
+    model = Conv4(hidden=40, pool=pool).double()
+    x = images(1, size=28)
+    seen = []
+    model.features[hooked].register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    taken = []
+    monkeypatch.setattr(patch_conv, "applies", lambda *args: taken.append(1) or False)  # records the gate's use
+    model(x)
+    assert len(seen) == 1 and not taken
+    torch.testing.assert_close(seen[0], model.features[:hooked + 1](x), rtol=1e-10, atol=1e-12)
+
+
+def test_the_pooled_kernel_path_refuses_a_strided_convolution():
+    conv, norm = layers(1, stride=2)
+    with pytest.raises(ValueError, match="stride-1"):
+        patch_conv.conv_batchnorm_pool_relu(images(1, size=12), conv, norm)
+
+
 @pytest.mark.parametrize("setting", ["checkpoint_inner", "task_threads", "cumulative_momentum", "nchw"])
 def test_meta_training_through_it_matches_the_native_kernels(setting, monkeypatch):
     """Two second-order MAML steps on a Conv4 wide enough to take the patch product, against the same steps on

@@ -23,7 +23,8 @@ class Conv4(nn.Module):
             activations stay NHWC too (faster; same numbers).
 
     The first convolution and its BatchNorm run as one product over image patches where they can
-    (:mod:`metacli.models.patch_conv`): the same function, with fewer passes over the largest activation.
+    (:mod:`metacli.models.patch_conv`): the same function, with fewer passes over the largest activation. A
+    forward hook on a module of the first block turns that off, so that the hook runs.
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64, blocks: int = 4,
@@ -53,7 +54,9 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.features)
         conv, norm, pool = self.blocks()[0]
-        if patch_conv.applies(conv, norm, x):
+        # Forward hooks (feature extraction, visualisation) run only on module calls: a hooked first block keeps them.
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in layers[:4 if pool is not None else 3])
+        if not hooked and patch_conv.applies(conv, norm, x):
             if pool is not None and pooled_product.applies(x):
                 x, layers = patch_conv.conv_batchnorm_pool_relu(x, conv, norm), layers[4:]
             else:

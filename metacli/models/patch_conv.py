@@ -103,6 +103,8 @@ def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bo
 def conv_batchnorm_pool_relu(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d) -> torch.Tensor:
     """``relu(max_pool2d(norm(conv(x)), 2))`` for a stride-1 ``conv``, by :mod:`metacli.models.pooled_product`'s
     kernels, where :func:`~metacli.models.pooled_product.applies` says they can."""
+    if conv.stride != (1, 1):
+        raise ValueError(f"the pooled-product kernel computes a stride-1 convolution, got stride {conv.stride}")
     padded = pooled_product.padded(x)
     patch_mean, covariance = pooled_product.patch_moments(padded)
     weight = conv.weight.reshape(conv.out_channels, -1)

@@ -55,6 +55,7 @@ def _extension():
                 cpu = hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:10]
                 # 512-bit vectors where the CPU has them: the loops run over 64 filters.
                 wide = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
+                _log.info("loading the native pooled-product kernel (compiled the first time on a machine: about 30 s)")
                 _module = load(f"metacli_pooled_product_{cpu}", [str(_SOURCE)],
                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *wide])
             except Exception as error:  # any build failure leaves the patch product, which computes the same
