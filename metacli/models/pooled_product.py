@@ -21,6 +21,7 @@ import hashlib
 import logging
 import platform
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -55,9 +56,13 @@ def _extension():
                 cpu = hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:10]
                 # 512-bit vectors where the CPU has them: the loops run over 64 filters.
                 wide = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
-                _log.info("loading the native pooled-product kernel (compiled the first time on a machine: about 30 s)")
+                start = time.perf_counter()
                 _module = load(f"metacli_pooled_product_{cpu}", [str(_SOURCE)],
                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *wide])
+                seconds = time.perf_counter() - start
+                if seconds > 5:  # a compilation, not a load from the cache: say where the pause went
+                    _log.info("compiled the native pooled-product kernel for this CPU in %.0f s (cached for later runs)",
+                              seconds)
             except Exception as error:  # any build failure leaves the patch product, which computes the same
                 _failed = True
                 _log.warning("the native pooled-product kernel did not build (%s); Conv4 uses the patch product",
