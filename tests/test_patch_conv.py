@@ -104,21 +104,33 @@ def test_conv4_gives_the_native_forward(pool):
                                else reference.features(x).flatten(1), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("hooked", [0, 1, 2])
-@pytest.mark.parametrize("pool", ["max", "stride"])
-def test_a_hook_on_the_first_block_runs_and_sees_the_native_values(pool, hooked, monkeypatch):
-    """The fused first block skips its modules' calls; a forward hook on any of them turns it off instead of being
-    skipped silently."""
+@pytest.mark.parametrize("pool, hooked", [("max", i) for i in range(4)] + [("stride", i) for i in range(3)]
+                         + [("max", None), ("stride", None)])
+def test_a_forward_hook_on_the_first_block_or_the_stack_runs_and_sees_the_native_values(pool, hooked):
+    """The fused first block skips its modules' calls (and Conv4 never calls ``features`` itself when it fuses); a
+    forward hook on any of them turns the fusion off instead of being skipped silently. ``None`` hooks ``features``."""
     torch.manual_seed(0)
     model = Conv4(hidden=40, pool=pool).double()
     x = images(1, size=28)
+    assert patch_conv.applies(*model.blocks()[0][:2], x)  # the block would be fused without the hook
+    target = model.features if hooked is None else model.features[hooked]
     seen = []
-    model.features[hooked].register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
-    taken = []
-    monkeypatch.setattr(patch_conv, "applies", lambda *args: taken.append(1) or False)  # records the gate's use
+    target.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
     model(x)
-    assert len(seen) == 1 and not taken
-    torch.testing.assert_close(seen[0], model.features[:hooked + 1](x), rtol=1e-10, atol=1e-12)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], model.features[:None if hooked is None else hooked + 1](x), rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", ["max", "stride"])
+def test_a_backward_hook_on_the_first_convolution_runs(pool):
+    torch.manual_seed(0)
+    model = Conv4(hidden=40, pool=pool).double()
+    seen = []
+    model.features[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
+    x = images(1, size=28).requires_grad_()  # the hook warns when no input of the module needs a gradient
+    model(x).sum().backward()
+    assert seen == [torch.Size([6, 40, 28 if pool == "max" else 14, 28 if pool == "max" else 14])]
 
 
 def test_the_pooled_kernel_path_refuses_a_strided_convolution():

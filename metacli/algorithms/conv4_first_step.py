@@ -32,6 +32,7 @@ from torch import nn
 from metacli.models import patch_conv
 from metacli.models.batchnorm import BatchNorm2d, running_update
 from metacli.models.conv4 import Conv4
+from metacli.models.layers import hooked
 
 Params = dict[str, torch.Tensor]
 Statistics = list[tuple[torch.Tensor, torch.Tensor]]
@@ -39,9 +40,10 @@ Statistics = list[tuple[torch.Tensor, torch.Tensor]]
 
 def applies(module: nn.Module, params: Params) -> bool:
     """Whether ``module`` is a Conv4 followed by a linear head, adapting all its parameters, with BatchNorm on batch
-    statistics, outside autocast: what :func:`support_grads` implements."""
+    statistics, outside autocast, and no module hook that the written-out step would skip: what
+    :func:`support_grads` implements."""
     backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
-    if not (isinstance(backbone, Conv4) and isinstance(head, nn.Linear)):
+    if not (isinstance(backbone, Conv4) and isinstance(head, nn.Linear)) or hooked(module.modules()):
         return False
     if torch.is_autocast_enabled(head.weight.device.type):  # the vmapped step follows autocast's casts
         return False

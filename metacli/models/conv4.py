@@ -6,7 +6,7 @@ from torch import nn
 
 from metacli.models import patch_conv, pooled_product
 from metacli.models.batchnorm import BatchNorm2d
-from metacli.models.layers import feature_dim, memory_format
+from metacli.models.layers import feature_dim, hooked, memory_format
 
 
 class Conv4(nn.Module):
@@ -24,7 +24,7 @@ class Conv4(nn.Module):
 
     The first convolution and its BatchNorm run as one product over image patches where they can
     (:mod:`metacli.models.patch_conv`): the same function, with fewer passes over the largest activation. A
-    forward hook on a module of the first block turns that off, so that the hook runs.
+    forward or backward hook on ``features`` or on a module of the first block turns that off, so that it runs.
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64, blocks: int = 4,
@@ -54,16 +54,16 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.features)
         conv, norm, pool = self.blocks()[0]
-        # Forward hooks (feature extraction, visualisation) run only on module calls: a hooked first block keeps them.
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in layers[:4 if pool is not None else 3])
-        if not hooked and patch_conv.applies(conv, norm, x):
+        if hooked([self.features, *layers[:4 if pool is not None else 3]]) or not patch_conv.applies(conv, norm, x):
+            x = self.features(x)
+        else:
             if pool is not None and pooled_product.applies(x):
-                x, layers = patch_conv.conv_batchnorm_pool_relu(x, conv, norm), layers[4:]
+                x, rest = patch_conv.conv_batchnorm_pool_relu(x, conv, norm), layers[4:]
             else:
                 # With max-pooling between BatchNorm and ReLU, the pooling and the ReLU stay modules.
                 x = patch_conv.conv_batchnorm(x, conv, norm, relu=pool is None)
-                layers = layers[2 if pool is not None else 3:]
+                rest = layers[2 if pool is not None else 3:]
             x = x if self.channels_last else x.contiguous()  # both come channels-last
-        for layer in layers:
-            x = layer(x)
+            for layer in rest:
+                x = layer(x)
         return x.mean(dim=(2, 3)) if self.pool == "stride" else x.flatten(1)

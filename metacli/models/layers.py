@@ -1,6 +1,8 @@
 """Helpers shared by the backbones."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -19,3 +21,11 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout backbones keep weights in. Channels-last (NHWC) lets oneDNN and cuDNN pick their fast
     convolution kernels: 1.6x faster Conv4 forward+backward on the 2-core CPU at 75 images."""
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether any of ``modules`` has a forward or backward hook of its own. Such hooks (feature extraction,
+    Grad-CAM) run only when the module is called, so a path that computes a module without calling it must call it
+    instead. Global hooks (``register_module_forward_hook``) are not counted: ``torch.utils.flop_counter`` sets them."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)

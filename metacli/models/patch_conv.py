@@ -25,10 +25,11 @@ from metacli.models.batchnorm import BatchNorm2d
 def applies(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`conv_batchnorm` computes ``norm(conv(x))``, and pays: a 3x3 convolution with zero padding 1
     and an affine metacli BatchNorm, on the CPU (where it was measured), outside autocast (whose low-precision
-    product would spoil the statistics), with a patch row of at most a quarter of the output's channels.
+    product would spoil the statistics), with a patch row of at most a quarter of the output's channels. Conv4
+    asks it for the native kernel path (:func:`conv_batchnorm_pool_relu`) too.
 
     The patch matrix is read and written several times, so it must be small next to the activation it saves
-    passes over. On the 2-core CPU (ProtoNet, meta-batch 32, alternating runs): Omniglot's 1 channel into 64 gains
+    passes over; the width limit was measured on this path. On the 2-core CPU (ProtoNet, meta-batch 32, alternating runs): Omniglot's 1 channel into 64 gains
     (strided Conv4 about 5 %, max-pool Conv4 about 15 % a step); mini-ImageNet's 3 channels into 32 (Conv4-32,
     meta-batch 4) lost 21 %.
     """
@@ -64,7 +65,10 @@ def conv_moments(patch_mean: torch.Tensor, covariance: torch.Tensor, weight: tor
                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For patches with mean ``[..., k]`` and biased covariance ``[..., k, k]`` and a flattened conv weight
     ``[out, k]``: the convolution output's mean ``[..., out]`` and biased variance ``[..., out]``, with ``weight @
-    covariance`` (``[..., out, k]``, half the variance's gradient in the weight)."""
+    covariance`` (``[..., out, k]``, half the variance's gradient in the weight).
+
+    The mean keeps the conv bias, which cancels against itself in training but stays in the graph so that it gets
+    its (zero) gradient, as with the native kernels."""
     spread = weight @ covariance
     var = (spread * weight).sum(dim=-1).clamp(min=0)
     centre = patch_mean @ weight.transpose(0, 1)
@@ -87,8 +91,6 @@ def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bo
     """``norm(conv(x))``, followed by a ReLU if ``relu``, in every BatchNorm mode, as a channels-last batch."""
     rows, (n, h, w) = patches(x, conv.stride[0])
     weight = conv.weight.reshape(conv.out_channels, -1)
-    # The convolution's mean output (centre) keeps the bias, which cancels against itself in training but stays
-    # in the graph so that it gets its (zero) gradient, as with the native kernels.
     centred, centre, var, _ = output_moments(rows, weight, conv.bias)
     mean, scale = _normalisation(centre, var, rows.shape[0], norm)
     shift = (centre - mean) * scale + norm.bias
@@ -108,7 +110,7 @@ def conv_batchnorm_pool_relu(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d
     padded = pooled_product.padded(x)
     patch_mean, covariance = pooled_product.patch_moments(padded)
     weight = conv.weight.reshape(conv.out_channels, -1)
-    centre, var, _ = conv_moments(patch_mean, covariance, weight, conv.bias)  # centre keeps the bias, as above
+    centre, var, _ = conv_moments(patch_mean, covariance, weight, conv.bias)
     mean, scale = _normalisation(centre, var, x.shape[0] * x.shape[2] * x.shape[3], norm)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
     return pooled_product.pooled_product(padded, (weight * scale[:, None]).transpose(0, 1),

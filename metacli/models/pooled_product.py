@@ -6,14 +6,14 @@ times the pooled output. Even as :mod:`metacli.models.patch_conv`'s single produ
 one CPU thread, for 2 % of its FLOPs. Done window by window in C++, that activation is never stored, and only a
 byte per output (which of the four positions went through, or none past the ReLU) is kept for the backward.
 
-BatchNorm's statistics still come from the patches' covariance, as in :mod:`~metacli.models.patch_conv`, so every
-BatchNorm mode is handled as there. A fourth kernel sums the patches and their outer products in one pass for
-them: building the patch matrix and its centred copy instead took 2.2 ms of the episode. The block kernel gets the
-normalisation folded into the weights and the shift. Its backward (a second kernel) is differentiable in turn (a third kernel is that one's adjoint), so
-second-order MAML can take the block. Both are C++ autograd functions and the kernels let go of the GIL, so task
-threads run them side by side. The kernels are compiled on first use with ``torch.utils.cpp_extension`` (about
-30 s, cached in ``TORCH_EXTENSIONS_DIR``); where that fails (no C++ compiler, no ninja), :func:`available` says
-so once and Conv4 keeps the patch product.
+The kernel gets BatchNorm folded into its weights and shift. Its backward (a second kernel) is differentiable in
+turn (a third kernel is that one's adjoint), so second-order MAML can take the block; the block kernel and its
+backward are C++ autograd functions. BatchNorm's statistics still come from the patches' covariance, as in
+:mod:`~metacli.models.patch_conv`, so every BatchNorm mode is handled as there: a fourth kernel sums the patches and
+their outer products in one pass, where building the patch matrix and its centred copy took 2.2 ms of the episode.
+The kernels let go of the GIL, so task threads run them side by side. They are compiled on first use with
+``torch.utils.cpp_extension`` (about 30 s, cached in ``TORCH_EXTENSIONS_DIR``); where that fails (no C++ compiler,
+no ninja), :func:`available` says so once and Conv4 keeps the patch product.
 """
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def _extension():
                 _module = load(f"metacli_pooled_product_{cpu}", [str(_SOURCE)],
                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *wide])
                 seconds = time.perf_counter() - start
-                if seconds > 5:  # a compilation, not a load from the cache: say where the pause went
-                    _log.info("compiled the native pooled-product kernel for this CPU in %.0f s (cached for later runs)",
-                              seconds)
+                if seconds > 5:  # a build (this process's or another's), not a load from the cache
+                    _log.info("the native pooled-product kernel took %.0f s to build for this CPU (cached for later "
+                              "runs)", seconds)
             except Exception as error:  # any build failure leaves the patch product, which computes the same
                 _failed = True
                 _log.warning("the native pooled-product kernel did not build (%s); Conv4 uses the patch product",
@@ -115,10 +115,10 @@ def padded(x: torch.Tensor) -> torch.Tensor:
 
 def patch_moments(padded_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean ``[c * 9]`` and biased covariance ``[c * 9, c * 9]`` of the 3x3 patches of a stride-1 convolution
-    of ``padded_x``, without a gradient. Accumulated in float64, so the one-pass covariance loses nothing to
-    cancellation."""
-    mean, covariance = _extension().patch_moments(padded_x)
-    return mean, covariance
+    of ``padded_x``, without a gradient. The sums are taken in float64, where the products of float32 values are
+    exact, so the one-pass covariance of float32 images loses nothing to cancellation (float64 images lose what a
+    one-pass formula loses in double)."""
+    return tuple(_extension().patch_moments(padded_x))
 
 
 def pooled_product(padded_x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
