@@ -111,6 +111,10 @@ def test_conv4_first_step_is_taken_where_it_applies():
     assert not conv4_first_step.applies(resnet, resnet.adapted_parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the vmapped step follows autocast's casts
         assert not conv4_first_step.applies(maml, maml.adapted_parameters())
+    handle = maml.backbone.features[7].register_forward_hook(lambda *args: None)  # the written-out step skips it
+    assert not conv4_first_step.applies(maml, maml.adapted_parameters())
+    handle.remove()
+    assert conv4_first_step.applies(maml, maml.adapted_parameters())
 
 
 def test_paths_agree_on_resnet12_with_checkpointing():
