@@ -39,7 +39,8 @@ _enabled = True
 
 def _extension():
     """The compiled kernels, built for this CPU the first time (``-march=native``, so the build directory is
-    named after the CPU too, for home directories that machines of several kinds share)."""
+    named after the CPU too, for home directories that machines of several kinds share, and after the checkout and
+    the torch installation)."""
     global _module, _failed
     if _module is not None or _failed:  # every forward asks: no lock once the build was tried
         return _module
@@ -53,11 +54,14 @@ def _extension():
             try:
                 from torch.utils.cpp_extension import load
 
-                cpu = hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:10]
+                # Each checkout and torch installation builds apart: ninja rebuilds whenever its command (the
+                # source's path, torch's headers) changes, so two venvs sharing the cache rebuilt at every switch.
+                key = f"{platform.machine()} {_cpu_flags()} {_SOURCE} {Path(torch.__file__).parent}"
+                tag = hashlib.sha1(key.encode()).hexdigest()[:10]
                 # 512-bit vectors where the CPU has them: the loops run over 64 filters.
                 wide = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
                 start = time.perf_counter()
-                _module = load(f"metacli_pooled_product_{cpu}", [str(_SOURCE)],
+                _module = load(f"metacli_pooled_product_{tag}", [str(_SOURCE)],
                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *wide])
                 seconds = time.perf_counter() - start
                 if seconds > 5:  # a build (this process's or another's), not a load from the cache
