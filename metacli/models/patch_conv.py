@@ -29,9 +29,9 @@ def applies(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
     asks it for the native kernel path (:func:`conv_batchnorm_pool_relu`) too.
 
     The patch matrix is read and written several times, so it must be small next to the activation it saves
-    passes over; the width limit was measured on this path. On the 2-core CPU (ProtoNet, meta-batch 32, alternating runs): Omniglot's 1 channel into 64 gains
-    (strided Conv4 about 5 %, max-pool Conv4 about 15 % a step); mini-ImageNet's 3 channels into 32 (Conv4-32,
-    meta-batch 4) lost 21 %.
+    passes over; the width limit was measured on this path. On the 2-core CPU (ProtoNet, meta-batch 32,
+    alternating runs): Omniglot's 1 channel into 64 gains (strided Conv4 about 5 %, max-pool Conv4 about 15 % a
+    step); mini-ImageNet's 3 channels into 32 (Conv4-32, meta-batch 4) lost 21 %.
     """
     return (isinstance(conv, nn.Conv2d) and isinstance(norm, BatchNorm2d) and norm.affine
             and 4 * (9 * conv.in_channels + 1) <= conv.out_channels

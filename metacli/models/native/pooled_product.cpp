@@ -167,8 +167,12 @@ void moments_impl(const T* x, const Shape& s, double* sum, double* outer) {
     for (int64_t u = 0; u < t; ++u) outer[u * k + t] = outer[t * k + u];
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& weight) {
+void check_input(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x: contiguous [n, c, h + 2, w + 2] on the CPU");
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& weight) {
+  check_input(x);
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(0) == x.size(1) * 9 &&
                   weight.scalar_type() == x.scalar_type(),
               "weight: contiguous [c * 9, filters] of x's dtype");
@@ -191,8 +195,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& 
 // The mean [k] and biased covariance [k, k] of the patches of a 3x3 stride-1 convolution of the padded input x,
 // in x's dtype.
 std::vector<torch::Tensor> patch_moments(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu() && x.size(2) >= 3 && x.size(3) >= 3,
-              "x: contiguous [n, c, h + 2, w + 2] on the CPU");
+  check_input(x);
+  TORCH_CHECK(x.size(2) >= 3 && x.size(3) >= 3, "x: a padded input of 3x3 at least");
   const Shape s = shape_of(x, 0);
   const int64_t k = s.channels * 9;
   auto sum = torch::zeros({k}, x.options().dtype(torch::kFloat64));
