@@ -64,12 +64,13 @@ class FewShotPredictor:
 
 def load_learner(run_dir: str | Path, which: str = "best", device: str = "cpu") -> FewShotPredictor:
     """Rebuild the learner of ``run_dir`` from its saved config and load its ``best`` (or ``last``) checkpoint."""
-    from metacli.build import build_dataset, build_learner, load_run_config, load_trained
+    from metacli.build import build_dataset, build_learner, load_trained
+    from metacli.saved_config import load_run_config
 
     run_dir, device = Path(run_dir), torch.device(device)
     cfg = load_run_config(run_dir)
     dataset = build_dataset(cfg)  # builds the preprocessing only: no images are loaded
     learner = build_learner(cfg, dataset).to(device)
-    load_trained(learner, run_dir, which, device)
+    load_trained(learner, cfg, dataset, run_dir, which, device)
     learner.eval()
     return FewShotPredictor(learner, dataset, device)

@@ -10,14 +10,15 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.checkpoint import load_checkpoint
+from metacli.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
 from metacli.data.base import ClassImages, FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch, EpisodeSampler
 from metacli.errors import CheckpointError, ConfigError, MetacliError
+from metacli.saved_config import run_file
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -43,44 +44,16 @@ def build_partial(node: DictConfig, what: str, *args):
         raise ConfigError(f"cannot build {what}: {str(exc).splitlines()[0]}; fix the {what}.* overrides") from exc
 
 
-#: Where the ``_target_`` of a config read from disk may point: a saved config is data, and must not be able to
-#: name an arbitrary callable (``os.system``) for ``metacli eval`` or ``load_learner`` to call.
-SAFE_TARGETS = ("metacli.", "torch.optim.", "torch.nn.")
-
-
-def check_targets(cfg: DictConfig, source) -> None:
-    """Raise a one-line CheckpointError if any ``_target_`` in ``cfg`` lies outside :data:`SAFE_TARGETS`."""
-    def walk(node, path: str) -> None:
-        if isinstance(node, DictConfig):
-            target = node.get("_target_")
-            if target is not None and not str(target).startswith(SAFE_TARGETS):
-                raise CheckpointError(f"{source} sets {path}_target_={target}, outside {', '.join(SAFE_TARGETS)}: "
-                                      "a saved config may only build metacli and torch objects; restore the run's "
-                                      "own config")
-            for key in node:
-                walk(node._get_node(key), f"{path}{key}.")
-        elif isinstance(node, ListConfig):
-            for index in range(len(node)):
-                walk(node._get_node(index), f"{path}{index}.")
-
-    walk(cfg, "")
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    """The config a finished run was trained with, refused if it names a ``_target_`` outside SAFE_TARGETS."""
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{run_dir} is not a metacli run dir (no .hydra/config.yaml): pass a run dir under "
-                              "outputs/train")
-    cfg = OmegaConf.load(config_file)
-    check_targets(cfg, config_file)
-    return cfg
-
-
-def load_trained(learner: FewShotLearner, run_dir: Path, which: str, device: torch.device) -> dict:
-    """Load ``<run_dir>/<which>.pt`` into ``learner``; returns the checkpoint's state."""
-    path = run_dir / f"{which}.pt"
+def load_trained(learner: FewShotLearner, cfg: DictConfig, dataset: FewShotDataset, run_dir: Path, which: str,
+                 device: torch.device) -> dict:
+    """Load ``<run_dir>/<which>.pt`` (``which``: best or last) into ``learner``, built from ``cfg`` for
+    ``dataset``; returns the checkpoint's state. A checkpoint of another algorithm, network or dataset is refused."""
+    if which not in CHECKPOINTS:
+        raise ConfigError(f"which={which!r} names no checkpoint: use which=best or which=last")
+    path = run_file(run_dir, CHECKPOINTS[which])
     state = load_checkpoint(path, device)
+    check_origin(state, origin(cfg, dataset), path, fix="evaluate the run dir that wrote it, or restore its own "
+                                                       f"{path.name}")
     try:
         learner.load_state_dict(state["learner"])
     except RuntimeError as exc:

@@ -22,7 +22,13 @@ from metacli.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
+#: The checkpoints a user may name (``which=``); no other file of a run dir is ever loaded as one.
+CHECKPOINTS = {"best": BEST, "last": LAST}
 FORMAT = "metacli-checkpoint-1"
+#: What a payload holds, and of which type: a file that differs is refused before any of it is used.
+PAYLOAD = {"learner": dict, "optimizer": dict, "scheduler": (dict, type(None)), "step": int, "best_val": float,
+           "best_step": (int, type(None)), "skipped": int, "rng": dict, "origin": dict}
+ORIGIN = {"algo": str, "backbone": str, "dataset": dict, "task": dict}
 
 
 def previous(path: Path) -> Path:
@@ -78,27 +84,75 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable metacli checkpoint ({type(exc).__name__}): it is truncated or "
+                           "not a checkpoint; use another run dir or retrain")
+
+
+def _structure_problem(payload: object) -> str | None:
+    """What is missing or of the wrong type in a verified payload, or None."""
+    if not isinstance(payload, dict):
+        return f"a {type(payload).__name__} instead of a dict"
+    for fields, where in ((PAYLOAD, payload), (ORIGIN, payload.get("origin"))):
+        for key, kind in fields.items():
+            if key not in where:
+                return f"no {key!r}"
+            if isinstance(where[key], bool) or not isinstance(where[key], kind):
+                return f"{key!r} is a {type(where[key]).__name__}"
+    odd = [key for key, value in payload["learner"].items() if not isinstance(value, torch.Tensor)]
+    return f"learner entry {odd[0]!r} is not a tensor" if odd else None
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and verify one checkpoint; a missing, corrupt or foreign file is a one-line CheckpointError."""
+    """Load and verify one checkpoint; a missing, corrupt, foreign or incomplete file is a one-line
+    CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first, or point at a run dir that has {path.name}")
     try:
         wrapped = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable metacli checkpoint ({type(exc).__name__}): it is truncated "
-                              "or not a checkpoint; use another run dir or retrain") from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(wrapped, dict) or wrapped.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a metacli checkpoint (no {FORMAT} header); use another run dir or "
                               "retrain")
-    data = wrapped["payload"].numpy().tobytes()
-    if hashlib.sha256(data).hexdigest() != wrapped["sha256"]:
+    blob, digest = wrapped.get("payload"), wrapped.get("sha256")
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1 or not isinstance(digest, str):
+        raise CheckpointError(f"{path} has a {FORMAT} header but no payload and checksum; use "
+                              f"{previous(path).name} or another run dir")
+    data = blob.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(f"{path} is corrupt (its checksum does not match); use {previous(path).name} or "
                               "another run dir")
-    payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or "learner" not in payload:
-        raise CheckpointError(f"{path} is not a metacli checkpoint (no learner state); use another run dir or retrain")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
+    problem = _structure_problem(payload)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a complete metacli checkpoint ({problem}): it was written by an older "
+                              "metacli or altered; use another run dir or retrain")
     return payload
+
+
+def origin(cfg, dataset) -> dict:
+    """What a checkpoint was trained on: algorithm, backbone, dataset and task shape (``cfg`` composed for
+    ``dataset``)."""
+    return {"algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "dataset": dataset.describe(),
+            "task": {key: cfg.task[key] for key in cfg.task}}
+
+
+def check_origin(state: dict, expected: dict, path: Path, fix: str) -> None:
+    """Refuse, in one line naming both sides, a checkpoint trained with another algorithm, backbone or dataset
+    than ``expected`` (an :func:`origin`). The task shape may differ: evaluation may change it."""
+    for key in ("algo", "backbone", "dataset"):
+        if state["origin"][key] != expected[key]:
+            raise CheckpointError(f"{path} was trained with {key} {_show(state['origin'][key])}, not "
+                                  f"{_show(expected[key])}: {fix}")
+
+
+def _show(value) -> str:
+    return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
 def load_latest_good(path: Path, map_location: str | torch.device = "cpu") -> dict | None:

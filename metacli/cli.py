@@ -15,12 +15,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metacli.config_schema import register
 from metacli.errors import MetacliError, Preempted
-from metacli.preemption import REQUEUE_EXIT_CODE
+from metacli.preemption import INTERRUPT_EXIT_CODE, exit_code
 
 COMMANDS = {
     "train": "meta-train an algorithm, validate, keep the best checkpoint, test on fixed episodes",
@@ -61,8 +61,9 @@ def _run_reporting_errors(job, cfg: DictConfig):
             raise
         fail(str(exc))
     except Preempted as exc:
-        print(f"metacli: preempted: {exc}", file=sys.stderr)
-        raise SystemExit(REQUEUE_EXIT_CODE) from None
+        word = "interrupted" if exc.signal_name == "SIGINT" else "preempted"
+        print(f"metacli: {word}: {exc}", file=sys.stderr)
+        raise SystemExit(exit_code(exc.signal_name)) from None
 
 
 def _train_job(cfg: DictConfig, run_dir: Path) -> float:
@@ -89,14 +90,15 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-def preflight(command: str, args: list[str]) -> list[str]:
-    """Compose the config once before Hydra does, to turn composition errors into one line with a fix. Returns
-    overrides to add for Hydra (see :func:`claim_run_dir`).
+def preflight(command: str, args: list[str]) -> None:
+    """Compose the config once before Hydra does, to turn composition errors into one line with a fix, and check
+    the run (or sweep) dir before Hydra writes into it.
 
     Only plain overrides and each value of a comma-separated sweep are checked: ranges and intervals of a
     sweeper are left to the sweeper.
     """
-    overrides = get_args_parser().parse_args(args).overrides
+    parsed_args = get_args_parser().parse_args(args)
+    overrides, multirun = parsed_args.overrides, parsed_args.multirun
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
@@ -126,38 +128,55 @@ def preflight(command: str, args: list[str]) -> list[str]:
                 if full_errors():
                     raise
                 fail(_one_line(exc, command))
-    if choices:
-        return []
-    return claim_run_dir(Path(cfg.hydra.run.dir), explicit=any(o.startswith("hydra.run.dir=") for o in plain),
-                         resume=command == "train" and cfg.trainer.resume)
+    if command == "eval":
+        if OmegaConf.is_missing(cfg, "checkpoint"):
+            fail("metacli eval needs the run to re-test: metacli eval checkpoint=RUN_DIR (a dir written by "
+                 "metacli train)")
+        return
+    resume = cfg.trainer.resume
+    if multirun:
+        claim_sweep_dir(Path(cfg.hydra.sweep.dir), resume)
+    else:
+        claim_run_dir(Path(cfg.hydra.run.dir), explicit=any(o.startswith("hydra.run.dir=") for o in plain),
+                      resume=resume)
 
 
-def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> list[str]:
-    """Before Hydra writes into the run dir: check it can be written, refuse to start a new run over a finished
-    or interrupted one, and lock a dir the user named (the only kind two processes can share:
-    ``trainer.resume=true`` on the same ``hydra.run.dir``).
-
-    A resume writes its composed config to ``.hydra/resumed/``: the run's own ``.hydra/config.yaml``, which
-    ``metacli eval`` rebuilds the network from, is never overwritten, even by a resume that is then refused.
-    """
-    from metacli.checkpoint import LAST
-    from metacli.run_lock import lock_run_dir
-
-    if not resume and (run_dir / LAST).exists():
-        fail(f"{run_dir} already holds a run ({LAST}): continue it with trainer.resume=true, or give the new run "
-             "its own hydra.run.dir")
-
+def _check_writable(run_dir: Path, key: str) -> None:
     existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
     try:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as exc:
-        fail(f"cannot write into {existing} ({exc.strerror}): set hydra.run.dir to a writable directory")
-    if explicit:
-        try:
+        fail(f"cannot write into {existing} ({exc.strerror}): set {key} to a writable directory")
+
+
+def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> None:
+    """Before Hydra writes into the run dir: check it can be written, refuse to start a new run over a finished
+    or interrupted one (:func:`metacli.run_dir.check_claim`; the job checks again, as every job of a multirun
+    does), and lock a dir the user named (the only kind two processes can share: ``trainer.resume=true`` on the
+    same ``hydra.run.dir``)."""
+    from metacli.run_dir import check_claim
+    from metacli.run_lock import lock_run_dir
+
+    _check_writable(run_dir, "hydra.run.dir")
+    try:
+        check_claim(run_dir, resume)
+        if explicit:
             lock_run_dir(run_dir)
-        except MetacliError as exc:
-            fail(str(exc))
-    return ["hydra.output_subdir=.hydra/resumed"] if resume and (run_dir / ".hydra" / "config.yaml").exists() else []
+    except MetacliError as exc:
+        fail(str(exc))
+
+
+def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:
+    """Before a multirun starts: the sweep dir can be written, and a new sweep does not land on an old one's
+    runs (each job checks its own dir again, whatever ``hydra.sweep.subdir`` makes of it)."""
+    from metacli.run_dir import records
+
+    _check_writable(sweep_dir, "hydra.sweep.dir")
+    if not resume and sweep_dir.is_dir():
+        taken = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and records(p))
+        if taken:
+            fail(f"{sweep_dir} already holds the runs of a sweep ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}): "
+                 "continue them with trainer.resume=true, or give the new sweep its own hydra.sweep.dir")
 
 
 def _one_line(exc: Exception, command: str) -> str:
@@ -178,12 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}': use one of {', '.join(COMMANDS)} (see metacli --help)")
-    if not {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"} & set(rest):
-        rest += preflight(command, rest)
-    register()
-    sys.argv = [f"metacli {command}", *rest]
-    task = train_command if command == "train" else eval_command
-    hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)()
+    try:
+        if not {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"} & set(rest):
+            preflight(command, rest)
+        register()
+        sys.argv = [f"metacli {command}", *rest]
+        task = train_command if command == "train" else eval_command
+        hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)()
+    except KeyboardInterrupt:
+        if full_errors():
+            raise
+        print("metacli: interrupted: stopped before a step boundary; the last complete checkpoint, if any, is "
+              "kept: rerun with trainer.resume=true to continue from it", file=sys.stderr)
+        raise SystemExit(INTERRUPT_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

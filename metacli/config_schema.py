@@ -46,6 +46,7 @@ class TrainerSchema:
     on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     retain_host_memory: bool = True
+    check_memory: bool = True
     resume: bool = False
     progress: bool = True
     optimizer: Any = None

@@ -22,4 +22,9 @@ class TrainingError(MetacliError):
 
 
 class Preempted(Exception):
-    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint: exit for a requeue, not an error."""
+    """The run was asked to stop (SIGTERM, SIGUSR1, SIGINT) and its checkpoint is complete: exit for a requeue or
+    at the user's request, not an error. ``signal_name`` picks the exit code."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name

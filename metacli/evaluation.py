@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -11,11 +12,16 @@ from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
 
 
-def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed: int, batch_size: int) -> dict:
-    """Accuracy over ``episodes`` tasks fixed by ``seed``: mean, sample std, and 1.96 * std / sqrt(n)."""
-    accuracies = torch.tensor([learner.evaluate_episode(episode)
-                               for batch in sampler.fixed(episodes, seed, batch_size) for episode in batch],
-                              dtype=torch.float64)
+def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed: int, batch_size: int,
+          between_batches: Callable[[], None] | None = None) -> dict:
+    """Accuracy over ``episodes`` tasks fixed by ``seed``: mean, sample std, and 1.96 * std / sqrt(n).
+    ``between_batches`` is called before each batch (a stop request raises there)."""
+    accuracies = []
+    for batch in sampler.fixed(episodes, seed, batch_size):
+        if between_batches is not None:
+            between_batches()
+        accuracies += [learner.evaluate_episode(episode) for episode in batch]
+    accuracies = torch.tensor(accuracies, dtype=torch.float64)
     std = accuracies.std().item() if episodes > 1 else 0.0
     return {"accuracy": accuracies.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
             "episodes": episodes}
@@ -27,9 +33,10 @@ def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.de
 
 
 def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, sampler: EpisodeSampler,
-                 checkpoint: dict | None) -> dict:
-    """Score ``learner`` on the test episodes and describe the protocol: the content of results.json."""
-    scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size)
+                  checkpoint: dict | None, weights: str, between_batches: Callable[[], None] | None = None) -> dict:
+    """Score ``learner`` on the test episodes and describe the protocol: the content of results.json.
+    ``weights`` says what was tested: the ``best`` or ``last`` checkpoint, or the ``initialisation``."""
+    scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches)
     return {
         "algorithm": type(learner).__name__,
         "algo": cfg.algo._target_,
@@ -38,6 +45,7 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         "task": {"n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query},
         "eval_seed": cfg.eval.seed,
         "bn_mode": cfg.eval.bn_mode,
+        "weights": weights,
         "checkpoint_step": None if checkpoint is None else checkpoint["step"],
         "best_val_accuracy": None if checkpoint is None else checkpoint["best_val"],
         # Threads of the training that made the checkpoint (absent from checkpoints older than this record).

@@ -1,5 +1,5 @@
 """Every random number generator a run draws from, captured into a checkpoint and restored from it, so that a
-resumed run continues bit-for-bit on the CPU."""
+resumed run continues bit-for-bit, on the CPU and on CUDA."""
 from __future__ import annotations
 
 import random
@@ -20,10 +20,12 @@ def capture_rng(episodes: torch.Generator) -> dict:
 
 
 def restore_rng(state: dict, episodes: torch.Generator) -> None:
-    episodes.set_state(state["episodes"])
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`capture_rng` captured. Generator states are CPU byte tensors whatever device they
+    describe, but a checkpoint loaded onto the training device (``map_location="cuda"``) brings them there."""
+    episodes.set_state(state["episodes"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([cuda.cpu() for cuda in state["cuda"]])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]

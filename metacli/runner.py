@@ -14,19 +14,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.task_threads import thread_layout
-from metacli.build import (build, build_dataset, build_learner, build_partial, load_run_config, load_trained,
-                           resolve_device, seed_everything, training_batches)
-from metacli.checkpoint import BEST, LAST, load_latest_good, save_checkpoint
+from metacli.build import (build, build_dataset, build_learner, build_partial, load_trained, resolve_device,
+                           seed_everything, training_batches)
+from metacli.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
 from metacli.config_schema import check_ranges
 from metacli.data.episodes import EpisodeSampler
-from metacli.errors import CheckpointError, Preempted, TrainingError
+from metacli.errors import CheckpointError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.host_memory import retain_freed_memory
 from metacli.logging.console import console, results_table, training_progress
+from metacli.memory_budget import check_memory
 from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
 from metacli.rng import capture_rng, restore_rng
-from metacli.run_lock import lock_run_dir, unlock_run_dir
+from metacli.run_dir import RESULTS, claim
+from metacli.run_lock import unlock_run_dir
+from metacli.saved_config import load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,11 @@ def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> l
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the whole training job of ``cfg`` in ``run_dir`` and return its test results.
 
-    The run dir is locked for the job's duration, so a second process cannot resume the same run meanwhile.
+    The run dir is claimed first (:func:`metacli.run_dir.claim`: never another run's, locked for the job's
+    duration, the job's config saved), so neither a second process nor a sweep job can overwrite the run.
     """
     check_ranges(cfg)
-    lock_run_dir(run_dir)
+    claim(cfg, run_dir, cfg.trainer.resume)
     try:
         return _train(cfg, run_dir)
     finally:
@@ -68,12 +72,10 @@ def _nonfinite(loss: float, learner: torch.nn.Module) -> str | None:
     return None
 
 
-def _load_state(cfg: DictConfig, state: dict, where: Path, learner, optimizer, scheduler) -> None:
-    """Load a checkpoint into the run's objects; one written by another algorithm or network is a one-line error."""
-    written_by = (state.get("algo"), state.get("backbone"))
-    if written_by != (cfg.algo._target_, cfg.backbone._target_):
-        raise CheckpointError(f"{where} was written by algo {written_by[0]} with backbone {written_by[1]}, not by this "
-                              "run's config: resume it with its own algo/backbone, or give this run a new hydra.run.dir")
+def _load_state(state: dict, expected_origin: dict, where: Path, learner, optimizer, scheduler) -> None:
+    """Load a checkpoint into the run's objects; one of another algorithm, network or dataset is a one-line error."""
+    check_origin(state, expected_origin, where, fix="resume it with its own algo, backbone and dataset, or give "
+                                                    "this run a new hydra.run.dir")
     try:
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
@@ -91,7 +93,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         retain_freed_memory()
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
+    if cfg.trainer.check_memory:
+        check_memory(cfg, dataset, device)
     learner = build_learner(cfg, dataset).to(device)
+    trained_on = origin(cfg, dataset)
     next_batch = training_batches(cfg, learner, dataset.split("train"), dataset.normalize, device)
     val_sampler = EpisodeSampler(dataset.split("val"), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
                                  dataset.normalize, device, where="val split")
@@ -104,7 +109,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     threads = thread_layout(learner)
     state = load_latest_good(run_dir / LAST, device) if cfg.trainer.resume else None
     if state is not None:
-        _load_state(cfg, state, run_dir / LAST, learner, optimizer, scheduler)
+        _load_state(state, trained_on, run_dir / LAST, learner, optimizer, scheduler)
         restore_rng(state["rng"], generator)
         start_step, best_val, best_step, skipped = state["step"], state["best_val"], state["best_step"], state["skipped"]
         log.info("resumed from %s at step %d", run_dir / LAST, start_step)
@@ -121,8 +126,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
-                 "algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "rng": capture_rng(generator),
-                 "threads": threads}
+                 "origin": trained_on, "rng": capture_rng(generator), "threads": threads}
         save_checkpoint(state, *([run_dir / BEST] if best else []), run_dir / LAST)
 
     def log_row(row: dict, step: int) -> None:
@@ -130,55 +134,61 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             logger.log(row, step)
 
     steps = cfg.trainer.steps
+    if steps == 0:
+        log.warning("trainer.steps=0: no meta-training; testing the initialisation")
     try:
-        with PreemptionWatch() as preemption, training_progress(cfg.trainer.progress) as progress:
-            bar = progress.add_task("meta-train", total=steps, completed=start_step, loss=float("nan"),
-                                    accuracy=float("nan"), val="-")
-            for step in range(start_step + 1, steps + 1):
-                learner.train()
-                optimizer.zero_grad(set_to_none=True)
-                with training_precision(cfg.trainer.precision, device):
-                    metrics = learner.meta_train_step(next_batch(generator))
-                fault = _nonfinite(metrics["loss"], learner)
-                if fault is None:
-                    optimizer.step()
-                elif cfg.trainer.on_nonfinite == "skip":
-                    skipped += 1
-                    log.warning("%s at step %d: meta-batch skipped (%d so far)", fault, step, skipped)
-                else:
-                    raise TrainingError(
-                        f"{fault} at step {step}: likely a too high trainer.optimizer.lr or inner learning rate, or "
-                        f"exploding second-order gradients; lower them, or set trainer.on_nonfinite=skip; the last "
-                        f"good checkpoint is kept in {run_dir / LAST}")
-                if scheduler is not None:
-                    scheduler.step()
-                progress.update(bar, advance=1, loss=metrics["loss"], accuracy=metrics["accuracy"])
-                if step % cfg.trainer.log_every == 0:
-                    row = {f"train/{key}": value for key, value in metrics.items()}
-                    if cfg.trainer.on_nonfinite == "skip":
-                        row["train/skipped_batches"] = skipped
-                    log_row({**row, "lr": optimizer.param_groups[0]["lr"]}, step)
-                # Rows are logged before the checkpoint of their step: a resume keeps exactly the rows up to it.
-                if step % cfg.trainer.val_every == 0 or step == steps:
-                    val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,
-                                cfg.eval.batch_size)
-                    improved = val["accuracy"] > best_val
-                    if improved:
-                        best_val, best_step = val["accuracy"], step
-                    log_row({"val/accuracy": val["accuracy"], "val/ci95": val["ci95"]}, step)
-                    save(step, best=improved)
-                    progress.update(bar, val=f"{val['accuracy']:.3f}")
-                elif step % cfg.trainer.checkpoint_every == 0 or preemption.received:
-                    save(step)
-                if preemption.received and step < steps:
-                    raise Preempted(f"{preemption.received} received: stopped at step {step} with a checkpoint in "
-                                    f"{run_dir / LAST}; rerun with trainer.resume=true to continue")
+        with PreemptionWatch() as preemption:
+            with training_progress(cfg.trainer.progress) as progress:
+                bar = progress.add_task("meta-train", total=steps, completed=start_step, loss=float("nan"),
+                                        accuracy=float("nan"), val="-")
+                for step in range(start_step + 1, steps + 1):
+                    learner.train()
+                    optimizer.zero_grad(set_to_none=True)
+                    with training_precision(cfg.trainer.precision, device):
+                        metrics = learner.meta_train_step(next_batch(generator))
+                    fault = _nonfinite(metrics["loss"], learner)
+                    if fault is None:
+                        optimizer.step()
+                    elif cfg.trainer.on_nonfinite == "skip":
+                        skipped += 1
+                        log.warning("%s at step %d: meta-batch skipped (%d so far)", fault, step, skipped)
+                    else:
+                        raise TrainingError(
+                            f"{fault} at step {step}: likely a too high trainer.optimizer.lr or inner learning rate, or "
+                            f"exploding second-order gradients; lower them, or set trainer.on_nonfinite=skip; "
+                            f"{_kept_checkpoint(run_dir)}")
+                    if scheduler is not None:
+                        scheduler.step()
+                    progress.update(bar, advance=1, loss=metrics["loss"], accuracy=metrics["accuracy"])
+                    if step % cfg.trainer.log_every == 0:
+                        row = {f"train/{key}": value for key, value in metrics.items()}
+                        if cfg.trainer.on_nonfinite == "skip":
+                            row["train/skipped_batches"] = skipped
+                        log_row({**row, "lr": optimizer.param_groups[0]["lr"]}, step)
+                    # Rows are logged before the checkpoint of their step: a resume keeps exactly the rows up to it.
+                    if step % cfg.trainer.val_every == 0 or step == steps:
+                        val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,
+                                    cfg.eval.batch_size)
+                        improved = val["accuracy"] > best_val
+                        if improved:
+                            best_val, best_step = val["accuracy"], step
+                        log_row({"val/accuracy": val["accuracy"], "val/ci95": val["ci95"]}, step)
+                        save(step, best=improved)
+                        progress.update(bar, val=f"{val['accuracy']:.3f}")
+                    elif step % cfg.trainer.checkpoint_every == 0 or preemption.received:
+                        save(step)
+                    if step < steps:
+                        preemption.stop_if_asked(f"stopped at step {step} with a checkpoint in {run_dir / LAST}; rerun "
+                                                 "with trainer.resume=true to continue")
 
-        best = load_latest_good(run_dir / BEST, device)
-        if best is not None:
-            learner.load_state_dict(best["learner"])
-        results = build_results(cfg, learner, dataset, test_sampler, best)
-        write_json(results, run_dir / "results.json")
+            best = load_latest_good(run_dir / BEST, device)
+            if best is not None:
+                learner.load_state_dict(best["learner"])
+            results = build_results(cfg, learner, dataset, test_sampler, best, "best" if best else "initialisation",
+                                    between_batches=lambda: preemption.stop_if_asked(
+                                        f"stopped while testing; {_kept_checkpoint(run_dir)}: rerun with "
+                                        "trainer.resume=true to test it and write results.json"))
+        write_json(results, run_dir / RESULTS)
         for logger in loggers:
             logger.log_results(results)
     finally:
@@ -186,6 +196,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             logger.close()
     console.print(results_table(results))
     return results
+
+
+def _kept_checkpoint(run_dir: Path) -> str:
+    """Which checkpoint a run that stops now leaves behind, read from the file itself."""
+    state = load_latest_good(run_dir / LAST) if (run_dir / LAST).exists() else None
+    if state is None:
+        return "no checkpoint was written before it (rerun from scratch after the fix)"
+    return f"the checkpoint of step {state['step']} is kept in {run_dir / LAST}"
 
 
 def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
@@ -205,9 +223,11 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     check_ranges(cfg)
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
+    if overrides.check_memory:
+        check_memory(cfg, dataset, device, training=False, switch="check_memory")
     learner = build_learner(cfg, dataset).to(device)
-    state = load_trained(learner, run_dir, overrides.which, device)
-    results = build_results(cfg, learner, dataset, make_test_sampler(cfg, dataset, device), state)
-    write_json(results, out_dir / "results.json")
+    state = load_trained(learner, cfg, dataset, run_dir, overrides.which, device)
+    results = build_results(cfg, learner, dataset, make_test_sampler(cfg, dataset, device), state, overrides.which)
+    write_json(results, out_dir / RESULTS)
     console.print(results_table(results))
     return results

@@ -203,7 +203,7 @@ def assert_nothing_lost(run: Path, before: dict) -> None:
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["algo=maml"], "was written by algo metacli.algorithms.protonet.ProtoNet"),
+    (["algo=maml"], "was trained with algo metacli.algorithms.protonet.ProtoNet, not metacli.algorithms.maml.MAML"),
     (["backbone.hidden=32"], "does not fit the ProtoNet"),
 ])
 def test_resuming_a_checkpoint_of_another_network_is_one_line(finished_run, tmp_path, overrides, needle):

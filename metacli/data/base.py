@@ -1,7 +1,9 @@
 """The contract every dataset fulfils: class-indexed uint8 images per split, plus the preprocessing that made them."""
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,30 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("METACLI_CACHE") or Path.home() / ".cache" / "metacli" / "tensors").expanduser()
 
 
+def open_bounded(source: bytes | Path, max_side: int) -> Image.Image:
+    """Open an image from a dataset's archive or folder, refusing (``ValueError``) one whose header declares more
+    than ``max_side`` pixels a side: decoding allocates what the header declares, so a few hundred bytes could
+    otherwise claim gigabytes. Nothing is decoded here; the caller's ``convert`` does it."""
+    with warnings.catch_warnings():
+        # PIL's own bound warns first, and a warning would break a one-line error: make it an error here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ValueError(f"its header declares a decompression bomb ({exc})") from None
+    if max(image.size) > max_side:
+        image.close()
+        raise ValueError(f"it declares {image.size[0]}x{image.size[1]} pixels, more than {max_side} a side allowed "
+                         "for this dataset")
+    return image
+
+
+def check_member_size(size: int, max_bytes: int) -> None:
+    """Refuse (``ValueError``) a member whose declared or stored size exceeds ``max_bytes``, before it is read."""
+    if size > max_bytes:
+        raise ValueError(f"it is {size} bytes, more than the {max_bytes} allowed for one image of this dataset")
+
+
 def pil_to_uint8(image: Image.Image, mode: str, size: int, invert: bool = False) -> torch.Tensor:
     """Convert ``image`` to colour ``mode`` ("L" or "RGB"), resize to ``size x size`` (Lanczos) and return uint8 CxHxW."""
     image = image.convert(mode)
@@ -84,6 +110,15 @@ class FewShotDataset(ABC):
         if name not in self._splits:
             self._splits[name] = self.load_split(name)
         return self._splits[name]
+
+    @abstractmethod
+    def split_shape(self, name: str) -> tuple[int, int]:
+        """``(classes, images per class)`` of split ``name``, known before anything is decoded."""
+
+    def decoded_bytes(self) -> int:
+        """Host memory the decoded splits take, known before decoding (what a memory check weighs)."""
+        images = sum(classes * per_class for classes, per_class in map(self.split_shape, SPLITS))
+        return images * self.channels * self.image_size ** 2
 
     @abstractmethod
     def load_split(self, name: str) -> ClassImages:

@@ -6,7 +6,6 @@ There is no official download; the images are read from whichever local layout i
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import lzma
 import tarfile
@@ -16,7 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from metacli.data.base import ClassImages, FewShotDataset, default_cache_dir, default_root, pil_to_uint8
+from metacli.data.base import (ClassImages, FewShotDataset, check_member_size, default_cache_dir, default_root,
+                               open_bounded, pil_to_uint8)
 from metacli.data.cache import cache_path, cached_split
 from metacli.errors import ConfigError, DataError
 
@@ -25,9 +25,12 @@ log = logging.getLogger(__name__)
 SPLITS_DIR = Path(__file__).parent / "splits" / "mini_imagenet" / "ravi"
 PER_CLASS = 600
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The 84x84 JPEGs take a few kilobytes; bounds that admit full-resolution ImageNet files, and refuse a bomb.
+MAX_IMAGE_BYTES = 16 << 20
+MAX_SIDE = 4096
 
-# Where each image of a split comes from: wnid -> file name -> a path or the bytes read from an archive.
-Index = dict[str, dict[str, "Path | bytes"]]
+# Where each image of a split comes from: wnid -> file name -> a path, or the image already decoded from an archive.
+Index = dict[str, dict[str, "Path | torch.Tensor"]]
 
 
 def pinned_wnids(split: str) -> list[str]:
@@ -58,9 +61,13 @@ def index_tree(folder: Path) -> Index:
             for d in folder.iterdir() if d.is_dir()}
 
 
-def index_archives(archives: list[Path], split: str) -> Index:
-    """Read ``<split>/<wnid>/<file>`` members into memory as a stream: nothing is extracted to disk."""
+def index_archives(archives: list[Path], split: str, wnids: list[str], image_size: int,
+                   per_class: int | None = PER_CLASS) -> Index:
+    """Decode ``<split>/<wnid>/<file>`` members as the archives stream past: nothing is extracted to disk, and
+    only one member's bytes are held at a time. A member of another class, past ``per_class`` images of its
+    class, or over :data:`MAX_IMAGE_BYTES` is refused before it is read."""
     index: Index = {}
+    known = set(wnids)
     for path in archives:
         try:
             with tarfile.open(path, mode="r|xz") as tar:
@@ -71,7 +78,19 @@ def index_archives(archives: list[Path], split: str) -> Index:
                     if len(parts) != 3 or parts[0] != split:
                         raise DataError(f"{path} holds {member.name!r}, expected {split}/<wnid>/<file>.jpg; "
                                         f"it is not a mini-ImageNet {split} archive")
-                    index.setdefault(parts[1], {})[parts[2]] = tar.extractfile(member).read()
+                    wnid, name = parts[1], parts[2]
+                    if wnid not in known:
+                        raise DataError(f"{path}: class {wnid} is not in the pinned Ravi split; it is not a "
+                                        f"mini-ImageNet {split} archive")
+                    images = index.setdefault(wnid, {})
+                    if per_class is not None and len(images) >= per_class and name not in images:
+                        raise DataError(f"{path}: class {wnid} has more than {per_class} images; it is not a "
+                                        f"mini-ImageNet {split} archive")
+                    try:
+                        check_member_size(member.size, MAX_IMAGE_BYTES)
+                    except ValueError as exc:
+                        raise DataError(f"{path}: {member.name} is refused: {exc}; replace the archive") from None
+                    images[name] = decode_image(tar.extractfile(member).read(), path.name, wnid, name, image_size)
         except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as exc:
             raise DataError(f"{path} is corrupt or truncated ({exc}); replace it with an intact copy") from None
     return index
@@ -111,15 +130,23 @@ def decode_index(index: Index, wnids: list[str], image_size: int, where: str,
     for c, wnid in enumerate(wnids):
         for i, name in enumerate(sorted(index[wnid])):
             source = index[wnid][name]
-            try:
-                with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                    if image.mode != "RGB":
-                        raise DataError(f"{where}: {wnid}/{name} is {'grayscale' if image.mode in ('L', '1') else 'not RGB'} "
-                                        f"(mode {image.mode}); every mini-ImageNet image must be RGB")
-                    images[c, i] = pil_to_uint8(image, "RGB", image_size)
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
-                raise DataError(f"{where}: cannot decode {wnid}/{name} ({exc}); replace that file") from None
+            images[c, i] = source if isinstance(source, torch.Tensor) else decode_image(source, where, wnid, name,
+                                                                                        image_size)
     return ClassImages(images=images, class_names=list(wnids))
+
+
+def decode_image(source: Path | bytes, where: str, wnid: str, name: str, image_size: int) -> torch.Tensor:
+    """One RGB image as uint8 ``3 x image_size x image_size``; anything else is a one-line DataError."""
+    try:
+        if isinstance(source, Path):
+            check_member_size(source.stat().st_size, MAX_IMAGE_BYTES)
+        with open_bounded(source, MAX_SIDE) as image:
+            if image.mode != "RGB":
+                raise DataError(f"{where}: {wnid}/{name} is {'grayscale' if image.mode in ('L', '1') else 'not RGB'} "
+                                f"(mode {image.mode}); every mini-ImageNet image must be RGB")
+            return pil_to_uint8(image, "RGB", image_size)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{where}: cannot decode {wnid}/{name} ({exc}); replace that file") from None
 
 
 def decode_split(base: Path, split: str, wnids: list[str], image_size: int,
@@ -133,7 +160,7 @@ def decode_split(base: Path, split: str, wnids: list[str], image_size: int,
     if layout == "tree":
         index = index_tree(paths[0])
     elif layout == "archives":
-        index = index_archives(paths, split)
+        index = index_archives(paths, split, wnids, image_size, per_class)
     else:
         index = index_ravi(*paths)
     where = str(paths[0]) if layout != "archives" else ", ".join(p.name for p in paths)
@@ -163,6 +190,9 @@ class MiniImageNet(FewShotDataset):
     @property
     def base(self) -> Path:
         return self.root / "mini-imagenet"
+
+    def split_shape(self, name: str) -> tuple[int, int]:
+        return len(pinned_wnids(name)), PER_CLASS
 
     def load_split(self, name: str) -> ClassImages:
         # Missing data is reported even when a cache exists: the cache never stands in for the source.

@@ -5,20 +5,20 @@ characters by name, with each character's 90-degree rotations added as extra cla
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
 import zipfile
 import zlib
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from metacli.data.base import ClassImages, FewShotDataset, default_cache_dir, default_root, pil_to_uint8
+from metacli.data.base import (ClassImages, FewShotDataset, check_member_size, default_cache_dir, default_root,
+                               open_bounded, pil_to_uint8)
 from metacli.data.cache import cached_split
 from metacli.data.download import contents_digest, download_url, zip_entries
 from metacli.errors import ConfigError, DataError
@@ -31,6 +31,9 @@ OFFICIAL_MD5 = {"background": "68d2efa1b9178cc56df9314c21c6e718", "evaluation": 
 SPLIT_NAMES = ("vinyals", "background_evaluation")
 DRAWINGS = 20
 SPLITS_DIR = Path(__file__).parent / "splits" / "omniglot"
+# The official drawings are 105x105 PNGs of at most 486 bytes: bounds far above them, and far below a bomb.
+MAX_PNG_BYTES = 1 << 20
+MAX_SIDE = 1024
 
 
 @lru_cache(maxsize=None)
@@ -77,20 +80,27 @@ def _decode_members(names: list[str], read: Callable[[str], bytes], kind: str, s
     entries = []
     for c, character in enumerate(classes):
         for i, name in enumerate(groups[character]):
-            data = read(name)
-            entries.append((name, zlib.crc32(data), len(data)))
-            with Image.open(io.BytesIO(data)) as image:
-                images[c, i] = pil_to_uint8(image, "L", size, invert=True)  # strokes bright on black
+            try:
+                data = read(name)
+                entries.append((name, zlib.crc32(data), len(data)))
+                with open_bounded(data, MAX_SIDE) as image:
+                    images[c, i] = pil_to_uint8(image, "L", size, invert=True)  # strokes bright on black
+            except ValueError as exc:
+                raise DataError(f"{where}: {name} is refused: {exc}; {_fix(kind)}") from None
     return ClassImages(images=images, class_names=classes), entries
 
 
 def decode_zip(path: Path, kind: str, size: int) -> ClassImages:
     """Decode one official archive; zipfile checks every member's CRC32 as it is read."""
     start = time.perf_counter()
+    def read(archive: zipfile.ZipFile, name: str) -> bytes:
+        check_member_size(archive.getinfo(name).file_size, MAX_PNG_BYTES)  # zipfile reads no more than declared
+        return archive.read(name)
+
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.startswith(f"images_{kind}/") and n.endswith(".png")]
-            data, _ = _decode_members(names, archive.read, kind, size, path)
+            data, _ = _decode_members(names, partial(read, archive), kind, size, path)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"{path} is corrupt ({exc}); {_fix(kind)}") from None
     log.info("decoded %s: %d characters in %.1fs", path.name, data.n_classes, time.perf_counter() - start)
@@ -101,8 +111,14 @@ def decode_folder(folder: Path, kind: str, size: int) -> ClassImages:
     """Decode an extracted ``images_<kind>/`` folder and check it against the pinned contents digest."""
     start = time.perf_counter()
     names = [f"images_{kind}/{p.relative_to(folder).as_posix()}" for p in folder.glob("*/*/*.png")]
+
+    def read(name: str) -> bytes:
+        path = folder.parent / name
+        check_member_size(path.stat().st_size, MAX_PNG_BYTES)
+        return path.read_bytes()
+
     try:
-        data, entries = _decode_members(names, lambda n: (folder.parent / n).read_bytes(), kind, size, folder)
+        data, entries = _decode_members(names, read, kind, size, folder)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"{folder} holds an unreadable image ({exc}); replace the folder with the official "
                         f"images_{kind}.zip") from None
@@ -181,6 +197,14 @@ class Omniglot(FewShotDataset):
             build = lambda: decode_folder(source, kind, self.image_size)  # noqa: E731
         self._archives[kind] = cached_split(self.cache_dir, "omniglot", kind, self.image_size, build)
         return self._archives[kind]
+
+    def split_shape(self, name: str) -> tuple[int, int]:
+        return len(pinned_characters(self.split_name, name)) * self.rotations, DRAWINGS
+
+    def decoded_bytes(self) -> int:
+        # The splits are drawn from both archives, which stay decoded beside them.
+        archives = sum(pinned_contents()[f"images_{kind}"]["pngs"] for kind in KINDS) * self.image_size ** 2
+        return super().decoded_bytes() + archives
 
     def load_split(self, name: str) -> ClassImages:
         characters = pinned_characters(self.split_name, name)

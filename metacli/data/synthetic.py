@@ -39,6 +39,9 @@ class SyntheticGlyphs(FewShotDataset):
         self.classes = dict(classes or {"train": 200, "val": 40, "test": 40})
         self.per_class, self.image_size, self.strokes, self.jitter, self.seed = per_class, image_size, strokes, jitter, seed
 
+    def split_shape(self, name: str) -> tuple[int, int]:
+        return int(self.classes[name]), self.per_class
+
     def load_split(self, name: str) -> ClassImages:
         offset = {"train": 0, "val": 1, "test": 2}[name]
         g = torch.Generator().manual_seed(self.seed * 3 + offset)

@@ -1,6 +1,7 @@
 """Helpers shared by the backbones."""
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
@@ -8,13 +9,28 @@ from torch import nn
 
 
 def feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
-    """Width of the embedding ``backbone`` gives for one ``in_channels x image_size x image_size`` image."""
-    was_training = backbone.training
-    backbone.eval()  # a single image would break BatchNorm's batch statistics
-    with torch.no_grad():
-        dim = backbone(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
-    backbone.train(was_training)
-    return int(dim)
+    """Width of the embedding ``backbone`` gives for one ``in_channels x image_size x image_size`` image, from a
+    copy on the meta device: shapes only, so no memory for a large image and no CPU kernel (the native first block
+    would be compiled even for a CUDA run)."""
+    probe = copy.deepcopy(backbone).to("meta").eval()  # eval: a single image would break batch statistics
+    return int(probe(torch.zeros(1, in_channels, image_size, image_size, device="meta")).shape[1])
+
+
+def activation_bytes(backbone: nn.Module, in_channels: int, image_size: int) -> int:
+    """Bytes of every layer's output in one forward of one image: a lower bound of what an image costs in
+    training (which keeps them for the backward), measured on the meta device like :func:`feature_dim`."""
+    probe = copy.deepcopy(backbone).to("meta").eval()
+    sizes = []
+
+    def record(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    for module in probe.modules():
+        if not list(module.children()):
+            module.register_forward_hook(record)
+    probe(torch.zeros(1, in_channels, image_size, image_size, device="meta"))
+    return sum(sizes)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

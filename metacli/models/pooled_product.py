@@ -12,13 +12,14 @@ backward are C++ autograd functions. BatchNorm's statistics still come from the 
 :mod:`~metacli.models.patch_conv`, so every BatchNorm mode is handled as there: a fourth kernel sums the patches and
 their outer products in one pass, where building the patch matrix and its centred copy took 2.2 ms of the episode.
 The kernels let go of the GIL, so task threads run them side by side. They are compiled on first use with
-``torch.utils.cpp_extension`` (about 30 s, cached in ``TORCH_EXTENSIONS_DIR``); where that fails (no C++ compiler,
-no ninja), :func:`available` says so once and Conv4 keeps the patch product.
+``torch.utils.cpp_extension`` (cached in a private dir, see :func:`_build_dir`); where that fails (no C++
+compiler, no ninja), :func:`available` says so once and Conv4 keeps the patch product.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import threading
 import time
@@ -60,8 +61,9 @@ def _extension():
                 tag = hashlib.sha1(key.encode()).hexdigest()[:10]
                 # 512-bit vectors where the CPU has them: the loops run over 64 filters.
                 wide = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
+                name = f"metacli_pooled_product_{tag}"
                 start = time.perf_counter()
-                _module = load(f"metacli_pooled_product_{tag}", [str(_SOURCE)],
+                _module = load(name, [str(_SOURCE)], build_directory=str(_build_dir(name)),
                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *wide])
                 seconds = time.perf_counter() - start
                 if seconds > 5:  # a build (this process's or another's), not a load from the cache
@@ -74,6 +76,16 @@ def _extension():
             finally:
                 quiet.setLevel(level)
     return _module
+
+
+def _build_dir(name: str) -> Path:
+    """Where the kernel is compiled and loaded from: ``$TORCH_EXTENSIONS_DIR/<name>``, else
+    ``~/.cache/metacli/kernels/<name>``, created private to the user: whoever can write there runs code in every
+    later metacli process."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "metacli" / "kernels")
+    path = root / name
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
 
 
 def _cpu_flags() -> str:

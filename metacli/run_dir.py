@@ -1,0 +1,57 @@
+"""A training job's claim on its run dir: a new run never lands on an existing one, a resume never overwrites the
+config the run was trained with, and both rules hold for every job of a multirun as for a single run.
+
+Hydra's own copy of the config (``hydra.output_subdir``) is switched off for ``metacli train``, because Hydra writes
+it before any code of ours runs, over whatever the dir held; :func:`claim` writes it instead, once the dir is
+known to be free (``.hydra/``) or the run's own (``.hydra/resumed/`` on a resume).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metacli.checkpoint import BEST, LAST, previous
+from metacli.errors import ConfigError
+from metacli.run_lock import lock_run_dir
+
+RESULTS, METRICS = "results.json", "metrics.jsonl"
+#: The files that make a dir a run's: its checkpoints and its results.
+RECORDS = (LAST, previous(Path(LAST)).name, BEST, previous(Path(BEST)).name, RESULTS, METRICS)
+RESUMABLE = (LAST, previous(Path(LAST)).name)
+
+
+def records(run_dir: Path) -> list[str]:
+    """The run records ``run_dir`` holds, by name."""
+    return [name for name in RECORDS if (Path(run_dir) / name).exists()]
+
+
+def check_claim(run_dir: Path, resume: bool) -> None:
+    """Raise a one-line ConfigError when a new run would land on an existing one, or a resume has nothing to
+    continue from but would overwrite a finished run's records."""
+    held = records(run_dir)
+    if not resume and held:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with trainer.resume=true, "
+                          "or give the new run its own hydra.run.dir (hydra.sweep.dir for a multirun)")
+    if resume and held and not set(held) & set(RESUMABLE) and set(held) - {METRICS}:
+        raise ConfigError(f"{run_dir} holds a run ({', '.join(held)}) but no {LAST} to continue from, so "
+                          "trainer.resume=true would start over and overwrite it: give the new run its own "
+                          "hydra.run.dir")
+
+
+def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
+    """Check ``run_dir`` is free (or, on a resume, continuable), lock it for this process, and save the job's
+    config where Hydra would have: ``.hydra/``, or ``.hydra/resumed/`` when the run's own is already there."""
+    run_dir = Path(run_dir)
+    check_claim(run_dir, resume)
+    lock_run_dir(run_dir)
+    target = run_dir / ".hydra"
+    if resume and (target / "config.yaml").exists():
+        target = target / "resumed"
+    target.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, target / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), target / "hydra.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, target / "overrides.yaml")
