@@ -1,6 +1,7 @@
 """Turn a composed config into objects: device, dataset, learner, optimiser. Shared by train, eval and the API."""
 from __future__ import annotations
 
+import os
 import random
 from functools import partial
 from pathlib import Path
@@ -73,10 +74,16 @@ def resolve_device(device_cfg: DictConfig) -> torch.device:
     return torch.device(kind)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every generator; ``deterministic`` also makes CUDA kernels repeat themselves bit for bit (cuDNN and
+    cuBLAS pick run-to-run varying algorithms otherwise). On the CPU metacli's kernels are deterministic anyway."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its first handle
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def build_dataset(cfg: DictConfig) -> FewShotDataset:

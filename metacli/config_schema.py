@@ -47,6 +47,7 @@ class TrainerSchema:
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     retain_host_memory: bool = True
     check_memory: bool = True
+    deterministic: bool = False
     resume: bool = False
     progress: bool = True
     optimizer: Any = None

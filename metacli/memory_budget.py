@@ -97,7 +97,9 @@ def check_memory(cfg: DictConfig, dataset: FewShotDataset, device: torch.device,
             mine["dataset.image_size"] = items["dataset.image_size"][0]
         total = sum(mine.values())
         if total > budget:
-            key = max(mine, key=mine.get)
+            # Images too large for the decoded data alone make every batch too large too: name their size.
+            image_size_alone = mine["dataset.image_size"] > budget
+            key = "dataset.image_size" if image_size_alone else max(mine, key=mine.get)
             where = f"GPU {device}" if on_device and on_cuda else "this process"
             raise ConfigError(f"{key}={_value(cfg, key)} needs at least {_gib(mine[key])} of memory ({_gib(total)} "
                               f"for the whole run), but {where} can use {_gib(budget)}: lower {key}, or set "

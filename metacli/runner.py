@@ -88,7 +88,7 @@ def _load_state(state: dict, expected_origin: dict, where: Path, learner, optimi
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     if cfg.trainer.retain_host_memory:
         retain_freed_memory()
     device = resolve_device(cfg.device)

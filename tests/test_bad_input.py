@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import run_cli
 from metacli.data.mini_imagenet import pinned_wnids
+from test_security import png_bomb
 
 FAST = ["trainer.steps=1", "trainer.val_every=1", "trainer.val_episodes=2", "eval.episodes=2", "dataset=synthetic",
         "device=cpu", "trainer.progress=false"]
@@ -60,6 +61,14 @@ CASES = {
     "negative fine-tuning lr": (["algo=baseline", "algo.finetune_lr=-1"], "algo.finetune_lr"),
     "unknown pooling": (["backbone.pool=avg"], "backbone.pool"),
     "read-only output dir": (["hydra.run.dir=/sys/metacli-run"], "cannot write into /sys"),
+    "a meta-batch that cannot fit": (["trainer.meta_batch=1000000000"], "trainer.meta_batch=1000000000 needs at least"),
+    "a meta-batch written as a float": (["trainer.meta_batch=1e9"], "could not be converted to Integer"),
+    "test episodes that cannot fit": (["eval.episodes=1000000000"], "eval.episodes=1000000000 needs at least"),
+    "images that cannot fit": (["dataset=omniglot", "dataset.image_size=2000"], "dataset.image_size=2000 needs at least"),
+    "an evaluation batch that cannot fit": (["eval.batch_size=1000000000"], "eval.batch_size=1000000000 needs at least"),
+    "validation episodes that cannot fit": (["trainer.val_episodes=1000000000"],
+                                            "trainer.val_episodes=1000000000 needs at least"),
+    "a read-only sweep dir": (["-m", "seed=0,1", "hydra.sweep.dir=/sys/metacli-sweep"], "cannot write into /sys"),
 }
 
 
@@ -165,6 +174,11 @@ def test_a_grayscale_image_in_an_rgb_dataset_is_one_line(tmp_path):
     assert_one_line_error(train_on_mini_imagenet(tmp_path / "data", tmp_path), "grayscale")
 
 
+def test_an_image_bomb_is_one_line(tmp_path):
+    mini_imagenet_train_tree(tmp_path / "data").write_bytes(png_bomb(9000, 9000))
+    assert_one_line_error(train_on_mini_imagenet(tmp_path / "data", tmp_path), "declares 9000x9000 pixels")
+
+
 def test_a_wrong_ravi_csv_is_one_line(tmp_path):
     base = tmp_path / "data" / "mini-imagenet"
     write_jpeg(base / "images" / "n0153282900000005.jpg")
@@ -231,5 +245,5 @@ def test_truncated_checkpoints_are_one_line(finished_run, tmp_path):
 def test_a_new_run_over_an_existing_one_is_refused(finished_run, tmp_path):
     before = snapshot(finished_run)
     done = run_cli("train", *FAST, f"hydra.run.dir={finished_run}", cwd=tmp_path)
-    assert_one_line_error(done, "already holds a run (last.pt): continue it with trainer.resume=true")
+    assert_one_line_error(done, "already holds a run (last.pt, last.pt.prev, best.pt")
     assert_nothing_lost(finished_run, before)

@@ -6,6 +6,9 @@ import contextlib
 import copy
 import logging
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,3 +177,19 @@ def test_second_order_maml_through_it_matches_the_native_kernels(setting, monkey
         torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-12, msg=name)
     for name, ref in ref_buffers.items():
         torch.testing.assert_close(buffers[name], ref, rtol=1e-9, atol=1e-12, msg=name)
+
+
+CONSTRUCTION = """
+from metacli.models import pooled_product
+from metacli.models.conv4 import Conv4
+from metacli.models.resnet12 import ResNet12
+Conv4(), Conv4(pool="stride"), ResNet12()
+print(pooled_product._module is None and not pooled_product._failed)
+"""
+
+
+def test_building_a_backbone_builds_no_kernel():
+    """Sizing the head takes no forward on the CPU, so a CUDA run never compiles this CPU kernel (only a CPU
+    forward that can use it does)."""
+    done = subprocess.run([sys.executable, "-c", CONSTRUCTION], capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stdout + done.stderr

@@ -20,7 +20,7 @@ import torch
 from conftest import metacli_command, run_cli
 from metacli.checkpoint import (LAST, CheckpointError, load_checkpoint, load_latest_good, previous,
                                 save_checkpoint)
-from metacli.preemption import REQUEUE_EXIT_CODE
+from metacli.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 
 # 60 short steps: long enough to be killed at a chosen moment, checkpoints every 7 steps between validations.
 RUN = ["experiment=smoke", "trainer.steps=60", "trainer.val_every=20", "trainer.checkpoint_every=7",
@@ -107,18 +107,36 @@ def test_a_killed_run_resumes_to_the_same_rows_and_results(reference, tmp_path, 
 # ---------------------------------------------------------------- preemption
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_checkpoints_exits_for_requeue_and_resumes_exactly(reference, tmp_path, signum):
+@pytest.mark.parametrize("signum,code,word", [(signal.SIGTERM, REQUEUE_EXIT_CODE, "preempted"),
+                                               (signal.SIGUSR1, REQUEUE_EXIT_CODE, "preempted"),
+                                               (signal.SIGINT, INTERRUPT_EXIT_CODE, "interrupted")])
+def test_a_stop_signal_checkpoints_exits_and_resumes_exactly(reference, tmp_path, signum, code, word):
     run_dir = tmp_path / "run"
     process = start(run_dir)
     wait_for(lambda: any(r["step"] >= 25 for r in rows(run_dir)), process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == REQUEUE_EXIT_CODE, stderr
+    assert process.returncode == code, stderr
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"metacli: preempted: {signum.name} received: stopped at step")
+    assert len(lines) == 1 and lines[0].startswith(f"metacli: {word}: {signum.name} received: stopped at step")
+    assert "rerun with trainer.resume=true" in lines[0]
     stopped_at = int(lines[0].split("stopped at step ")[1].split()[0])
     assert load_checkpoint(run_dir / LAST)["step"] == stopped_at == rows(run_dir)[-1]["step"]
+    resume(run_dir)
+    assert outputs(run_dir) == reference
+
+
+def test_a_stop_while_testing_is_said_and_the_resume_writes_the_results(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start(run_dir)
+    wait_for(lambda: any(r["step"] == 60 and "val/accuracy" in r for r in rows(run_dir)), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == REQUEUE_EXIT_CODE, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM received: stopped while testing; the checkpoint of step 60 is kept" in lines[0]
+    assert "rerun with trainer.resume=true to test it and write results.json" in lines[0]
+    assert not (run_dir / "results.json").exists()
     resume(run_dir)
     assert outputs(run_dir) == reference
 
@@ -244,8 +262,16 @@ def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert "at step 2" in lines[0] and "trainer.on_nonfinite=skip" in lines[0] and "lr" in lines[0]
+    assert f"the checkpoint of step 1 is kept in {run_dir / LAST}" in lines[0]
     assert load_checkpoint(run_dir / LAST)["step"] == 1
     assert not (run_dir / "results.json").exists()
+
+
+def test_a_nan_before_the_first_checkpoint_says_none_is_kept(tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli("train", *RUN, "trainer.optimizer.lr=1e30", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 2 and "at step 2" in done.stderr
+    assert "no checkpoint was written before it" in done.stderr and not (run_dir / LAST).exists()
 
 
 def test_nan_meta_batches_can_be_skipped_and_are_counted(tmp_path):

@@ -6,8 +6,15 @@ Each payload test first shows that its payload does run code when trusted (a con
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,6 +22,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import run_cli
 from metacli import load_learner
@@ -22,6 +30,9 @@ from metacli.checkpoint import LAST, CheckpointError, load_checkpoint, load_late
 from metacli.cli import config_dir
 from metacli.data.base import ClassImages
 from metacli.data.cache import cache_path, cached_split
+from metacli.data.mini_imagenet import index_archives, pinned_wnids
+from metacli.data.omniglot import decode_zip
+from metacli.errors import DataError
 from metacli.saved_config import BUILDABLE
 
 FAST = ["experiment=smoke", "trainer.steps=2", "trainer.val_every=1", "trainer.val_episodes=2", "eval.episodes=2",
@@ -281,3 +292,78 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
 def test_the_cache_dir_is_private(tmp_path):
     cached_split(tmp_path / "fresh" / "cache", "toy", "train", 8, images)
     assert (tmp_path / "fresh" / "cache").stat().st_mode & 0o077 == 0
+
+
+# ---------------------------------------------------------------- archives and decompression bombs
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header declaring ``width x height`` RGB pixels, in well under a kilobyte: decoding it would
+    allocate what the header declares."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(4096)))
+            + chunk(b"IEND", b""))
+
+
+PEAK_MEMORY = """
+import resource, sys
+from pathlib import Path
+from metacli.errors import DataError
+from metacli.data.omniglot import decode_folder
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_folder(Path(sys.argv[1]), "background", 28)
+except DataError as exc:
+    print(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, "MiB")
+"""
+
+
+def test_an_image_bomb_is_refused_before_it_is_decoded(tmp_path):
+    folder = tmp_path / "omniglot" / "images_background"
+    character = folder / "Alphabet" / "character01"
+    character.mkdir(parents=True)
+    for i in range(20):
+        (character / f"0001_{i:02d}.png").write_bytes(png_bomb(9000, 9000))  # 243 MB each, decoded
+    assert len(png_bomb(9000, 9000)) < 1024
+    done = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(folder)], capture_output=True, text=True)
+    message, growth = done.stdout.strip().splitlines()
+    assert "0001_00.png is refused: it declares 9000x9000 pixels, more than 1024 a side" in message
+    assert int(growth.split()[0]) < 100, f"the refusal itself took {growth}"
+
+
+def test_an_oversized_zip_member_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(20):  # zeros: 2 MiB declared in a few kilobytes
+            archive.writestr(f"images_background/Alphabet/character01/0001_{i:02d}.png", bytes(2 << 20))
+    with pytest.raises(DataError, match=r"0001_00.png is refused: it is 2097152 bytes, more than the 1048576"):
+        decode_zip(path, "background", 28)
+
+
+def test_an_oversized_tar_member_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "mini-imagenet-84-val.tar.xz"
+    wnid = pinned_wnids("val")[0]
+    with tarfile.open(path, "w:xz", preset=0) as archive:
+        member = tarfile.TarInfo(f"val/{wnid}/{wnid}00000001.jpg")
+        member.size = 17 << 20
+        archive.addfile(member, io.BytesIO(bytes(member.size)))
+    with pytest.raises(DataError, match=rf"{wnid}00000001.jpg is refused: it is 17825792 bytes, more than"):
+        index_archives([path], "val", pinned_wnids("val"), 84)
+
+
+def test_an_archive_with_too_many_images_per_class_is_refused(tmp_path):
+    path = tmp_path / "mini-imagenet-84-val.tar.xz"
+    wnid = pinned_wnids("val")[0]
+    jpeg = io.BytesIO()
+    Image.new("RGB", (84, 84)).save(jpeg, "JPEG")
+    with tarfile.open(path, "w:xz", preset=0) as archive:
+        for i in range(4):
+            member = tarfile.TarInfo(f"val/{wnid}/{wnid}{i:08d}.jpg")
+            member.size = len(jpeg.getvalue())
+            archive.addfile(member, io.BytesIO(jpeg.getvalue()))
+    with pytest.raises(DataError, match=f"class {wnid} has more than 3 images"):
+        index_archives([path], "val", pinned_wnids("val"), 84, per_class=3)

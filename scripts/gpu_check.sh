@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU checks, for anyone with a CUDA GPU: the tests marked `cuda` (exact resume after SIGKILL, SIGTERM and
+# SIGINT, determinism, vectorised equals serial meta-gradient, every algorithm in fp32 and bf16, no CPU kernel
+# built), then the GPU benchmark of MAML's vectorised and serial inner loops on real Omniglot.
+#
+#   bash scripts/gpu_check.sh [DATA_ROOT]     # DATA_ROOT holds omniglot/ (default: $METACLI_DATA, ../shared/data)
+#
+# Writes bench-results/gpu/*.json; each part is bounded so that the whole stays under 8 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device here')"
+data="${1:-${METACLI_DATA:-../shared/data}}"
+timeout 300 python -m pytest -q -m cuda tests/test_cuda.py
+METACLI_DATA="$data" timeout 180 python scripts/bench.py --device cuda --vectorize true false \
+    --algos protonet maml_first_order maml_second_order --split val --out bench-results/gpu
