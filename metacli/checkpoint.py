@@ -117,7 +117,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path} is not a metacli checkpoint (no {FORMAT} header); use another run dir or "
                               "retrain")
     blob, digest = wrapped.get("payload"), wrapped.get("sha256")
-    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1 or not isinstance(digest, str):
+    if not (isinstance(blob, torch.Tensor) and blob.dtype == torch.uint8 and blob.dim() == 1
+            and isinstance(digest, str)):
         raise CheckpointError(f"{path} has a {FORMAT} header but no payload and checksum; use "
                               f"{previous(path).name} or another run dir")
     data = blob.numpy().tobytes()

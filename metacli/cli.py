@@ -175,8 +175,9 @@ def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:
     if not resume and sweep_dir.is_dir():
         taken = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and records(p))
         if taken:
-            fail(f"{sweep_dir} already holds the runs of a sweep ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}): "
-                 "continue them with trainer.resume=true, or give the new sweep its own hydra.sweep.dir")
+            some = ", ".join(taken[:3]) + (", ..." if len(taken) > 3 else "")
+            fail(f"{sweep_dir} already holds the runs of a sweep ({some}): continue them with "
+                 "trainer.resume=true, or give the new sweep its own hydra.sweep.dir")
 
 
 def _one_line(exc: Exception, command: str) -> str:

@@ -154,8 +154,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                         log.warning("%s at step %d: meta-batch skipped (%d so far)", fault, step, skipped)
                     else:
                         raise TrainingError(
-                            f"{fault} at step {step}: likely a too high trainer.optimizer.lr or inner learning rate, or "
-                            f"exploding second-order gradients; lower them, or set trainer.on_nonfinite=skip; "
+                            f"{fault} at step {step}: likely a too high trainer.optimizer.lr or inner learning rate, "
+                            f"or exploding second-order gradients; lower them, or set trainer.on_nonfinite=skip; "
                             f"{_kept_checkpoint(run_dir)}")
                     if scheduler is not None:
                         scheduler.step()

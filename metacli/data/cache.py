@@ -61,7 +61,8 @@ def cached_split(cache_dir: Path, dataset: str, split: str, resolution: int,
         try:
             return _verified(torch.load(path, weights_only=True))
         except Exception as exc:  # a half-written, damaged or stale cache is rebuilt, never trusted
-            log.warning("rebuilding the cache %s: %s", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("rebuilding the cache %s: %s", path, reason)
     data = build()
     try:
         private_dir(path.parent)

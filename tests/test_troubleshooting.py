@@ -1,0 +1,44 @@
+"""The README's troubleshooting table is made from the tests' bad-input tables, and checked against them: every
+case the tests throw at metacli has its row, with what its one-line error says, and no row is left without a test.
+
+After changing a table, rewrite the README's with:
+
+    METACLI_WRITE_README=1 python -m pytest -q tests/test_troubleshooting.py
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import test_bad_input
+import test_security
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- troubleshooting: made by tests/test_troubleshooting.py -->", "<!-- troubleshooting: end -->"
+
+
+def rows() -> list[str]:
+    train = [(f"`metacli train {' '.join(args)}` ({name})", needle)
+             for name, (args, needle) in test_bad_input.CASES.items()]
+    configs = [(f"a run's `.hydra/config.yaml` that is {name} (`metacli eval`, `load_learner`)", needle)
+               for name, (_, needle) in test_security.CONFIG_DAMAGE.items()]
+    payloads = [(f"a code-running payload in a saved config: {name}", needle)
+                for name, (_, _, needle) in test_security.PAYLOADS.items()]
+    checkpoints = [(f"a damaged `best.pt` or `last.pt`: {name} (`metacli eval`; a resume falls back to `.prev`)", needle)
+                   for name, (_, needle) in test_security.CHECKPOINT_DAMAGE.items()]
+    return [f"| {case} | `{needle.replace('|', '¦')}` |" for case, needle in train + configs + payloads + checkpoints]
+
+
+def table() -> str:
+    return "\n".join([START, "| input | the one-line error contains |", "|---|---|", *rows(), END])
+
+
+def test_the_readme_table_is_the_tests_table():
+    text = README.read_text()
+    assert START in text and END in text, f"the README needs the {START} ... {END} block"
+    before, rest = text.split(START)
+    _, after = rest.split(END)
+    if os.environ.get("METACLI_WRITE_README") == "1":
+        README.write_text(before + table() + after)
+    assert before + table() + after == README.read_text(), \
+        "the README's troubleshooting table differs from the tests' cases: rewrite it (see this module's docstring)"
