@@ -111,7 +111,7 @@ def load_run_config(run_dir: Path) -> DictConfig:
                               f"{restore}")
     try:
         cfg = OmegaConf.load(config_file)
-    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException, ValueError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException, ValueError, OSError) as exc:
         reason = " ".join(str(exc).split())
         raise CheckpointError(f"{config_file} is not valid YAML ({reason}); {restore}") from None
     if not isinstance(cfg, DictConfig):

@@ -14,7 +14,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 
@@ -56,6 +56,24 @@ def metacli_command() -> str:
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([metacli_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, needle: str) -> str:
+    """Bad input's promise: exit code 2, one ``metacli: error:`` line holding ``needle``, no traceback."""
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metacli: error: ") and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    if os.environ.get("METACLI_ERROR_LOG"):  # collects every case's line, e.g. for a release note
+        with open(os.environ["METACLI_ERROR_LOG"], "a") as log:
+            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{lines[0]}\n")
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file's bytes under ``folder`` but logs and the lock (which holds the last owner's pid)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix != ".log" and p.name != ".metacli.lock"}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli, snapshot
 from metacli.data.mini_imagenet import pinned_wnids
 from test_security import png_bomb
 
@@ -78,11 +78,7 @@ def test_bad_override_is_one_line(name, tmp_path):
     run_dir = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={tmp_path / 'run'}"]
     done = run_cli("train", *args, *[f for f in FAST if f.split("=")[0] not in {a.split("=")[0] for a in args}],
                    *run_dir, cwd=tmp_path)
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metacli: error: "), done.stderr
-    assert expected in lines[0]
-    assert "Traceback" not in done.stdout + done.stderr
+    assert_one_line_error(done, expected)
 
 
 def test_corrupt_archive_is_one_line(tmp_path, shared_data):
@@ -117,13 +113,6 @@ def test_full_error_shows_the_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------- data
-
-
-def assert_one_line_error(done, needle: str) -> None:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metacli: error: ") and needle in lines[0], done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
 
 
 def write_jpeg(path: Path, mode: str = "RGB", seed: int = 0) -> None:
@@ -203,12 +192,6 @@ def trained_once(tmp_path_factory) -> Path:
 def finished_run(trained_once, tmp_path) -> Path:
     """A finished run of its own for each test (a copy of one trained per module: training costs seconds)."""
     return Path(shutil.copytree(trained_once, tmp_path / "run"))
-
-
-def snapshot(run: Path) -> dict:
-    """The run's record: every file but logs and the lock (which holds the last owner's pid)."""
-    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.suffix != ".log" and p.name != ".metacli.lock"}
 
 
 def assert_nothing_lost(run: Path, before: dict) -> None:

@@ -301,7 +301,7 @@ def test_preflight_rejects_bad_overrides_in_one_line(args, needle, capsys):
     ["task.n_way=10", "task.train_way=20", "eval.bn_mode=running", "backbone.hidden=32"],
 ])
 def test_preflight_accepts_valid_overrides(args, capsys):
-    assert metacli.cli.preflight("train", args) == []  # nothing to add for a new run
+    assert metacli.cli.preflight("train", args) is None  # returns, having written nothing
     out, err = capsys.readouterr()
     assert err == "" and out == ""
 

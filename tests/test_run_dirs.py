@@ -8,22 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli, snapshot
 
 FAST = ["experiment=smoke", "trainer.steps=2", "trainer.val_every=1", "trainer.val_episodes=2", "eval.episodes=2"]
-
-
-def snapshot(folder: Path) -> dict:
-    """Every file's bytes but logs and locks (which hold the last owner's pid)."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.suffix != ".log" and p.name != ".metacli.lock"}
-
-
-def assert_one_line_error(done, needle: str) -> None:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metacli: error: ") and needle in lines[0], done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from metacli import load_learner
 from metacli.checkpoint import LAST, CheckpointError, load_checkpoint, load_latest_good, previous, save_checkpoint
 from metacli.cli import config_dir
@@ -37,14 +37,6 @@ from metacli.saved_config import BUILDABLE
 
 FAST = ["experiment=smoke", "trainer.steps=2", "trainer.val_every=1", "trainer.val_episodes=2", "eval.episodes=2",
         "trainer.progress=false"]
-
-
-def assert_one_line_error(done, needle: str) -> str:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metacli: error: ") and needle in lines[0], done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +180,14 @@ def test_file_names_stay_inside_the_run_dir(run, tmp_path):
     shutil.move(run / "best.pt", outside)
     (run / "best.pt").symlink_to(outside)
     assert_one_line_error(evaluate(run, tmp_path), "leads outside the run dir")
+
+
+def test_a_saved_wandb_run_id_cannot_name_a_path(run, tmp_path):
+    (run / "wandb_run_id.txt").write_text("../../escaped")
+    done = run_cli("train", *FAST, "trainer.steps=3", "trainer.resume=true", "logger=wandb", f"hydra.run.dir={run}",
+                   cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert_one_line_error(done, "not a W&B run id")
+    assert not (tmp_path / "escaped").exists()
 
 
 def test_eval_without_a_checkpoint_is_one_line(tmp_path):

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 from pathlib import Path
+
+from metacli.errors import ConfigError
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def has_wandb_credentials() -> bool:
@@ -41,6 +46,10 @@ class WandbLogger:
         self.mode = resolve_mode(mode)
         run_id_file = Path(run_dir) / "wandb_run_id.txt"
         run_id = run_id_file.read_text().strip() if resume_step is not None and run_id_file.exists() else None
+        if run_id is not None and not _RUN_ID.fullmatch(run_id):
+            # W&B names folders after the id: a saved one must not lead out of the run dir.
+            raise ConfigError(f"{run_id_file} holds {run_id[:40]!r}, not a W&B run id (letters, digits, - and _): "
+                              "delete the file to resume under a new W&B run")
         self.run = wandb.init(project=project, entity=entity, group=group, tags=list(tags or []), mode=self.mode,
                               config=run_config, dir=run_dir, name=run_name, id=run_id,
                               resume="allow" if run_id else None)
