@@ -25,6 +25,8 @@ from metacli.preemption import INTERRUPT_EXIT_CODE, exit_code
 COMMANDS = {
     "train": "meta-train an algorithm, validate, keep the best checkpoint, test on fixed episodes",
     "eval": "re-test a finished run: metacli eval checkpoint=RUN_DIR [eval.episodes=...]",
+    "compare": "pair two runs over their shared test episodes: metacli compare RUN_A RUN_B",
+    "report": "one table of runs and sweeps, seeds aggregated: metacli report PATH... [--format md|csv|json]",
 }
 USAGE = """usage: metacli <command> [overrides] [hydra flags]
 
@@ -67,9 +69,12 @@ def _run_reporting_errors(job, cfg: DictConfig):
 
 
 def _train_job(cfg: DictConfig, run_dir: Path) -> float:
+    """The run's best value of ``trainer.objective``, for Hydra sweepers (Optuna) to optimise: selection happens on
+    validation, and the test score is only reported. NaN when nothing was validated (``trainer.steps=0``)."""
     from metacli.runner import train
 
-    return train(cfg, run_dir)["accuracy"]  # returned so that Hydra sweepers (e.g. Optuna) can optimise it
+    best = train(cfg, run_dir)["best_val_accuracy"]
+    return float("nan") if best is None else best
 
 
 def _eval_job(cfg: DictConfig, run_dir: Path) -> float:
@@ -198,6 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}': use one of {', '.join(COMMANDS)} (see metacli --help)")
+    if command in ("compare", "report"):  # they read results and compose no config: not Hydra apps
+        from metacli import compare, report
+
+        try:
+            (compare if command == "compare" else report).main(rest)
+        except MetacliError as exc:
+            if full_errors():
+                raise
+            fail(str(exc))
+        return
     try:
         if not {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"} & set(rest):
             preflight(command, rest)

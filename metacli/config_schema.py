@@ -15,6 +15,8 @@ from metacli.errors import ConfigError
 # trainer.precision's values; metacli.precision maps them to autocast contexts (kept here, free of torch, because
 # the CLI composes configs before it imports torch).
 PRECISIONS = ("fp32", "bf16")
+# Validation metrics a sweep may optimise (the task families to come add theirs).
+OBJECTIVES = ("val/accuracy",)
 
 
 def _at_least(low, default):
@@ -47,6 +49,8 @@ class TrainerSchema:
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     retain_host_memory: bool = True
     check_memory: bool = True
+    # What `metacli train` returns to a sweeper: a validation metric, best over the run; tests never select.
+    objective: str = field(default="val/accuracy", metadata={"choices": OBJECTIVES})
     deterministic: bool = False
     resume: bool = False
     progress: bool = True

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
+from metacli.data.cache import content_digest
 from metacli.data.episodes import EpisodeSampler
 
 
@@ -21,10 +22,10 @@ def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed:
         if between_batches is not None:
             between_batches()
         accuracies += [learner.evaluate_episode(episode) for episode in batch]
-    accuracies = torch.tensor(accuracies, dtype=torch.float64)
-    std = accuracies.std().item() if episodes > 1 else 0.0
-    return {"accuracy": accuracies.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
-            "episodes": episodes}
+    per_episode = torch.tensor(accuracies, dtype=torch.float64)
+    std = per_episode.std().item() if episodes > 1 else 0.0
+    return {"accuracy": per_episode.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
+            "episodes": episodes, "per_episode": accuracies}
 
 
 def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.device) -> EpisodeSampler:
@@ -32,13 +33,27 @@ def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.de
                           dataset.normalize, device, where="test split")
 
 
+def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
+    """What fixes the test episodes: two results with the same fingerprint were scored on the same tasks, episode
+    for episode, so they can be compared pairwise (``metacli compare``)."""
+    test = dataset.split("test")
+    return {"dataset": dataset.describe(), "split": "test", "content_sha256": content_digest(test.images,
+                                                                                             test.class_names),
+            "n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query,
+            "image_size": dataset.image_size, "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes}
+
+
 def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, sampler: EpisodeSampler,
                   checkpoint: dict | None, weights: str, between_batches: Callable[[], None] | None = None) -> dict:
     """Score ``learner`` on the test episodes and describe the protocol: the content of results.json.
     ``weights`` says what was tested: the ``best`` or ``last`` checkpoint, or the ``initialisation``."""
     scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches)
+    per_episode = scored.pop("per_episode")
     return {
         "algorithm": type(learner).__name__,
+        "metric": "accuracy",  # the key of the score below: what `metacli report` tabulates
+        "seed": cfg.seed,
+        "steps": cfg.trainer.steps,
         "algo": cfg.algo._target_,
         "backbone": cfg.backbone._target_,
         "dataset": dataset.describe(),
@@ -48,7 +63,10 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         "weights": weights,
         "checkpoint_step": None if checkpoint is None else checkpoint["step"],
         "best_val_accuracy": None if checkpoint is None else checkpoint["best_val"],
+        "best_val_step": None if checkpoint is None else checkpoint["best_step"],
         # Threads of the training that made the checkpoint (absent from checkpoints older than this record).
         "trained_on_threads": None if checkpoint is None else checkpoint.get("threads"),
         **scored,
+        "test_fingerprint": episodes_fingerprint(cfg, dataset),
+        "episode_accuracies": per_episode,
     }

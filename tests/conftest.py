@@ -66,7 +66,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, needle: str) -> str
     assert "Traceback" not in done.stdout + done.stderr
     if os.environ.get("METACLI_ERROR_LOG"):  # collects every case's line, e.g. for a release note
         with open(os.environ["METACLI_ERROR_LOG"], "a") as log:
-            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{lines[0]}\n")
+            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').rsplit(' ', 1)[0]}\t{lines[0]}\n")
     return lines[0]
 
 

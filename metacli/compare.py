@@ -1,0 +1,96 @@
+"""``metacli compare RUN_A RUN_B``: two runs tested on the same fixed episodes, compared episode by episode.
+
+Every run scores its test set on episodes fixed by the dataset's content, the task shape and ``eval.seed``, and
+``results.json`` keeps each episode's accuracy with a fingerprint of those episodes. Two runs with the same
+fingerprint can then be compared pairwise: the mean of the per-episode differences with its 95 % t-interval, and
+the paired t-test's p-value. Pairing removes the variance the episodes share (some tasks are hard for every
+method), so it detects differences that two overlapping ±CIs hide.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+from scipy import stats
+
+from metacli.errors import ConfigError
+from metacli.logging.console import console
+
+RESULTS = "results.json"
+
+
+def read_results(path: str | Path) -> dict:
+    """The results of a run dir, an eval dir, or a ``results.json`` itself, with its per-episode scores."""
+    path = Path(path)
+    file = path / RESULTS if path.is_dir() else path
+    try:
+        results = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} has no {RESULTS}: pass a finished run dir (metacli train) or an eval dir "
+                          "(metacli eval)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{file} is not a readable {RESULTS} ({exc}); re-test the run with metacli eval") from None
+    if not isinstance(results, dict) or "episode_accuracies" not in results or "test_fingerprint" not in results:
+        raise ConfigError(f"{file} has no per-episode scores (written by an older metacli): re-test the run with "
+                          f"metacli eval checkpoint=<its run dir> and compare the eval dirs")
+    return results
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            found = _first_difference(left, right, f"{prefix}{key}.")
+            if found:
+                return found
+        elif left != right:
+            return f"{prefix}{key} {left} vs {right}"
+    return None
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Mean per-episode accuracy difference ``a - b``, its 95 % t-interval and the paired t-test's p-value;
+    ConfigError when the two were not tested on the same episodes."""
+    difference = _first_difference(a["test_fingerprint"], b["test_fingerprint"])
+    if difference is not None:
+        raise ConfigError(f"the two runs were tested on different episodes ({difference}): re-test one with "
+                          "metacli eval checkpoint=RUN_DIR and the other's task.* and eval.seed, then compare")
+    x, y = np.asarray(a["episode_accuracies"], float), np.asarray(b["episode_accuracies"], float)
+    d, n = x - y, len(x)
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else math.inf
+    # With identical scores on every episode there is no evidence of a difference (the t statistic is 0/0).
+    p_value = float(stats.ttest_rel(x, y).pvalue) if sd > 0 else (1.0 if d.mean() == 0 else 0.0)
+    return {"a": float(x.mean()), "b": float(y.mean()), "difference": float(d.mean()), "ci95": half,
+            "p_value": p_value, "episodes": n, "a_wins": int((d > 0).sum()), "b_wins": int((d < 0).sum())}
+
+
+def _label(results: dict, path: str) -> str:
+    task = results.get("task", {})
+    return f"{results.get('algorithm', '?')} {task.get('n_way', '?')}w{task.get('k_shot', '?')}s ({path})"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="metacli compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_a", help="a run dir, eval dir or results.json")
+    parser.add_argument("run_b", help="another one, tested on the same episodes")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    args = parser.parse_args(argv)
+    a, b = read_results(args.run_a), read_results(args.run_b)
+    paired = paired_difference(a, b)
+    if args.format == "json":
+        print(json.dumps({"run_a": args.run_a, "run_b": args.run_b, **paired}, indent=2))
+        return
+    table = Table(title=f"paired comparison over the same {paired['episodes']} test episodes")
+    for column in ("", "accuracy", "episodes won"):
+        table.add_column(column)
+    table.add_row(f"A: {_label(a, args.run_a)}", f"{100 * paired['a']:.2f} %", str(paired["a_wins"]))
+    table.add_row(f"B: {_label(b, args.run_b)}", f"{100 * paired['b']:.2f} %", str(paired["b_wins"]))
+    table.add_row("A - B", f"{100 * paired['difference']:+.2f} ± {100 * paired['ci95']:.2f} %",
+                  f"p = {paired['p_value']:.3g} (paired t-test)")
+    console.print(table)

@@ -1,0 +1,149 @@
+"""``metacli report PATH...``: every run under the paths in one table, runs that differ only in seed aggregated.
+
+A row is one protocol (algorithm, dataset, task, backbone, BatchNorm mode, steps). Its score is the run's declared
+metric (``results["metric"]``, accuracy today) ± the run's 95 % CI over test episodes; over several seeds, the mean
+of the seeds' scores ± a 95 % t-interval over seeds, with each seed's score listed. The same table ends every
+multirun in the sweep dir (``summary.md``, ``summary.csv``), written by :class:`SweepSummary`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.table import Table
+from scipy import stats
+
+from metacli.errors import ConfigError
+from metacli.logging.console import console
+
+COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "best val step", "seeds", "metric",
+           "test", "per seed", "runs")
+
+
+def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
+    """``(run dir, results)`` for every ``results.json`` at or under ``paths``, in path order."""
+    found = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist: pass run dirs, sweep dirs or folders holding them")
+        files = [path] if path.is_file() else sorted(path.rglob("results.json"))
+        for file in files:
+            try:
+                found.append((file.parent, json.loads(file.read_text())))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"{file} is not a readable results.json ({exc}): re-test that run with "
+                                  "metacli eval, or leave it out") from None
+    if not found:
+        raise ConfigError(f"no results.json under {', '.join(map(str, paths))}: pass finished run or sweep dirs")
+    return found
+
+
+def _protocol(results: dict) -> tuple:
+    task, data = results.get("task", {}), results.get("dataset", {})
+    return (results.get("algorithm", "?"), f"{data.get('name', '?')}/{data.get('split', '-')}",
+            f"{task.get('n_way', '?')}w{task.get('k_shot', '?')}s", str(results.get("backbone", "?")).rsplit(".", 1)[-1],
+            results.get("bn_mode", "?"), results.get("steps", "?"))
+
+
+def rows(found: list[tuple[Path, dict]]) -> list[dict]:
+    """One row per protocol: the seeds' runs aggregated."""
+    groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
+    for run, results in found:
+        groups[_protocol(results)].append((run, results))
+    table = []
+    for protocol, runs in groups.items():
+        metric = runs[0][1].get("metric", "accuracy")
+        scores = [results[metric] for _, results in runs]
+        if len(runs) == 1:
+            mean, half = scores[0], runs[0][1].get("ci95", float("nan"))
+        else:
+            mean = sum(scores) / len(scores)
+            sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))
+            half = float(stats.t.ppf(0.975, len(scores) - 1)) * sd / math.sqrt(len(scores))
+        table.append({"algorithm": protocol[0], "dataset": protocol[1], "task": protocol[2], "backbone": protocol[3],
+                      "bn mode": protocol[4], "steps": protocol[5],
+                      "best val step": ", ".join(str(r.get("best_val_step", "-")) for _, r in runs),
+                      "seeds": ", ".join(str(r.get("seed", "?")) for _, r in runs), "metric": metric,
+                      "test": mean, "ci95": half, "per seed": scores, "runs": [str(run) for run, _ in runs]})
+    return table
+
+
+def _cell(row: dict, column: str) -> str:
+    if column == "test":
+        scale = 100 if row["metric"] == "accuracy" else 1
+        unit = " %" if scale == 100 else ""
+        spread = "t-interval over seeds" if len(row["per seed"]) > 1 else "CI over episodes"
+        return f"{scale * row['test']:.2f} ± {scale * row['ci95']:.2f}{unit} ({spread})"
+    if column == "per seed":
+        return ", ".join(f"{100 * s:.2f}" if row["metric"] == "accuracy" else f"{s:.4g}" for s in row["per seed"])
+    if column == "runs":
+        return str(len(row["runs"]))
+    return str(row[column])
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row, c) for c in COLUMNS) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(table: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([c for c in COLUMNS if c != "runs"] + ["ci95", "runs"])
+    for row in table:
+        writer.writerow([row["per seed"] if c == "per seed" else row[c] for c in COLUMNS if c != "runs"]
+                        + [row["ci95"], " ".join(row["runs"])])
+    return out.getvalue()
+
+
+def rich_table(table: list[dict]) -> Table:
+    shown = Table(title="metacli report")
+    for column in COLUMNS:
+        shown.add_column(column)
+    for row in table:
+        shown.add_row(*(_cell(row, c) for c in COLUMNS))
+    return shown
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="metacli report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or folders holding them")
+    parser.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
+    parser.add_argument("--out", help="write to this file instead of the terminal")
+    args = parser.parse_args(argv)
+    table = rows(find_results(args.paths))
+    if args.format == "table" and not args.out and console.is_terminal:
+        console.print(rich_table(table))
+        return  # elsewhere (a log, a pipe) the table is markdown: a box drawing squeezed to 80 columns is unreadable
+    text = {"md": markdown, "csv": csv_text, "json": lambda t: json.dumps(t, indent=2) + "\n",
+            "table": markdown}[args.format](table)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun, the report of its jobs in the sweep dir: ``summary.md`` and ``summary.csv``."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            table = rows(find_results([sweep_dir]))
+        except ConfigError:  # no job finished: nothing to summarise
+            return
+        (sweep_dir / "summary.md").write_text(markdown(table))
+        (sweep_dir / "summary.csv").write_text(csv_text(table))
+        if console.is_terminal:
+            console.print(rich_table(table))
+        else:
+            print(markdown(table), end="")

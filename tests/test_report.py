@@ -1,0 +1,73 @@
+"""``metacli report``: runs and sweeps in one table, seeds aggregated with a t-interval, md/csv/json out, and the
+same table written at the end of every multirun."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from conftest import assert_one_line_error, run_cli
+
+SMOKE = ["experiment=smoke", "trainer.steps=4", "trainer.val_every=2", "eval.episodes=20"]
+
+
+@pytest.fixture(scope="module")
+def seeds_and_algorithms(tmp_path_factory) -> Path:
+    sweep = tmp_path_factory.mktemp("report") / "sweep"
+    done = run_cli("train", "-m", "algo=protonet,matching_net", "seed=0,1,2", *SMOKE, f"hydra.sweep.dir={sweep}",
+                   cwd=sweep.parent)
+    assert done.returncode == 0, done.stderr
+    return sweep
+
+
+def scores_by_algorithm(sweep: Path) -> dict:
+    found = {}
+    for file in sweep.rglob("results.json"):
+        results = json.loads(file.read_text())
+        found.setdefault(results["algorithm"], {})[results["seed"]] = results["accuracy"]
+    return found
+
+
+def test_the_report_aggregates_seeds_with_a_t_interval(seeds_and_algorithms, tmp_path):
+    done = run_cli("report", str(seeds_and_algorithms), "--format", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    table = json.loads(done.stdout)
+    assert sorted(row["algorithm"] for row in table) == ["MatchingNet", "ProtoNet"]
+    expected = scores_by_algorithm(seeds_and_algorithms)
+    for row in table:
+        per_seed = [expected[row["algorithm"]][seed] for seed in (0, 1, 2)]
+        assert sorted(row["per seed"]) == sorted(per_seed) and row["metric"] == "accuracy"
+        mean = sum(per_seed) / 3
+        sd = math.sqrt(sum((s - mean) ** 2 for s in per_seed) / 2)
+        assert row["test"] == pytest.approx(mean) and row["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
+        assert row["task"] == "5w1s" and row["steps"] == 4 and len(row["runs"]) == 3
+
+
+def test_the_report_writes_markdown_and_csv(seeds_and_algorithms, tmp_path):
+    for form in ("md", "csv"):
+        done = run_cli("report", str(seeds_and_algorithms), "--format", form, "--out", str(tmp_path / f"r.{form}"),
+                       cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    markdown = (tmp_path / "r.md").read_text().splitlines()
+    assert markdown[0].startswith("| algorithm | dataset |") and len(markdown) == 4
+    assert "t-interval over seeds" in markdown[2]
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert len(rows) == 2 and {"algorithm", "test", "ci95", "seeds"} <= set(rows[0])
+    shown = run_cli("report", str(seeds_and_algorithms), cwd=tmp_path)
+    # Not a terminal: the table comes as markdown, readable in a log.
+    assert shown.returncode == 0 and shown.stdout == (tmp_path / "r.md").read_text()
+
+
+def test_every_multirun_ends_with_its_summary(seeds_and_algorithms):
+    summary = (seeds_and_algorithms / "summary.md").read_text().splitlines()
+    assert len(summary) == 4 and {"ProtoNet", "MatchingNet"} <= {line.split(" | ")[0].strip("| ") for line in summary}
+    assert len(list(csv.DictReader((seeds_and_algorithms / "summary.csv").open()))) == 2
+
+
+def test_a_path_without_runs_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("report", str(tmp_path), cwd=tmp_path), "no results.json under")
+    assert_one_line_error(run_cli("report", str(tmp_path / "missing"), cwd=tmp_path), "does not exist")
