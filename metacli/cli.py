@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import hydra
@@ -27,16 +28,22 @@ COMMANDS = {
     "eval": "re-test a finished run: metacli eval checkpoint=RUN_DIR [eval.episodes=...]",
     "compare": "pair two runs over their shared test episodes: metacli compare RUN_A RUN_B",
     "report": "one table of runs and sweeps, seeds aggregated: metacli report PATH... [--format md|csv|json]",
+    "list": "what a config group offers: metacli list [algos|datasets|backbones|devices|loggers|experiments]",
 }
+#: ``metacli list`` names (plural) of the config groups.
+LISTABLE = {"algos": "algo", "datasets": "dataset", "backbones": "backbone", "devices": "device", "loggers": "logger",
+            "experiments": "experiment"}
 USAGE = """usage: metacli <command> [overrides] [hydra flags]
+       metacli --version
 
 commands:
 {commands}
 
-Each command is a Hydra app: `metacli train --help` lists its config groups, `--cfg job` prints the composed
+train and eval are Hydra apps: `metacli train --help` lists the config groups, `--cfg job` prints the composed
 config, `--multirun` (-m) sweeps comma-separated values. Example:
   metacli train algo=maml dataset=omniglot
   metacli eval checkpoint=outputs/train/2026-01-01/12-00-00-maml-omniglot
+  metacli report outputs/multirun/2026-01-01/12-00-00
 """
 
 
@@ -195,14 +202,29 @@ def _one_line(exc: Exception, command: str) -> str:
     return f"{text} (see `metacli {command} --cfg job` for the valid keys and types)"
 
 
+def list_command(args: list[str]) -> None:
+    """Print the options of the named groups (all of them without a name), one group a line."""
+    unknown = [name for name in args if name not in LISTABLE]
+    if unknown:
+        fail(f"metacli list knows no '{unknown[0]}': use one of {', '.join(LISTABLE)}")
+    for name in args or LISTABLE:
+        print(f"{name}: {', '.join(_group_options(LISTABLE[name]))}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format(commands="\n".join(f"  {name:<7}{text}" for name, text in COMMANDS.items())))
+        print(USAGE.format(commands="\n".join(f"  {name:<8}{text}" for name, text in COMMANDS.items())))
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"metacli {version('metacli')}")
         return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}': use one of {', '.join(COMMANDS)} (see metacli --help)")
+    if command == "list":
+        list_command(rest)
+        return
     if command in ("compare", "report"):  # they read results and compose no config: not Hydra apps
         from metacli import compare, report
 

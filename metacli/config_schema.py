@@ -49,6 +49,7 @@ class TrainerSchema:
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     retain_host_memory: bool = True
     check_memory: bool = True
+    plots: bool = True
     # What `metacli train` returns to a sweeper: a validation metric, best over the run; tests never select.
     objective: str = field(default="val/accuracy", metadata={"choices": OBJECTIVES})
     deterministic: bool = False

@@ -23,6 +23,7 @@ from metacli.errors import CheckpointError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.host_memory import retain_freed_memory
 from metacli.logging.console import console, results_table, training_progress
+from metacli.logging.identity import run_identity
 from metacli.memory_budget import check_memory
 from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
@@ -41,7 +42,9 @@ def write_json(payload: dict, path: Path) -> None:
 
 
 def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list:
-    context = {"run_dir": str(run_dir), "resume_step": resume_step, "run_name": run_dir.name,
+    identity = run_identity(cfg)
+    context = {"run_dir": str(run_dir), "resume_step": resume_step, "run_name": identity["name"],
+               "run_group": identity["group"], "run_tags": identity["tags"],
                "run_config": OmegaConf.to_container(cfg, resolve=True)}
     # Not recursive: run_config holds _target_ nodes that are data here, not objects to build.
     return [build(node, f"logger.{name}", _recursive_=False, _convert_="all", **context)
@@ -191,11 +194,29 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         write_json(results, run_dir / RESULTS)
         for logger in loggers:
             logger.log_results(results)
+        if cfg.trainer.plots:
+            images = _plot(cfg, run_dir, learner, test_sampler, dataset)
+            for logger in loggers:
+                logger.log_images(images)
     finally:
         for logger in loggers:
             logger.close()
     console.print(results_table(results))
     return results
+
+
+def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler: EpisodeSampler, dataset) -> dict[str, Path]:
+    """``curves.png`` (when metrics were logged to metrics.jsonl) and ``episode.png``, by their W&B keys."""
+    from metacli import plots  # matplotlib is imported only by runs that draw
+
+    title = f"{type(learner).__name__} on {dataset.name}, {cfg.task.n_way}-way {cfg.task.k_shot}-shot"
+    images = {"plots/episode": plots.save(plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed),
+                                          run_dir / plots.EPISODE)}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title),
+                                            run_dir / plots.CURVES)
+    return images
 
 
 def _kept_checkpoint(run_dir: Path) -> str:

@@ -143,3 +143,16 @@ def test_same_seed_same_numbers(tmp_path):
         assert done.returncode == 0, done.stderr
         runs.append(((tmp_path / name / "metrics.jsonl").read_text(), (tmp_path / name / "results.json").read_text()))
     assert runs[0] == runs[1]
+
+
+def test_list_and_version(tmp_path):
+    listed = run_cli("list", "algos", "datasets", cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.splitlines() == [
+        "algos: anil, baseline, leo, lstm_meta_learner, maml, mann, matching_net, meta_sgd, protonet, relation_net, "
+        "reptile, siamese, snail", "datasets: mini_imagenet, omniglot, synthetic"]
+    everything = run_cli("list", cwd=tmp_path)
+    assert [line.split(":")[0] for line in everything.stdout.splitlines()] == [
+        "algos", "datasets", "backbones", "devices", "loggers", "experiments"]
+    assert "metacli: error: metacli list knows no 'algoz'" in run_cli("list", "algoz", cwd=tmp_path).stderr
+    shown = run_cli("--version", cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.startswith("metacli ") and shown.stdout.strip() != "metacli"

@@ -213,7 +213,7 @@ def test_every_logger_target_is_importable(option):
         assert len(loggers) >= 1
     for name, node in loggers.items():
         cls = get_class(node._target_)
-        assert all(callable(getattr(cls, method, None)) for method in ("log", "log_results", "close")), name
+        assert all(callable(getattr(cls, method, None)) for method in ("log", "log_results", "log_images", "close")), name
     if option == "wandb":
         assert {"jsonl", "wandb"} <= set(loggers)
 

@@ -26,5 +26,8 @@ class JsonlLogger:
     def log_results(self, results: dict) -> None:
         pass  # results.json is written by the runner
 
+    def log_images(self, images: dict) -> None:
+        pass  # the pictures are written next to the results
+
     def close(self) -> None:
         self._handle.close()

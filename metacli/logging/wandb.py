@@ -1,6 +1,7 @@
 """Weights & Biases: one run per Hydra job, offline unless an API key is configured."""
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 from metacli.errors import ConfigError
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+log = logging.getLogger(__name__)
 
 
 def has_wandb_credentials() -> bool:
@@ -29,17 +31,22 @@ def resolve_mode(mode: str | None) -> str:
 
 
 class WandbLogger:
-    """Logs the resolved config, metrics by step, and final results into the run's summary.
+    """Logs the resolved config, metrics by step, and final results into the run's summary (with the best
+    validation accuracy, not the last); optionally ``best.pt`` as a model artifact.
 
     Args:
-        run_dir, run_config, run_name, resume_step: injected by the runner.
-        project, entity, group, tags: as in ``wandb.init``.
+        run_dir, run_config, run_name, run_group, run_tags, resume_step: injected by the runner (the name says what
+            the run is, ``maml-omniglot-5w1s-seed0``; the group is the sweep of a multirun job).
+        project, entity: as in ``wandb.init``; group and tags, when set, replace and extend the injected ones.
+        job_type: ``train`` for ``metacli train``.
         mode: ``online``, ``offline`` or ``disabled``; ``null`` picks offline when no API key is configured.
+        log_checkpoints: upload ``best.pt`` as an artifact of type ``model`` at the end of the run.
     """
 
     def __init__(self, run_dir: str, run_config: dict, run_name: str, project: str = "metacli", entity: str | None = None,
                  group: str | None = None, tags: list | None = None, mode: str | None = None,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, run_group: str | None = None, run_tags: list | None = None,
+                 job_type: str = "train", log_checkpoints: bool = False) -> None:
         import wandb  # imported here: it is slow to import and only this logger needs it
 
         self._wandb = wandb
@@ -50,10 +57,13 @@ class WandbLogger:
             # W&B names folders after the id: a saved one must not lead out of the run dir.
             raise ConfigError(f"{run_id_file} holds {run_id[:40]!r}, not a W&B run id (letters, digits, - and _): "
                               "delete the file to resume under a new W&B run")
-        self.run = wandb.init(project=project, entity=entity, group=group, tags=list(tags or []), mode=self.mode,
-                              config=run_config, dir=run_dir, name=run_name, id=run_id,
-                              resume="allow" if run_id else None)
+        self.run = wandb.init(project=project, entity=entity, group=group or run_group, job_type=job_type,
+                              tags=[*(run_tags or []), *(tags or [])], mode=self.mode, config=run_config, dir=run_dir,
+                              name=run_name, id=run_id, resume="allow" if run_id else None)
+        self.run.define_metric("val/accuracy", summary="max")  # the summary shows the best validation, not the last
         run_id_file.write_text(self.run.id)
+        self.run_dir, self.log_checkpoints = Path(run_dir), log_checkpoints
+        self.files = Path(self.run.dir).parent  # the offline run's folder, for `wandb sync`
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
@@ -61,6 +71,19 @@ class WandbLogger:
     def log_results(self, results: dict) -> None:
         for key in ("accuracy", "ci95", "episodes", "bn_mode"):
             self.run.summary[f"test/{key}"] = results[key]
+        self.run.summary["val/best_accuracy"] = results["best_val_accuracy"]
+        self.run.summary["val/best_step"] = results["best_val_step"]
+        best = self.run_dir / "best.pt"
+        if self.log_checkpoints and best.is_file():
+            artifact = self._wandb.Artifact(f"model-{self.run.id}", type="model",
+                                            metadata={"step": results["checkpoint_step"]})
+            artifact.add_file(str(best))
+            self.run.log_artifact(artifact)
+
+    def log_images(self, images: dict) -> None:
+        self.run.log({key: self._wandb.Image(str(path)) for key, path in images.items()})
 
     def close(self) -> None:
         self.run.finish()
+        if self.mode == "offline":
+            log.info("the W&B run is saved offline; upload it with: wandb sync %s", self.files)

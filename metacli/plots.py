@@ -1,0 +1,96 @@
+"""Pictures of a run, written next to its results (``trainer.plots``) and logged to W&B as images:
+
+- ``curves.png``: the training loss and the validation accuracy (± its 95 % CI) against the step;
+- ``episode.png``: the first test episode, its support images by class, and its queries with the predicted class,
+  wrong predictions framed in red.
+
+Figures are drawn on matplotlib's Agg canvas directly, so no display and no pyplot state is involved.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from metacli.algorithms.base import FewShotLearner
+from metacli.data.base import FewShotDataset
+from metacli.data.episodes import EpisodeSampler
+
+CURVES, EPISODE = "curves.png", "episode.png"
+
+
+def read_rows(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def save(figure: Figure, path: Path) -> Path:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def curves_figure(rows: list[dict], title: str) -> Figure:
+    """Two panels: training loss by step, validation accuracy by step with its 95 % CI."""
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    loss_axes, val_axes = figure.subplots(1, 2)
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], 100 * r["val/accuracy"], 100 * r["val/ci95"]) for r in rows if "val/accuracy" in r]
+    if train:
+        loss_axes.plot(*zip(*train), color="tab:blue")
+    loss_axes.set(xlabel="meta-training step", ylabel="training loss", title="training loss")
+    if val:
+        steps, accuracy, ci = zip(*val)
+        val_axes.errorbar(steps, accuracy, yerr=ci, marker="o", capsize=3, color="tab:green")
+    val_axes.set(xlabel="meta-training step", ylabel="accuracy (%)", title="validation accuracy (95 % CI)")
+    figure.suptitle(title)
+    return figure
+
+
+def _pixels(images: torch.Tensor, dataset: FewShotDataset) -> torch.Tensor:
+    """Normalised ``[N, C, H, W]`` back to ``[N, H, W, C]`` in 0..1 for display."""
+    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
+    return (images.detach().float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def episode_figure(learner: FewShotLearner, sampler: EpisodeSampler, dataset: FewShotDataset, seed: int,
+                   max_queries: int = 10) -> Figure:
+    """The first of the test episodes fixed by ``seed``: support images by class (rows), then up to
+    ``max_queries`` queries of every class, each with its predicted class; errors framed in red."""
+    batch = next(sampler.fixed(1, seed, 1))
+    episode = next(iter(batch))
+    with learner.evaluation_mode():
+        predicted = learner.query_logits(episode, training=False).detach().argmax(dim=1).cpu()
+    shots, per_class = len(episode.support_y) // episode.n_way, len(episode.query_y) // episode.n_way
+    # Queries come grouped by class: take them round-robin, so every class is shown.
+    shown = [c * per_class + j for j in range(per_class) for c in range(episode.n_way)][:max_queries]
+    queries = len(shown)
+    columns = max(shots, queries)
+    figure = Figure(figsize=(1.2 * columns, 1.3 * (episode.n_way + 1)), layout="constrained")
+    grid = figure.subplots(episode.n_way + 1, columns, squeeze=False)
+    support, query = _pixels(episode.support_x, dataset), _pixels(episode.query_x, dataset)
+    gray = "gray" if dataset.channels == 1 else None
+    for axes in grid.flat:
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.set_frame_on(False)
+    for index, label in enumerate(episode.support_y.cpu().tolist()):
+        axes = grid[label, index % shots]
+        axes.imshow(support[index].squeeze(-1) if gray else support[index], cmap=gray)
+        if index % shots == 0:
+            axes.set_ylabel(f"class {label}")
+    for column, index in enumerate(shown):
+        axes, truth, guess = grid[-1, column], int(episode.query_y[index]), int(predicted[index])
+        axes.imshow(query[index].squeeze(-1) if gray else query[index], cmap=gray)
+        axes.set_title(f"{guess}" if guess == truth else f"{guess} (is {truth})", fontsize=8,
+                       color="black" if guess == truth else "red")
+        if guess != truth:
+            axes.set_frame_on(True)
+            for side in axes.spines.values():
+                side.set(color="red", linewidth=2.5)
+    errors = int((predicted[shown] != episode.query_y.cpu()[shown]).sum())
+    figure.suptitle(f"support (rows: classes) and {queries} queries with predictions: {errors} wrong")
+    return figure
