@@ -6,6 +6,7 @@ shows the full traceback instead.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from importlib.metadata import version
@@ -22,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metacli.config_schema import register
 from metacli.errors import MetacliError, Preempted
 from metacli.preemption import INTERRUPT_EXIT_CODE, exit_code
+from metacli import search  # noqa: F401  (registers the resolver that numbers a continued search's job dirs)
 
 COMMANDS = {
     "train": "meta-train an algorithm, validate, keep the best checkpoint, test on fixed episodes",
@@ -30,6 +32,11 @@ COMMANDS = {
     "report": "one table of runs and sweeps, seeds aggregated: metacli report PATH... [--format md|csv|json]",
     "list": "what a config group offers: metacli list [algos|datasets|backbones|devices|loggers|experiments]",
 }
+#: What installs a Hydra sweeper or launcher that a command asked for.
+PLUGINS = {"optuna": 'pip install -e ".[sweep]" (metacli\'s sweep extra)',
+           "joblib": "pip install hydra-joblib-launcher",
+           "submitit_local": "pip install hydra-submitit-launcher",
+           "submitit_slurm": "pip install hydra-submitit-launcher"}
 #: ``metacli list`` names (plural) of the config groups.
 LISTABLE = {"algos": "algo", "datasets": "dataset", "backbones": "backbone", "devices": "device", "loggers": "logger",
             "experiments": "experiment"}
@@ -139,6 +146,11 @@ def preflight(command: str, args: list[str]) -> None:
             except (HydraException, OmegaConfBaseException) as exc:
                 if full_errors():
                     raise
+                missing = re.search(r"Could not find 'hydra/(sweeper|launcher)/(\w+)'", str(exc))
+                if missing:
+                    kind, name = missing.groups()
+                    hint = PLUGINS.get(name, f"pip install hydra-{name}-{kind}")
+                    fail(f"hydra/{kind}={name} is not installed: {hint}")
                 fail(_one_line(exc, command))
     if command == "eval":
         if OmegaConf.is_missing(cfg, "checkpoint"):
@@ -147,7 +159,9 @@ def preflight(command: str, args: list[str]) -> None:
         return
     resume = cfg.trainer.resume
     if multirun:
-        claim_sweep_dir(Path(cfg.hydra.sweep.dir), resume)
+        # A search that continues its study numbers its new jobs after the old ones (metacli/search.py).
+        continues = "resume_search" in (cfg.hydra.get("callbacks") or {})
+        claim_sweep_dir(Path(cfg.hydra.sweep.dir), resume or continues)
     else:
         claim_run_dir(Path(cfg.hydra.run.dir), explicit=any(o.startswith("hydra.run.dir=") for o in plain),
                       resume=resume)

@@ -8,7 +8,6 @@ method), so it detects differences that two overlapping ±CIs hide.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from rich.table import Table
 from scipy import stats
 
+from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
 
@@ -75,8 +75,7 @@ def _label(results: dict, path: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="metacli compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("metacli compare", __doc__)
     parser.add_argument("run_a", help="a run dir, eval dir or results.json")
     parser.add_argument("run_b", help="another one, tested on the same episodes")
     parser.add_argument("--format", choices=("text", "json"), default="text")

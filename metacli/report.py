@@ -7,7 +7,6 @@ multirun in the sweep dir (``summary.md``, ``summary.csv``), written by :class:`
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 from scipy import stats
 
+from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
 
@@ -114,8 +114,7 @@ def rich_table(table: list[dict]) -> Table:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="metacli report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("metacli report", __doc__)
     parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or folders holding them")
     parser.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
     parser.add_argument("--out", help="write to this file instead of the terminal")

@@ -202,6 +202,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         for logger in loggers:
             logger.close()
     console.print(results_table(results))
+    console.print(f"outputs in {run_dir}: results.json, metrics.jsonl, best.pt"
+                  f"{', curves.png, episode.png' if cfg.trainer.plots else ''}\n"
+                  f"re-test: metacli eval checkpoint={run_dir}  |  continue with more steps: the same command with "
+                  f"trainer.resume=true trainer.steps=N hydra.run.dir={run_dir}\n"
+                  f"compare with another run on the same episodes: metacli compare {run_dir} OTHER_RUN_DIR",
+                  highlight=False, soft_wrap=True)
     return results
 
 

@@ -71,3 +71,9 @@ def test_every_multirun_ends_with_its_summary(seeds_and_algorithms):
 def test_a_path_without_runs_is_one_line(tmp_path):
     assert_one_line_error(run_cli("report", str(tmp_path), cwd=tmp_path), "no results.json under")
     assert_one_line_error(run_cli("report", str(tmp_path / "missing"), cwd=tmp_path), "does not exist")
+
+
+def test_a_bad_argument_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("report", "--format", "xls", str(tmp_path), cwd=tmp_path),
+                          "argument --format: invalid choice: 'xls'")
+    assert_one_line_error(run_cli("compare", str(tmp_path), cwd=tmp_path), "the following arguments are required: run_b")

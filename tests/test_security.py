@@ -67,9 +67,11 @@ def edit_config(run: Path, change) -> None:
 
 
 def targets(node) -> set[str]:
+    """The ``_target_``s a run's saved config can hold: Hydra's own section (callbacks, sweepers) is never saved
+    with it."""
     if isinstance(node, dict):
         own = {node["_target_"]} if "_target_" in node else set()
-        return own | {t for value in node.values() for t in targets(value)}
+        return own | {t for key, value in node.items() if key != "hydra" for t in targets(value)}
     return {t for value in node for t in targets(value)} if isinstance(node, list) else set()
 
 
