@@ -70,8 +70,10 @@ def paired_difference(a: dict, b: dict) -> dict:
 
 
 def _label(results: dict, path: str) -> str:
-    task = results.get("task", {})
-    return f"{results.get('algorithm', '?')} {task.get('n_way', '?')}w{task.get('k_shot', '?')}s ({path})"
+    task, where = results.get("task", {}), Path(path).resolve()
+    short = where.parent if where.name == RESULTS else where
+    return (f"{results.get('algorithm', '?')} {task.get('n_way', '?')}w{task.get('k_shot', '?')}s "
+            f"({short.parent.name}/{short.name})")
 
 
 def main(argv: list[str]) -> None:
