@@ -78,6 +78,8 @@ class TrainSchema:
     backbone: Any = None
     device: Any = None
     logger: Any = None
+    # The paper's number for an experiment's protocol ({metric: value, ci95, source}), shown by `metacli report`.
+    expected: Any = None
 
 
 def check_ranges(cfg: DictConfig, schema: type = TrainSchema, prefix: str = "") -> None:

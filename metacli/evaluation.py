@@ -5,7 +5,7 @@ import math
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
@@ -67,6 +67,7 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         # Threads of the training that made the checkpoint (absent from checkpoints older than this record).
         "trained_on_threads": None if checkpoint is None else checkpoint.get("threads"),
         **scored,
+        "expected": OmegaConf.to_container(cfg.expected) if cfg.get("expected") else None,
         "test_fingerprint": episodes_fingerprint(cfg, dataset),
         "episode_accuracies": per_episode,
     }

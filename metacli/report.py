@@ -24,7 +24,7 @@ from metacli.errors import ConfigError
 from metacli.logging.console import console
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "best val step", "seeds", "metric",
-           "test", "per seed", "runs")
+           "test", "paper", "difference", "per seed", "runs")
 
 
 def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
@@ -71,16 +71,25 @@ def rows(found: list[tuple[Path, dict]]) -> list[dict]:
                       "bn mode": protocol[4], "steps": protocol[5],
                       "best val step": ", ".join(str(r.get("best_val_step", "-")) for _, r in runs),
                       "seeds": ", ".join(str(r.get("seed", "?")) for _, r in runs), "metric": metric,
-                      "test": mean, "ci95": half, "per seed": scores, "runs": [str(run) for run, _ in runs]})
+                      "test": mean, "ci95": half, "per seed": scores, "runs": [str(run) for run, _ in runs],
+                      "expected": runs[0][1].get("expected")})
     return table
 
 
 def _cell(row: dict, column: str) -> str:
+    scale = 100 if row["metric"] == "accuracy" else 1
+    unit = " %" if scale == 100 else ""
     if column == "test":
-        scale = 100 if row["metric"] == "accuracy" else 1
-        unit = " %" if scale == 100 else ""
         spread = "t-interval over seeds" if len(row["per seed"]) > 1 else "CI over episodes"
         return f"{scale * row['test']:.2f} ± {scale * row['ci95']:.2f}{unit} ({spread})"
+    if column in ("paper", "difference"):
+        expected = row["expected"] or {}
+        if row["metric"] not in expected:
+            return "-"
+        if column == "difference":
+            return f"{scale * (row['test'] - expected[row['metric']]):+.2f}{unit}"
+        ci = f" ± {scale * expected['ci95']:.2f}" if expected.get("ci95") is not None else ""
+        return f"{scale * expected[row['metric']]:.2f}{ci}{unit} ({expected.get('source', 'no source given')})"
     if column == "per seed":
         return ", ".join(f"{100 * s:.2f}" if row["metric"] == "accuracy" else f"{s:.4g}" for s in row["per seed"])
     if column == "runs":
@@ -97,10 +106,13 @@ def markdown(table: list[dict]) -> str:
 def csv_text(table: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([c for c in COLUMNS if c != "runs"] + ["ci95", "runs"])
+    plain = [c for c in COLUMNS if c not in ("runs", "paper", "difference")]
+    writer.writerow(plain + ["ci95", "paper", "difference", "runs"])
     for row in table:
-        writer.writerow([row["per seed"] if c == "per seed" else row[c] for c in COLUMNS if c != "runs"]
-                        + [row["ci95"], " ".join(row["runs"])])
+        expected = (row["expected"] or {}).get(row["metric"])
+        writer.writerow([row[c] for c in plain] + [row["ci95"], expected,
+                                                   None if expected is None else row["test"] - expected,
+                                                   " ".join(row["runs"])])
     return out.getvalue()
 
 

@@ -19,7 +19,7 @@ SMOKE = ["experiment=smoke", "trainer.steps=4", "trainer.val_every=2", "eval.epi
 def seeds_and_algorithms(tmp_path_factory) -> Path:
     sweep = tmp_path_factory.mktemp("report") / "sweep"
     done = run_cli("train", "-m", "algo=protonet,matching_net", "seed=0,1,2", *SMOKE, f"hydra.sweep.dir={sweep}",
-                   cwd=sweep.parent)
+                   "expected={accuracy:0.5,ci95:0.01,source:a test}", cwd=sweep.parent)
     assert done.returncode == 0, done.stderr
     return sweep
 
@@ -45,6 +45,7 @@ def test_the_report_aggregates_seeds_with_a_t_interval(seeds_and_algorithms, tmp
         sd = math.sqrt(sum((s - mean) ** 2 for s in per_seed) / 2)
         assert row["test"] == pytest.approx(mean) and row["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
         assert row["task"] == "5w1s" and row["steps"] == 4 and len(row["runs"]) == 3
+        assert row["expected"] == {"accuracy": 0.5, "ci95": 0.01, "source": "a test"}
 
 
 def test_the_report_writes_markdown_and_csv(seeds_and_algorithms, tmp_path):
@@ -54,7 +55,9 @@ def test_the_report_writes_markdown_and_csv(seeds_and_algorithms, tmp_path):
         assert done.returncode == 0, done.stderr
     markdown = (tmp_path / "r.md").read_text().splitlines()
     assert markdown[0].startswith("| algorithm | dataset |") and len(markdown) == 4
-    assert "t-interval over seeds" in markdown[2]
+    assert "t-interval over seeds" in markdown[2] and "50.00 ± 1.00 % (a test)" in markdown[2]
+    test = float(markdown[2].split(" | ")[9].split(" ±")[0])
+    assert f"| {test - 50:+.2f} % |" in markdown[2]
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 2 and {"algorithm", "test", "ci95", "seeds"} <= set(rows[0])
     shown = run_cli("report", str(seeds_and_algorithms), cwd=tmp_path)
@@ -77,3 +80,16 @@ def test_a_bad_argument_is_one_line(tmp_path):
     assert_one_line_error(run_cli("report", "--format", "xls", str(tmp_path), cwd=tmp_path),
                           "argument --format: invalid choice: 'xls'")
     assert_one_line_error(run_cli("compare", str(tmp_path), cwd=tmp_path), "the following arguments are required: run_b")
+
+
+def test_every_paper_protocol_carries_the_papers_number():
+    import yaml
+
+    from metacli.cli import config_dir
+
+    for path in sorted((config_dir() / "experiment").glob("*.yaml")):
+        expected = yaml.safe_load(path.read_text()).get("expected")
+        if path.stem == "smoke":
+            assert expected is None
+            continue
+        assert 0 < expected["accuracy"] < 1 and "et al." in expected["source"], path.name
