@@ -1,6 +1,7 @@
 """``metacli report PATH...``: every run under the paths in one table, runs that differ only in seed aggregated.
 
-A row is one protocol (algorithm, dataset, task, backbone, BatchNorm mode, steps). Its score is the run's declared
+A row is one protocol (algorithm, dataset, task, backbone, BatchNorm mode, steps, and the other overrides the run
+was started with, seed aside). Its score is the run's declared
 metric (``results["metric"]``, accuracy today) ± the run's 95 % CI over test episodes; over several seeds, the mean
 of the seeds' scores ± a 95 % t-interval over seeds, with each seed's score listed. The same table ends every
 multirun in the sweep dir (``summary.md``, ``summary.csv``), written by :class:`SweepSummary`.
@@ -14,6 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.table import Table
@@ -23,8 +25,8 @@ from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
 
-COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "best val step", "seeds", "metric",
-           "test", "paper", "difference", "per seed", "runs")
+COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
+           "metric", "test", "paper", "difference", "per seed", "runs")
 
 
 def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
@@ -45,18 +47,33 @@ def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
     return found
 
 
-def _protocol(results: dict) -> tuple:
+# Overrides that do not make a run another protocol: its seed, and where and how it was written.
+_NOT_PROTOCOL = ("seed", "hydra.", "trainer.resume", "trainer.progress", "logger", "trainer.plots")
+
+
+def _overrides(run: Path) -> str:
+    """The overrides a run was started with (``.hydra/overrides.yaml``, read as plain data), seed aside: runs that
+    share them share a protocol, so a search's trials stay apart while a seed sweep's runs are pooled."""
+    try:
+        given = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return ""
+    kept = [str(o) for o in given if not str(o).lstrip("+~").split("=", 1)[0].startswith(_NOT_PROTOCOL)]
+    return " ".join(sorted(kept))
+
+
+def _protocol(run: Path, results: dict) -> tuple:
     task, data = results.get("task", {}), results.get("dataset", {})
     return (results.get("algorithm", "?"), f"{data.get('name', '?')}/{data.get('split', '-')}",
             f"{task.get('n_way', '?')}w{task.get('k_shot', '?')}s", str(results.get("backbone", "?")).rsplit(".", 1)[-1],
-            results.get("bn_mode", "?"), results.get("steps", "?"))
+            results.get("bn_mode", "?"), results.get("steps", "?"), _overrides(run))
 
 
 def rows(found: list[tuple[Path, dict]]) -> list[dict]:
     """One row per protocol: the seeds' runs aggregated."""
     groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
     for run, results in found:
-        groups[_protocol(results)].append((run, results))
+        groups[_protocol(run, results)].append((run, results))
     table = []
     for protocol, runs in groups.items():
         metric = runs[0][1].get("metric", "accuracy")
@@ -68,7 +85,7 @@ def rows(found: list[tuple[Path, dict]]) -> list[dict]:
             sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))
             half = float(stats.t.ppf(0.975, len(scores) - 1)) * sd / math.sqrt(len(scores))
         table.append({"algorithm": protocol[0], "dataset": protocol[1], "task": protocol[2], "backbone": protocol[3],
-                      "bn mode": protocol[4], "steps": protocol[5],
+                      "bn mode": protocol[4], "steps": protocol[5], "overrides": protocol[6] or "-",
                       "best val step": ", ".join(str(r.get("best_val_step", "-")) for _, r in runs),
                       "seeds": ", ".join(str(r.get("seed", "?")) for _, r in runs), "metric": metric,
                       "test": mean, "ci95": half, "per seed": scores, "runs": [str(run) for run, _ in runs],

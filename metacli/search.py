@@ -7,7 +7,8 @@ before the sweeper is built, makes rerunning the same search command continue it
 - a trial the study still marks running was killed with its process: it is marked failed, and not counted;
 - the sweeper is asked only for the trials still missing from ``n_trials`` complete ones;
 - job dirs are numbered after every trial the study holds, so new jobs never land in an earlier job's dir (each job
-  still refuses a dir that holds a run, as every metacli job does).
+  still refuses a dir that holds a run, as every metacli job does);
+- a seeded sampler is reseeded past the trials already drawn, so it does not propose the first trials again.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class ResumeSearch(Callback):
         complete = len(study.get_trials(deepcopy=False, states=(states.COMPLETE,)))
         with open_dict(config):
             sweeper.n_trials = max(0, sweeper.n_trials - complete)
+            if sweeper.get("sampler") is not None and sweeper.sampler.get("seed") is not None:
+                # The same seed would draw the first trials' parameters again: continue the stream elsewhere.
+                sweeper.sampler.seed = int(sweeper.sampler.seed) + len(study.trials)
             # Each job's config is composed again from these overrides, so the numbering goes there.
             config.hydra.overrides.hydra.append(
                 f"hydra.sweep.subdir='${{metacli_after:${{hydra.job.num}},{len(study.trials)}}}'")

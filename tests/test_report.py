@@ -56,7 +56,7 @@ def test_the_report_writes_markdown_and_csv(seeds_and_algorithms, tmp_path):
     markdown = (tmp_path / "r.md").read_text().splitlines()
     assert markdown[0].startswith("| algorithm | dataset |") and len(markdown) == 4
     assert "t-interval over seeds" in markdown[2] and "50.00 ± 1.00 % (a test)" in markdown[2]
-    test = float(markdown[2].split(" | ")[9].split(" ±")[0])
+    test = float(markdown[2].split(" | ")[10].split(" ±")[0])
     assert f"| {test - 50:+.2f} % |" in markdown[2]
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 2 and {"algorithm", "test", "ci95", "seeds"} <= set(rows[0])

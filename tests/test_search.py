@@ -47,6 +47,10 @@ def test_a_killed_search_resumes_to_the_configured_number_of_trials(tmp_path):
         assert trial.value == results["best_val_accuracy"], "the search selects on validation, not on test"
         assert results["task"]["n_way"] == 5 and "train_way" in str(trial.params)
 
+    # The report keeps trials apart (other hyperparameters, not other seeds): one row, one run each.
+    report = run_cli("report", str(search), "--format", "json", cwd=tmp_path)
+    assert report.returncode == 0 and [len(row["runs"]) for row in json.loads(report.stdout)] == [1, 1, 1]
+
     again = subprocess.run(search_command(tmp_path), cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0 and states(tmp_path) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert not (search / "4").exists()
