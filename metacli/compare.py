@@ -19,8 +19,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
-
-RESULTS = "results.json"
+from metacli.run_dir import RESULTS
 
 
 def read_results(path: str | Path) -> dict:

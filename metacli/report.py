@@ -24,6 +24,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
+from metacli.run_dir import RESULTS
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
            "metric", "test", "paper", "difference", "per seed", "runs")
@@ -35,7 +36,7 @@ def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
     for path in map(Path, paths):
         if not path.exists():
             raise ConfigError(f"{path} does not exist: pass run dirs, sweep dirs or folders holding them")
-        files = [path] if path.is_file() else sorted(path.rglob("results.json"))
+        files = [path] if path.is_file() else sorted(path.rglob(RESULTS))
         for file in files:
             try:
                 found.append((file.parent, json.loads(file.read_text())))

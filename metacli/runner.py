@@ -28,7 +28,7 @@ from metacli.memory_budget import check_memory
 from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
 from metacli.rng import capture_rng, restore_rng
-from metacli.run_dir import RESULTS, claim
+from metacli.run_dir import METRICS, RESULTS, claim
 from metacli.run_lock import unlock_run_dir
 from metacli.saved_config import load_run_config
 
@@ -218,7 +218,7 @@ def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler: EpisodeSampler,
     title = f"{type(learner).__name__} on {dataset.name}, {cfg.task.n_way}-way {cfg.task.k_shot}-shot"
     images = {"plots/episode": plots.save(plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed),
                                           run_dir / plots.EPISODE)}
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS
     if metrics.exists():
         images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title),
                                             run_dir / plots.CURVES)
