@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metacli.config_schema import register
 from metacli.errors import MetacliError, Preempted
 from metacli.preemption import INTERRUPT_EXIT_CODE, exit_code
+from metacli.run_dir import SWEEP_START, discard_if_empty
 from metacli import search  # noqa: F401  (registers the resolver that numbers a continued search's job dirs)
 
 COMMANDS = {
@@ -109,9 +110,25 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-def preflight(command: str, args: list[str]) -> None:
+def flags_first(command: str, args: list[str]) -> list[str]:
+    """``args`` with Hydra's flags before the overrides. Hydra's argument parser takes overrides only up to the
+    first flag, so ``metacli train seed=0,1 -m`` would fail with a usage screen; flags may go anywhere here, and a
+    wrong flag is one line."""
+    parser = get_args_parser()
+    parser.error = lambda message: fail(f"{message} (see metacli {command} --help)")
+    overrides = parser.parse_intermixed_args(args).overrides
+    flags, pending = [], list(overrides)
+    for arg in args:
+        if pending and arg == pending[0]:
+            pending.pop(0)
+        else:
+            flags.append(arg)
+    return flags + overrides
+
+
+def preflight(command: str, args: list[str]) -> Path | None:
     """Compose the config once before Hydra does, to turn composition errors into one line with a fix, and check
-    the run (or sweep) dir before Hydra writes into it.
+    the run (or sweep) dir before Hydra writes into it. Returns the sweep dir of a multirun.
 
     Only plain overrides and each value of a comma-separated sweep are checked: ranges and intervals of a
     sweeper are left to the sweeper.
@@ -156,15 +173,16 @@ def preflight(command: str, args: list[str]) -> None:
         if OmegaConf.is_missing(cfg, "checkpoint"):
             fail("metacli eval needs the run to re-test: metacli eval checkpoint=RUN_DIR (a dir written by "
                  "metacli train)")
-        return
+        return None
     resume = cfg.trainer.resume
     if multirun:
         # A search that continues its study numbers its new jobs after the old ones (metacli/search.py).
         continues = "resume_search" in (cfg.hydra.get("callbacks") or {})
         claim_sweep_dir(Path(cfg.hydra.sweep.dir), resume or continues)
-    else:
-        claim_run_dir(Path(cfg.hydra.run.dir), explicit=any(o.startswith("hydra.run.dir=") for o in plain),
-                      resume=resume)
+        return Path(cfg.hydra.sweep.dir)
+    claim_run_dir(Path(cfg.hydra.run.dir), explicit=any(o.startswith("hydra.run.dir=") for o in plain),
+                  resume=resume)
+    return None
 
 
 def _check_writable(run_dir: Path, key: str) -> None:
@@ -233,6 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in ("-V", "--version"):
         print(f"metacli {version('metacli')}")
         return
+    if argv[0] in ("-sc", "--shell-completion"):
+        from metacli.completion import main as completion
+
+        completion(argv[1:])
+        return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}': use one of {', '.join(COMMANDS)} (see metacli --help)")
@@ -249,13 +272,20 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             fail(str(exc))
         return
+    rest = flags_first(command, rest)
+    sweep_dir = None
     try:
         if not {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"} & set(rest):
-            preflight(command, rest)
+            sweep_dir = preflight(command, rest)
         register()
         sys.argv = [f"metacli {command}", *rest]
         task = train_command if command == "train" else eval_command
-        hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)()
+        try:
+            hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)()
+        except BaseException as exc:
+            if sweep_dir is not None and not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+                discard_if_empty(sweep_dir, SWEEP_START)
+            raise
     except KeyboardInterrupt:
         if full_errors():
             raise

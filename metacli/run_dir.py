@@ -7,6 +7,7 @@ known to be free (``.hydra/``) or the run's own (``.hydra/resumed/`` on a resume
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metacli.checkpoint import BEST, LAST, previous
 from metacli.errors import ConfigError
-from metacli.run_lock import lock_run_dir
+from metacli.run_lock import LOCK_NAME, lock_run_dir
 
 RESULTS, METRICS = "results.json", "metrics.jsonl"
 #: The files that make a dir a run's: its checkpoints and its results.
@@ -55,3 +56,19 @@ def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
         hydra_cfg = HydraConfig.get()
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), target / "hydra.yaml")
         OmegaConf.save(hydra_cfg.overrides.task, target / "overrides.yaml")
+
+
+#: What starting a run writes into its dir before it records anything: the saved config, the lock, W&B's offline
+#: folder and run id (the job's log comes on top); and what starting a sweep writes into the sweep dir.
+RUN_START = {".hydra", LOCK_NAME, "wandb", "wandb_run_id.txt"}
+SWEEP_START = {"multirun.yaml"}
+
+
+def discard_if_empty(folder: Path, written_at_start: set[str]) -> None:
+    """Remove the dir of a run (or sweep) that stopped before it recorded anything, so a failed start leaves no
+    empty run behind. A dir that holds a run record or anything not ``written_at_start`` is left as it is."""
+    folder = Path(folder)
+    if HydraConfig.initialized():
+        written_at_start = written_at_start | {f"{HydraConfig.get().job.name}.log"}
+    if folder.is_dir() and not records(folder) and all(p.name in written_at_start for p in folder.iterdir()):
+        shutil.rmtree(folder)

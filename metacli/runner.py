@@ -28,7 +28,7 @@ from metacli.memory_budget import check_memory
 from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
 from metacli.rng import capture_rng, restore_rng
-from metacli.run_dir import METRICS, RESULTS, claim
+from metacli.run_dir import METRICS, RESULTS, RUN_START, claim, discard_if_empty
 from metacli.run_lock import unlock_run_dir
 from metacli.saved_config import load_run_config
 
@@ -61,6 +61,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     claim(cfg, run_dir, cfg.trainer.resume)
     try:
         return _train(cfg, run_dir)
+    except BaseException:
+        unlock_run_dir(run_dir)
+        discard_if_empty(run_dir, RUN_START)
+        raise
     finally:
         unlock_run_dir(run_dir)
 

@@ -78,3 +78,20 @@ def test_zero_steps_test_the_initialisation_and_say_so(tmp_path):
     assert "trainer.steps=0: no meta-training; testing the initialisation" in done.stdout + done.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["weights"] == "initialisation" and results["checkpoint_step"] is None
+
+
+def test_a_failed_start_leaves_no_run_or_sweep_dir_behind(finished, tmp_path):
+    missing = ["dataset=omniglot", f"dataset.root={tmp_path / 'nowhere'}"]
+    run, sweep = tmp_path / "runs" / "new", tmp_path / "sweeps" / "new"
+    assert_one_line_error(run_cli("train", *missing, f"hydra.run.dir={run}", cwd=tmp_path), "Omniglot not found")
+    assert not run.exists() and (tmp_path / "runs").is_dir()
+    # The flag after the overrides, as users write it.
+    assert_one_line_error(run_cli("train", *missing, "seed=0,1", f"hydra.sweep.dir={sweep}", "-m", cwd=tmp_path),
+                          "Omniglot not found")
+    assert not sweep.exists()
+    # A resume that fails keeps the run it would have continued (and the config it was tried with).
+    before = snapshot(finished)
+    done = run_cli("train", *FAST, *missing, "trainer.resume=true", f"hydra.run.dir={finished}", cwd=tmp_path)
+    assert_one_line_error(done, "Omniglot not found")
+    after = snapshot(finished)
+    assert {name: data for name, data in after.items() if name.parts[:2] != (".hydra", "resumed")} == before
