@@ -16,7 +16,7 @@ import sys
 
 SCRIPT = r"""_metacli_completion()
 {
-    local line=${COMP_LINE:0:COMP_POINT} w
+    local line=${COMP_LINE:0:$COMP_POINT} w
     COMPREPLY=()
     # The query escapes every character the shell would expand, so a file name cannot run code through compgen.
     while IFS= read -r w; do
@@ -39,7 +39,7 @@ def _hydra_candidates(command: str, rest: str) -> list[str]:
     register()
     sys.argv = [f"metacli {command}", "-sc", "query=bash"]
     printed = io.StringIO()
-    # Hydra prints the candidates, and on a line it cannot parse a usage or error: only candidates may come out.
+    # On a line it cannot parse Hydra prints a usage or an error: only candidates may come out.
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
         try:
             hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(lambda cfg: None)()
@@ -61,11 +61,11 @@ def query(line: str) -> list[str]:
         return [name for name in LISTABLE if name.startswith(word)]
     if words[1] not in ("train", "eval"):  # compare/report take paths: the shell completes file names
         return []
-    found = _hydra_candidates(words[1], (line.split(None, 2) + [""])[2])
-    if "=" in word and set(found) <= {word}:
-        # Hydra completes paths only from ./ or /, and with '=' kept inside the word the shell cannot either:
-        # checkpoint=outputs/tr completes here.
-        key, value = word.split("=", 1)
+    key, eq, value = word.partition("=")
+    # Paths are completed here, not by Hydra: it prints them space-separated (a name with a space splits) and
+    # only from ./ or /, while the shell cannot complete after '=' (kept inside the word): checkpoint=outputs/tr.
+    found = [] if value.startswith((".", "/")) else _hydra_candidates(words[1], (line.split(None, 2) + [""])[2])
+    if eq and set(found) <= {word}:
         found = [f"{key}={p}{'/' if os.path.isdir(p) else ''}" for p in sorted(glob.glob(glob.escape(value) + "*"))]
     return found
 
@@ -74,12 +74,11 @@ def main(args: list[str]) -> None:
     from metacli.cli import fail
 
     action, _, shell = args[0].partition("=") if len(args) == 1 else ("", "", "")
+    line, point = os.environ.get("COMP_LINE"), os.environ.get("COMP_POINT", "")
     if action == "query" and shell == "bash":
-        if "COMP_LINE" not in os.environ:
+        if line is None:
             fail("metacli -sc query=bash reads COMP_LINE, which the shell sets on <TAB>: install the completion "
                  'with eval "$(metacli -sc install=bash)"')
-        line = os.environ["COMP_LINE"]
-        point = os.environ.get("COMP_POINT", "")
         line = line[:int(point)] if point.isdigit() else line
         print(" ".join(re.sub(r"([^\w@%+=:,./-])", r"\\\1", word) for word in query(line)))
     elif action == "install" and shell in SHELLS:
@@ -88,5 +87,5 @@ def main(args: list[str]) -> None:
     elif action == "uninstall" and shell in SHELLS:
         print("complete -r metacli\nunset -f _metacli_completion")
     else:
-        fail(f"metacli -sc does not know '{' '.join(args)}': use metacli -sc install=bash or install=zsh "
+        fail(f"cannot do `{' '.join(['metacli -sc', *args])}`: use metacli -sc install=bash or install=zsh "
              '(e.g. eval "$(metacli -sc install=bash)"), or uninstall=bash|zsh')

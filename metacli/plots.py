@@ -2,7 +2,10 @@
 
 - ``curves.png``: the training loss and the validation accuracy (± its 95 % CI) against the step;
 - ``episode.png``: the first test episode, its support images by class, and its queries with the predicted class,
-  wrong predictions framed in red.
+  wrong predictions framed in red;
+- for a sweep, in its dir: ``sweep_curves.png``, every job's validation accuracy against the step, and
+  ``sweep_scores.png``, the test score (± its CI) and the best validation accuracy against the swept value, when
+  the sweep varies one setting besides the seed.
 
 Figures are drawn on matplotlib's Agg canvas directly, so no display and no pyplot state is involved.
 """
@@ -18,8 +21,11 @@ from matplotlib.figure import Figure
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
+from metacli.report import protocol_overrides
+from metacli.run_dir import METRICS
 
 CURVES, EPISODE = "curves.png", "episode.png"
+SWEEP_CURVES, SWEEP_SCORES = "sweep_curves.png", "sweep_scores.png"
 
 
 def read_rows(metrics: Path) -> list[dict]:
@@ -94,3 +100,72 @@ def episode_figure(learner: FewShotLearner, sampler: EpisodeSampler, dataset: Fe
     errors = int((predicted[shown] != episode.query_y.cpu()[shown]).sum())
     figure.suptitle(f"support (rows: classes) and {queries} queries with predictions: {errors} wrong")
     return figure
+
+
+def _varied(settings: list[list[str]]) -> list[list[str]]:
+    """Of each run's ``key=value`` overrides, those whose value is not the same in every run."""
+    as_dicts = [dict(o.split("=", 1) for o in given if "=" in o) for given in settings]
+    keys = sorted({key for given in as_dicts for key in given})
+    varied = [key for key in keys if len({given.get(key) for given in as_dicts}) > 1]
+    return [[f"{key}={given.get(key, '-')}" for key in varied] for given in as_dicts]
+
+
+def sweep_curves_figure(runs: list[tuple[str, list[dict]]]) -> Figure:
+    """Validation accuracy against the step, one line a job, labelled by what sets the job apart."""
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    for label, rows in runs:
+        val = [(r["step"], 100 * r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+        if val:
+            axes.plot(*zip(*val), marker=".", label=label)
+    axes.set(xlabel="meta-training step", ylabel="accuracy (%)", title="validation accuracy of every job")
+    if 0 < len(runs) <= 12:  # beyond a dozen a legend hides the curves
+        axes.legend(fontsize=7)
+    return figure
+
+
+def sweep_scores_figure(key: str, points: list[tuple[str, float, float, float]], metric: str) -> Figure:
+    """Test score ± its CI and best validation accuracy against the swept value: ``(value, test, ci95, best val)``
+    per protocol. Numeric values share a numeric axis (logarithmic when they span two decades); others are
+    categories."""
+    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
+    axes = figure.subplots()
+    scale = 100 if metric == "accuracy" else 1
+    try:
+        xs = [float(value) for value, *_ in points]
+    except ValueError:
+        xs = list(range(len(points)))
+        axes.set_xticks(xs, [value for value, *_ in points])
+    else:
+        if min(xs) > 0 and max(xs) / min(xs) >= 100:
+            axes.set_xscale("log")
+        elif all(x.is_integer() for x in xs):  # ways and shots: no tick between two shot counts
+            axes.set_xticks(sorted(set(xs)))
+    order = sorted(range(len(points)), key=xs.__getitem__)
+    axes.errorbar([xs[i] for i in order], [scale * points[i][1] for i in order],
+                  yerr=[scale * points[i][2] for i in order], marker="o", capsize=3, label=f"test {metric} (95 % CI)")
+    axes.plot([xs[i] for i in order], [100 * points[i][3] for i in order], marker="s", linestyle="--",
+              label="best validation accuracy")
+    axes.set(xlabel=key, ylabel=f"{metric} (%)" if scale == 100 else metric, title=f"{metric} against {key}")
+    axes.legend(fontsize=8)
+    return figure
+
+
+def sweep_figures(found: list[tuple[Path, dict]], table: list[dict]) -> dict[str, Figure]:
+    """A sweep's pictures by file name: the overlaid validation curves, and the scores against the swept setting
+    when the sweep's protocols differ in exactly one (seeds pooled as in the report's ``table``)."""
+    labels = _varied([protocol_overrides(run) + [f"seed={results.get('seed')}"] for run, results in found])
+    runs = [(" ".join(label) or str(run.name), read_rows(run / METRICS)) for (run, _), label in zip(found, labels)
+            if (run / METRICS).exists()]
+    figures = {SWEEP_CURVES: sweep_curves_figure(runs)}
+    varied = _varied([protocol_overrides(Path(row["runs"][0])) for row in table])
+    if len(table) > 1 and all(len(v) == 1 for v in varied):
+        key = varied[0][0].split("=", 1)[0]
+        best_val = {str(run): results.get("best_val_accuracy") for run, results in found}
+        points = []
+        for row, (setting,) in zip(table, varied):
+            vals = [best_val[run] for run in row["runs"] if best_val[run] is not None]
+            points.append((setting.split("=", 1)[1], row["test"], row["ci95"],
+                           sum(vals) / len(vals) if vals else float("nan")))
+        figures[SWEEP_SCORES] = sweep_scores_figure(key, points, table[0]["metric"])
+    return figures

@@ -4,7 +4,8 @@ A row is one protocol (algorithm, dataset, task, backbone, BatchNorm mode, steps
 was started with, seed aside). Its score is the run's declared
 metric (``results["metric"]``, accuracy today) ± the run's 95 % CI over test episodes; over several seeds, the mean
 of the seeds' scores ± a 95 % t-interval over seeds, with each seed's score listed. The same table ends every
-multirun in the sweep dir (``summary.md``, ``summary.csv``), written by :class:`SweepSummary`.
+multirun in the sweep dir (``summary.md``, ``summary.csv``, and with ``trainer.plots`` the sweep's pictures),
+written by :class:`SweepSummary`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from metacli.logging.console import console
 from metacli.run_dir import RESULTS
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
-           "metric", "test", "paper", "difference", "per seed", "runs")
+           "metric", "test", "paper", "difference", "per seed", "wall time", "runs")
 
 
 def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
@@ -52,22 +53,21 @@ def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
 _NOT_PROTOCOL = ("seed", "hydra.", "trainer.resume", "trainer.progress", "logger", "trainer.plots")
 
 
-def _overrides(run: Path) -> str:
+def protocol_overrides(run: Path) -> list[str]:
     """The overrides a run was started with (``.hydra/overrides.yaml``, read as plain data), seed aside: runs that
     share them share a protocol, so a search's trials stay apart while a seed sweep's runs are pooled."""
     try:
         given = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
     except (OSError, yaml.YAMLError):
-        return ""
-    kept = [str(o) for o in given if not str(o).lstrip("+~").split("=", 1)[0].startswith(_NOT_PROTOCOL)]
-    return " ".join(sorted(kept))
+        return []
+    return sorted(str(o) for o in given if not str(o).lstrip("+~").split("=", 1)[0].startswith(_NOT_PROTOCOL))
 
 
 def _protocol(run: Path, results: dict) -> tuple:
     task, data = results.get("task", {}), results.get("dataset", {})
     return (results.get("algorithm", "?"), f"{data.get('name', '?')}/{data.get('split', '-')}",
             f"{task.get('n_way', '?')}w{task.get('k_shot', '?')}s", str(results.get("backbone", "?")).rsplit(".", 1)[-1],
-            results.get("bn_mode", "?"), results.get("steps", "?"), _overrides(run))
+            results.get("bn_mode", "?"), results.get("steps", "?"), " ".join(protocol_overrides(run)))
 
 
 def rows(found: list[tuple[Path, dict]]) -> list[dict]:
@@ -90,7 +90,9 @@ def rows(found: list[tuple[Path, dict]]) -> list[dict]:
                       "best val step": ", ".join(str(r.get("best_val_step", "-")) for _, r in runs),
                       "seeds": ", ".join(str(r.get("seed", "?")) for _, r in runs), "metric": metric,
                       "test": mean, "ci95": half, "per seed": scores, "runs": [str(run) for run, _ in runs],
-                      "expected": runs[0][1].get("expected")})
+                      "expected": runs[0][1].get("expected"),
+                      # Each run's own (a resumed run's sessions added up); None for results older than the record.
+                      "wall time": [results.get("wall_seconds") for _, results in runs]})
     return table
 
 
@@ -110,9 +112,17 @@ def _cell(row: dict, column: str) -> str:
         return f"{scale * expected[row['metric']]:.2f}{ci}{unit} ({expected.get('source', 'no source given')})"
     if column == "per seed":
         return ", ".join(f"{100 * s:.2f}" if row["metric"] == "accuracy" else f"{s:.4g}" for s in row["per seed"])
+    if column == "wall time":
+        return ", ".join("-" if seconds is None else _duration(seconds) for seconds in row["wall time"])
     if column == "runs":
         return str(len(row["runs"]))
     return str(row[column])
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def markdown(table: list[dict]) -> str:
@@ -172,6 +182,11 @@ class SweepSummary(Callback):
             return
         (sweep_dir / "summary.md").write_text(markdown(table))
         (sweep_dir / "summary.csv").write_text(csv_text(table))
+        if config.trainer.plots:
+            from metacli import plots  # matplotlib is imported only by sweeps that draw
+
+            for name, figure in plots.sweep_figures(find_results([sweep_dir]), table).items():
+                plots.save(figure, sweep_dir / name)
         if console.is_terminal:
             console.print(rich_table(table))
         else:

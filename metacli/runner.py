@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -113,12 +114,15 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
 
     start_step, best_val, best_step, skipped = 0, -math.inf, None, 0
+    # Wall time counts every session of the run: a resume adds its own to what the checkpoint had taken.
+    started, earlier_seconds = time.monotonic(), 0.0
     threads = thread_layout(learner)
     state = load_latest_good(run_dir / LAST, device) if cfg.trainer.resume else None
     if state is not None:
         _load_state(state, trained_on, run_dir / LAST, learner, optimizer, scheduler)
         restore_rng(state["rng"], generator)
         start_step, best_val, best_step, skipped = state["step"], state["best_val"], state["best_step"], state["skipped"]
+        earlier_seconds = float(state.get("wall_seconds", 0.0))  # absent from checkpoints older than this record
         log.info("resumed from %s at step %d", run_dir / LAST, start_step)
         if state.get("threads") not in (None, threads):  # None: a checkpoint older than this record
             log.warning("this run was meta-trained with %s and resumes with %s: its numbers will differ from an "
@@ -133,7 +137,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
-                 "origin": trained_on, "rng": capture_rng(generator), "threads": threads}
+                 "origin": trained_on, "rng": capture_rng(generator), "threads": threads,
+                 "wall_seconds": earlier_seconds + time.monotonic() - started}
         save_checkpoint(state, *([run_dir / BEST] if best else []), run_dir / LAST)
 
     def log_row(row: dict, step: int) -> None:
@@ -195,6 +200,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                                     between_batches=lambda: preemption.stop_if_asked(
                                         f"stopped while testing; {_kept_checkpoint(run_dir)}: rerun with "
                                         "trainer.resume=true to test it and write results.json"))
+        results["wall_seconds"] = earlier_seconds + time.monotonic() - started
         write_json(results, run_dir / RESULTS)
         for logger in loggers:
             logger.log_results(results)
@@ -252,6 +258,7 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
         cfg.dataset.root = overrides.dataset_root
     cfg.device = overrides.device
     check_ranges(cfg)
+    started = time.monotonic()
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     if overrides.check_memory:
@@ -259,6 +266,7 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     learner = build_learner(cfg, dataset).to(device)
     state = load_trained(learner, cfg, dataset, run_dir, overrides.which, device)
     results = build_results(cfg, learner, dataset, make_test_sampler(cfg, dataset, device), state, overrides.which)
+    results["wall_seconds"] = time.monotonic() - started
     write_json(results, out_dir / RESULTS)
     console.print(results_table(results))
     return results

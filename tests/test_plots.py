@@ -55,3 +55,32 @@ def test_the_episode_marks_exactly_the_wrong_predictions():
     wrong = int((predicted != episode.query_y).sum())  # 10 queries in all: every one is shown
     assert 0 < wrong and len(red) == len(framed) == wrong
     assert f"{wrong} wrong" in figure._suptitle.get_text()
+
+
+@pytest.fixture(scope="module")
+def shot_sweep(tmp_path_factory) -> Path:
+    where = tmp_path_factory.mktemp("sweep-plots")
+    done = run_cli("train", "-m", "experiment=smoke", "task.k_shot=1,3", "seed=0,1", "trainer.plots=true",
+                   "trainer.steps=4", "trainer.val_every=2", "eval.episodes=5", f"hydra.sweep.dir={where / 'sweep'}",
+                   cwd=where)
+    assert done.returncode == 0, done.stderr
+    return where / "sweep"
+
+
+def test_a_sweep_overlays_its_validation_curves_and_plots_scores_against_the_swept_value(shot_sweep):
+    from metacli.plots import sweep_figures
+    from metacli.report import find_results, rows
+
+    for name in ("sweep_curves.png", "sweep_scores.png"):
+        with Image.open(shot_sweep / name) as image:
+            darkest, lightest = image.convert("L").getextrema()
+            assert lightest - darkest > 100, name
+    figures = sweep_figures(find_results([shot_sweep]), table := rows(find_results([shot_sweep])))
+    curves, scores = figures["sweep_curves.png"].axes[0], figures["sweep_scores.png"].axes[0]
+    # One curve a job; one point a shot count, its seeds pooled.
+    assert len(curves.lines) == 4 and {t.get_text() for t in curves.get_legend().texts} == {
+        f"seed={s} task.k_shot={k}" for k in (1, 3) for s in (0, 1)}
+    test_line = scores.lines[0]
+    assert list(test_line.get_xdata()) == [1.0, 3.0] and scores.get_xlabel() == "task.k_shot"
+    by_task = {row["task"]: 100 * row["test"] for row in table}
+    assert list(test_line.get_ydata()) == pytest.approx([by_task["5w1s"], by_task["5w3s"]])

@@ -46,6 +46,7 @@ def test_the_report_aggregates_seeds_with_a_t_interval(seeds_and_algorithms, tmp
         assert row["test"] == pytest.approx(mean) and row["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
         assert row["task"] == "5w1s" and row["steps"] == 4 and len(row["runs"]) == 3
         assert row["expected"] == {"accuracy": 0.5, "ci95": 0.01, "source": "a test"}
+        assert len(row["wall time"]) == 3 and all(0 < seconds < 600 for seconds in row["wall time"])
 
 
 def test_the_report_writes_markdown_and_csv(seeds_and_algorithms, tmp_path):
