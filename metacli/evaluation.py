@@ -11,17 +11,20 @@ from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.cache import content_digest
 from metacli.data.episodes import EpisodeSampler
+from metacli.logging.progress import Progress
 
 
 def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed: int, batch_size: int,
-          between_batches: Callable[[], None] | None = None) -> dict:
+          between_batches: Callable[[], None] | None = None, progress: Progress | None = None) -> dict:
     """Accuracy over ``episodes`` tasks fixed by ``seed``: mean, sample std, and 1.96 * std / sqrt(n).
-    ``between_batches`` is called before each batch (a stop request raises there)."""
+    ``between_batches`` is called before each batch (a stop request raises there); ``progress`` counts episodes."""
     accuracies = []
     for batch in sampler.fixed(episodes, seed, batch_size):
         if between_batches is not None:
             between_batches()
         accuracies += [learner.evaluate_episode(episode) for episode in batch]
+        if progress is not None:
+            progress.advance(len(batch), status=f"accuracy {sum(accuracies) / len(accuracies):.3f}")
     per_episode = torch.tensor(accuracies, dtype=torch.float64)
     std = per_episode.std().item() if episodes > 1 else 0.0
     return {"accuracy": per_episode.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
@@ -47,7 +50,9 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
                   checkpoint: dict | None, weights: str, between_batches: Callable[[], None] | None = None) -> dict:
     """Score ``learner`` on the test episodes and describe the protocol: the content of results.json.
     ``weights`` says what was tested: the ``best`` or ``last`` checkpoint, or the ``initialisation``."""
-    scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches)
+    with Progress("test", total=cfg.eval.episodes, unit="episodes") as progress:
+        scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches,
+                       progress)
     per_episode = scored.pop("per_episode")
     return {
         "algorithm": type(learner).__name__,

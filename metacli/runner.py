@@ -23,8 +23,9 @@ from metacli.data.episodes import EpisodeSampler
 from metacli.errors import CheckpointError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.host_memory import retain_freed_memory
-from metacli.logging.console import console, results_table, training_progress
+from metacli.logging.console import console, results_table
 from metacli.logging.identity import run_identity
+from metacli.logging.progress import Progress
 from metacli.memory_budget import check_memory
 from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
@@ -150,9 +151,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         log.warning("trainer.steps=0: no meta-training; testing the initialisation")
     try:
         with PreemptionWatch() as preemption:
-            with training_progress(cfg.trainer.progress) as progress:
-                bar = progress.add_task("meta-train", total=steps, completed=start_step, loss=float("nan"),
-                                        accuracy=float("nan"), val="-")
+            with Progress("meta-train", total=steps, unit="steps", enabled=cfg.trainer.progress,
+                          completed=start_step) as progress:
+                val_shown = "-"
                 for step in range(start_step + 1, steps + 1):
                     learner.train()
                     optimizer.zero_grad(set_to_none=True)
@@ -171,7 +172,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                             f"{_kept_checkpoint(run_dir)}")
                     if scheduler is not None:
                         scheduler.step()
-                    progress.update(bar, advance=1, loss=metrics["loss"], accuracy=metrics["accuracy"])
                     if step % cfg.trainer.log_every == 0:
                         row = {f"train/{key}": value for key, value in metrics.items()}
                         if cfg.trainer.on_nonfinite == "skip":
@@ -186,9 +186,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                             best_val, best_step = val["accuracy"], step
                         log_row({"val/accuracy": val["accuracy"], "val/ci95": val["ci95"]}, step)
                         save(step, best=improved)
-                        progress.update(bar, val=f"{val['accuracy']:.3f}")
+                        val_shown = f"{val['accuracy']:.3f}"
                     elif step % cfg.trainer.checkpoint_every == 0 or preemption.received:
                         save(step)
+                    progress.advance(status=f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.3f}  "
+                                            f"val {val_shown}")
                     if step < steps:
                         preemption.stop_if_asked(f"stopped at step {step} with a checkpoint in {run_dir / LAST}; rerun "
                                                  "with trainer.resume=true to continue")

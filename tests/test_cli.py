@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "protonet"
-    done = run_cli("train", *SMOKE, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    done = run_cli("train", *SMOKE, "trainer.progress=true", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
     assert done.returncode == 0, done.stderr
     return run_dir
 
@@ -37,6 +38,13 @@ def test_help_lists_commands_and_groups(tmp_path):
         assert group in train_help.stdout
     job = run_cli("train", "--cfg", "job", "algo=maml", "task.n_way=7", cwd=tmp_path)
     assert job.returncode == 0 and "metacli.algorithms.maml.MAML" in job.stdout and "n_way: 7" in job.stdout
+
+
+def test_a_run_logs_its_progress_as_lines(trained_run):
+    log = (trained_run / "train.log").read_text()
+    assert re.search(r"meta-train: 60/60 steps \(100%\) loss \d\.\d{3}  acc \d\.\d{3}  val 0\.\d{3}, ", log), log
+    assert re.search(r"test: 50/50 episodes \(100%\) accuracy 0\.\d{3}, ", log), log
+    assert "━" not in log  # no bar drawn into a log
 
 
 def test_train_writes_run_record(trained_run):

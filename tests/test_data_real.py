@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import logging
 import io
 import re
 import shutil
@@ -222,7 +223,8 @@ def test_download_with_wrong_md5_leaves_nothing(http_folder, tmp_path):
     assert list(target.parent.iterdir()) == []
 
 
-def test_omniglot_download_flow(http_folder, shared_data, cache_dir, tmp_path, monkeypatch):
+def test_omniglot_download_flow(http_folder, shared_data, cache_dir, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="metacli.progress")
     folder, url = http_folder
     shutil.copy(shared_data / "omniglot" / "images_evaluation.zip", folder)
     md5 = hashlib.md5((folder / "images_evaluation.zip").read_bytes()).hexdigest()
@@ -233,6 +235,8 @@ def test_omniglot_download_flow(http_folder, shared_data, cache_dir, tmp_path, m
                     cache_dir=str(cache_dir)).split("test")
     assert data.n_classes == 659
     assert sorted(p.name for p in (root / "omniglot").iterdir()) == ["images_evaluation.zip"]
+    mib = (folder / "images_evaluation.zip").stat().st_size / 2 ** 20
+    assert f"download images_evaluation.zip: {mib:.1f}/{mib:.1f} MiB (100%)" in caplog.text
 
 
 # ---------------------------------------------------------------- mini-ImageNet

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 from metacli.errors import DataError
+from metacli.logging.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,13 @@ def download_url(url: str, path: Path | str, md5: str, timeout: float = 60.0) ->
     digest = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-            for block in iter(lambda: response.read(CHUNK), b""):
-                digest.update(block)
-                out.write(block)
+            size = response.headers.get("Content-Length")
+            with Progress(f"download {path.name}", total=int(size) if size and size.isdigit() else None,
+                          unit="bytes") as progress:
+                for block in iter(lambda: response.read(CHUNK), b""):
+                    digest.update(block)
+                    out.write(block)
+                    progress.advance(len(block))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)

@@ -19,6 +19,7 @@ from metacli.data.base import (ClassImages, FewShotDataset, check_member_size, d
                                open_bounded, pil_to_uint8)
 from metacli.data.cache import cache_path, cached_split
 from metacli.errors import ConfigError, DataError
+from metacli.logging.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def index_tree(folder: Path) -> Index:
 
 
 def index_archives(archives: list[Path], split: str, wnids: list[str], image_size: int,
-                   per_class: int | None = PER_CLASS) -> Index:
+                   per_class: int | None = PER_CLASS, progress: Progress | None = None) -> Index:
     """Decode ``<split>/<wnid>/<file>`` members as the archives stream past: nothing is extracted to disk, and
     only one member's bytes are held at a time. A member of another class, past ``per_class`` images of its
     class, or over :data:`MAX_IMAGE_BYTES` is refused before it is read."""
@@ -91,6 +92,8 @@ def index_archives(archives: list[Path], split: str, wnids: list[str], image_siz
                     except ValueError as exc:
                         raise DataError(f"{path}: {member.name} is refused: {exc}; replace the archive") from None
                     images[name] = decode_image(tar.extractfile(member).read(), path.name, wnid, name, image_size)
+                    if progress is not None:
+                        progress.advance()
         except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as exc:
             raise DataError(f"{path} is corrupt or truncated ({exc}); replace it with an intact copy") from None
     return index
@@ -108,7 +111,7 @@ def index_ravi(images: Path, table: Path) -> Index:
 
 
 def decode_index(index: Index, wnids: list[str], image_size: int, where: str,
-                 per_class: int | None = PER_CLASS) -> ClassImages:
+                 per_class: int | None = PER_CLASS, progress: Progress | None = None) -> ClassImages:
     """Check ``index`` holds exactly ``wnids`` with ``per_class`` images each (equal counts when None), then decode.
 
     Classes follow ``wnids``' order and images are sorted by file name, so the tensor does not depend on the layout.
@@ -130,8 +133,12 @@ def decode_index(index: Index, wnids: list[str], image_size: int, where: str,
     for c, wnid in enumerate(wnids):
         for i, name in enumerate(sorted(index[wnid])):
             source = index[wnid][name]
-            images[c, i] = source if isinstance(source, torch.Tensor) else decode_image(source, where, wnid, name,
-                                                                                        image_size)
+            if isinstance(source, torch.Tensor):  # decoded as its archive streamed past
+                images[c, i] = source
+                continue
+            images[c, i] = decode_image(source, where, wnid, name, image_size)
+            if progress is not None:
+                progress.advance()
     return ClassImages(images=images, class_names=list(wnids))
 
 
@@ -157,14 +164,16 @@ def decode_split(base: Path, split: str, wnids: list[str], image_size: int,
         raise DataError(not_found_message(base))
     layout, paths = found
     start = time.perf_counter()
-    if layout == "tree":
-        index = index_tree(paths[0])
-    elif layout == "archives":
-        index = index_archives(paths, split, wnids, image_size, per_class)
-    else:
-        index = index_ravi(*paths)
-    where = str(paths[0]) if layout != "archives" else ", ".join(p.name for p in paths)
-    data = decode_index(index, wnids, image_size, where, per_class)
+    total = None if per_class is None else len(wnids) * per_class
+    with Progress(f"decode mini-ImageNet {split}", total=total, unit="images") as progress:
+        if layout == "tree":
+            index = index_tree(paths[0])
+        elif layout == "archives":
+            index = index_archives(paths, split, wnids, image_size, per_class, progress)
+        else:
+            index = index_ravi(*paths)
+        where = str(paths[0]) if layout != "archives" else ", ".join(p.name for p in paths)
+        data = decode_index(index, wnids, image_size, where, per_class, progress)
     log.info("decoded mini-ImageNet %s from %s: %d images in %.1fs", split, layout, data.images.shape[0] * data.images.shape[1],
              time.perf_counter() - start)
     return data

@@ -22,6 +22,7 @@ from metacli.data.base import (ClassImages, FewShotDataset, check_member_size, d
 from metacli.data.cache import cached_split
 from metacli.data.download import contents_digest, download_url, zip_entries
 from metacli.errors import ConfigError, DataError
+from metacli.logging.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,17 @@ def _decode_members(names: list[str], read: Callable[[str], bytes], kind: str, s
             raise DataError(f"{where}: {character} has {len(groups[character])} drawings, expected {DRAWINGS}; {_fix(kind)}")
     images = torch.empty(len(classes), DRAWINGS, 1, size, size, dtype=torch.uint8)
     entries = []
-    for c, character in enumerate(classes):
-        for i, name in enumerate(groups[character]):
-            try:
-                data = read(name)
-                entries.append((name, zlib.crc32(data), len(data)))
-                with open_bounded(data, MAX_SIDE) as image:
-                    images[c, i] = pil_to_uint8(image, "L", size, invert=True)  # strokes bright on black
-            except ValueError as exc:
-                raise DataError(f"{where}: {name} is refused: {exc}; {_fix(kind)}") from None
+    with Progress(f"decode {where.name}", total=len(classes), unit="characters") as progress:
+        for c, character in enumerate(classes):
+            for i, name in enumerate(groups[character]):
+                try:
+                    data = read(name)
+                    entries.append((name, zlib.crc32(data), len(data)))
+                    with open_bounded(data, MAX_SIDE) as image:
+                        images[c, i] = pil_to_uint8(image, "L", size, invert=True)  # strokes bright on black
+                except ValueError as exc:
+                    raise DataError(f"{where}: {name} is refused: {exc}; {_fix(kind)}") from None
+            progress.advance()
     return ClassImages(images=images, class_names=classes), entries
 
 
