@@ -25,7 +25,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
-from metacli.run_dir import RESULTS
+from metacli.run_dir import RESULTS, TIMING
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
            "metric", "test", "paper", "difference", "per seed", "wall time", "runs")
@@ -70,6 +70,14 @@ def _protocol(run: Path, results: dict) -> tuple:
             results.get("bn_mode", "?"), results.get("steps", "?"), " ".join(protocol_overrides(run)))
 
 
+def _wall_seconds(run: Path) -> float | None:
+    """The run's wall time (a resumed run's sessions added up); None for a run older than that record."""
+    try:
+        return float(json.loads((run / TIMING).read_text())["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def rows(found: list[tuple[Path, dict]]) -> list[dict]:
     """One row per protocol: the seeds' runs aggregated."""
     groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
@@ -91,8 +99,7 @@ def rows(found: list[tuple[Path, dict]]) -> list[dict]:
                       "seeds": ", ".join(str(r.get("seed", "?")) for _, r in runs), "metric": metric,
                       "test": mean, "ci95": half, "per seed": scores, "runs": [str(run) for run, _ in runs],
                       "expected": runs[0][1].get("expected"),
-                      # Each run's own (a resumed run's sessions added up); None for results older than the record.
-                      "wall time": [results.get("wall_seconds") for _, results in runs]})
+                      "wall time": [_wall_seconds(run) for run, _ in runs]})
     return table
 
 

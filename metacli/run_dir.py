@@ -18,6 +18,8 @@ from metacli.errors import ConfigError
 from metacli.run_lock import LOCK_NAME, lock_run_dir
 
 RESULTS, METRICS = "results.json", "metrics.jsonl"
+#: The run's wall time, kept apart from results.json so that the same seed still gives the same results file.
+TIMING = "timing.json"
 #: The files that make a dir a run's: its checkpoints and its results.
 RECORDS = (LAST, previous(Path(LAST)).name, BEST, previous(Path(BEST)).name, RESULTS, METRICS)
 RESUMABLE = (LAST, previous(Path(LAST)).name)

@@ -30,7 +30,7 @@ from metacli.memory_budget import check_memory
 from metacli.precision import training_precision
 from metacli.preemption import PreemptionWatch
 from metacli.rng import capture_rng, restore_rng
-from metacli.run_dir import METRICS, RESULTS, RUN_START, claim, discard_if_empty
+from metacli.run_dir import METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty
 from metacli.run_lock import unlock_run_dir
 from metacli.saved_config import load_run_config
 
@@ -202,8 +202,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                                     between_batches=lambda: preemption.stop_if_asked(
                                         f"stopped while testing; {_kept_checkpoint(run_dir)}: rerun with "
                                         "trainer.resume=true to test it and write results.json"))
-        results["wall_seconds"] = earlier_seconds + time.monotonic() - started
         write_json(results, run_dir / RESULTS)
+        write_json({"wall_seconds": earlier_seconds + time.monotonic() - started}, run_dir / TIMING)
         for logger in loggers:
             logger.log_results(results)
         if cfg.trainer.plots:
@@ -268,7 +268,7 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     learner = build_learner(cfg, dataset).to(device)
     state = load_trained(learner, cfg, dataset, run_dir, overrides.which, device)
     results = build_results(cfg, learner, dataset, make_test_sampler(cfg, dataset, device), state, overrides.which)
-    results["wall_seconds"] = time.monotonic() - started
     write_json(results, out_dir / RESULTS)
+    write_json({"wall_seconds": time.monotonic() - started}, out_dir / TIMING)
     console.print(results_table(results))
     return results

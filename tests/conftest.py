@@ -18,15 +18,56 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+REPO_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: Set by .ci/run: there a real-data test that cannot find its data fails instead of being skipped.
+REQUIRE_DATA = os.environ.get("METACLI_REQUIRE_REAL_DATA") == "1"
+
+
+def data_candidates() -> list[Path]:
+    """Where tests look for real data, in order: $METACLI_TEST_DATA, the checkout's ../shared/data, and the folder
+    ``dataset.download=true`` downloads into ($METACLI_DATA, else ~/.cache/metacli)."""
+    from metacli.data.base import default_root
+
+    given = os.environ.get("METACLI_TEST_DATA")
+    return [*([Path(given)] if given else []), REPO_DATA, default_root()]
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The read-only real data: $METACLI_TEST_DATA, else <repo>/../shared/data. Missing data fails, never skips."""
-    path = Path(os.environ.get("METACLI_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    missing = [name for name in ("images_background.zip", "images_evaluation.zip") if not (path / "omniglot" / name).is_file()]
-    if missing:
-        pytest.fail(f"real-data tests need {', '.join(missing)} under {path / 'omniglot'}; "
-                    "set METACLI_TEST_DATA to the folder holding omniglot/ and mini-imagenet/")
-    return path
+def omniglot_root() -> Path:
+    """A data root holding omniglot/images_{background,evaluation}.zip: the first of :func:`data_candidates` that
+    has them, else the download folder after downloading them (md5-checked). Omniglot can always be downloaded, so
+    a test needing it fails, never skips, when that is impossible."""
+    from metacli.data import omniglot
+    from metacli.errors import DataError
+
+    names = [f"images_{kind}.zip" for kind in omniglot.KINDS]
+    for root in data_candidates():
+        if all((root / "omniglot" / name).is_file() for name in names):
+            return root
+    root = data_candidates()[-1]
+    try:
+        for kind in omniglot.KINDS:
+            if not (root / "omniglot" / f"images_{kind}.zip").is_file():
+                omniglot.download_url(omniglot.URL.format(kind=kind), root / "omniglot" / f"images_{kind}.zip",
+                                      omniglot.OFFICIAL_MD5[kind])
+    except DataError as exc:
+        pytest.fail(f"real-data tests need Omniglot ({', '.join(names)}) in one of "
+                    f"{', '.join(str(c / 'omniglot') for c in data_candidates())}, and downloading it failed: {exc}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mini_imagenet_root() -> Path:
+    """A data root holding mini-imagenet/mini-imagenet-84-val.tar.xz, from :func:`data_candidates`. No official
+    download exists, so elsewhere its tests are skipped, saying why (and fail under .ci/run, which has the data)."""
+    for root in data_candidates():
+        if (root / "mini-imagenet" / "mini-imagenet-84-val.tar.xz").is_file():
+            return root
+    reason = ("needs mini-ImageNet (mini-imagenet/mini-imagenet-84-val.tar.xz) under $METACLI_TEST_DATA or "
+              f"{REPO_DATA}; it has no official download")
+    if REQUIRE_DATA:
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session", autouse=True)

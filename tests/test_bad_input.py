@@ -17,11 +17,11 @@ FAST = ["trainer.steps=1", "trainer.val_every=1", "trainer.val_episodes=2", "eva
         "device=cpu", "trainer.progress=false"]
 
 
-def corrupt_omniglot_root(tmp_path: Path, shared_data: Path) -> Path:
+def corrupt_omniglot_root(tmp_path: Path, omniglot_root: Path) -> Path:
     root = tmp_path / "corrupt"
     (root / "omniglot").mkdir(parents=True)
-    shutil.copy(shared_data / "omniglot" / "images_evaluation.zip", root / "omniglot")
-    data = (shared_data / "omniglot" / "images_background.zip").read_bytes()
+    shutil.copy(omniglot_root / "omniglot" / "images_evaluation.zip", root / "omniglot")
+    data = (omniglot_root / "omniglot" / "images_background.zip").read_bytes()
     (root / "omniglot" / "images_background.zip").write_bytes(data[: len(data) // 3])
     return root
 
@@ -81,8 +81,8 @@ def test_bad_override_is_one_line(name, tmp_path):
     assert_one_line_error(done, expected)
 
 
-def test_corrupt_archive_is_one_line(tmp_path, shared_data):
-    root = corrupt_omniglot_root(tmp_path, shared_data)
+def test_corrupt_archive_is_one_line(tmp_path, omniglot_root):
+    root = corrupt_omniglot_root(tmp_path, omniglot_root)
     done = run_cli("train", "dataset=omniglot", f"dataset.root={root}", f"dataset.cache_dir={tmp_path / 'cache'}",
                    "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert done.returncode == 2

@@ -10,11 +10,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
-def test_bench_writes_a_complete_json(shared_data, tmp_path):
+def test_bench_writes_a_complete_json(omniglot_root, tmp_path):
     done = subprocess.run([sys.executable, str(BENCH), "--algos", "protonet", "maml_second_order", "--vectorize", "auto",
                            "false", "--set", "trainer.meta_batch=2", "--steps", "1", "--warmup", "1",
                            "--profile", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "METACLI_DATA": str(shared_data)})
+                          env={**os.environ, "METACLI_DATA": str(omniglot_root)})
     assert done.returncode == 0, done.stderr[-2000:]
     [report_file] = tmp_path.glob("bench-*.json")
     report = json.loads(report_file.read_text())

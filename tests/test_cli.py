@@ -120,10 +120,13 @@ def test_resume_continues_to_the_same_numbers(tmp_path):
     resumed_dir = tmp_path / "resumed"
     first = run_cli("train", *base, "trainer.steps=10", f"hydra.run.dir={resumed_dir}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
+    first_wall = json.loads((resumed_dir / "timing.json").read_text())["wall_seconds"]
     second = run_cli("train", *base, "trainer.steps=20", "trainer.resume=true", f"hydra.run.dir={resumed_dir}",
                      cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert load_checkpoint(resumed_dir / "last.pt")["step"] == 20
+    # The wall time counts both sessions; results.json stays free of it, so it equals the straight run's.
+    assert json.loads((resumed_dir / "timing.json").read_text())["wall_seconds"] > first_wall > 0
     resumed_rows = read_rows(resumed_dir / "metrics.jsonl")
     assert resumed_rows == read_rows(tmp_path / "straight" / "metrics.jsonl")
     assert json.loads((resumed_dir / "results.json").read_text()) == \

@@ -35,9 +35,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vinyals(shared_data, cache_dir):
+def vinyals(omniglot_root, cache_dir):
     """The Vinyals split with 4 rotations, decoded once for the session (both archives), and how long that took."""
-    dataset = Omniglot(root=str(shared_data), split="vinyals", rotations=4, cache_dir=str(cache_dir))
+    dataset = Omniglot(root=str(omniglot_root), split="vinyals", rotations=4, cache_dir=str(cache_dir))
     start = time.perf_counter()
     splits = {name: dataset.split(name) for name in SPLITS}
     return dataset, splits, time.perf_counter() - start
@@ -91,8 +91,8 @@ def test_vinyals_splits_are_disjoint(vinyals):
     assert sorted(c for c in bases["test"] if c.startswith("Gurmukhi/")) == [f"Gurmukhi/character{n}" for n in range(42, 46)]
 
 
-def test_background_evaluation_split(vinyals, shared_data, cache_dir):
-    dataset = Omniglot(root=str(shared_data), split="background_evaluation", rotations=1, cache_dir=str(cache_dir))
+def test_background_evaluation_split(vinyals, omniglot_root, cache_dir):
+    dataset = Omniglot(root=str(omniglot_root), split="background_evaluation", rotations=1, cache_dir=str(cache_dir))
     splits = {name: dataset.split(name) for name in SPLITS}
     assert [splits[n].n_classes for n in SPLITS] == [792, 172, 659]
     names = {n: set(splits[n].class_names) for n in SPLITS}
@@ -102,20 +102,20 @@ def test_background_evaluation_split(vinyals, shared_data, cache_dir):
     assert not {c.split("/")[0] for c in names["train"] | names["val"]} & evaluation
 
 
-def test_second_load_comes_from_cache(vinyals, shared_data, cache_dir):
+def test_second_load_comes_from_cache(vinyals, omniglot_root, cache_dir):
     _, splits, _ = vinyals
     for kind in ("background", "evaluation"):
         assert cache_path(cache_dir, "omniglot", kind, 28).is_file()
     start = time.perf_counter()
-    again = Omniglot(root=str(shared_data), split="vinyals", rotations=4, cache_dir=str(cache_dir)).split("train")
+    again = Omniglot(root=str(omniglot_root), split="vinyals", rotations=4, cache_dir=str(cache_dir)).split("train")
     assert time.perf_counter() - start < 5
     assert torch.equal(again.images, splits["train"].images)
     assert again.class_names == splits["train"].class_names
 
 
-def test_encode_image_matches_the_cache(vinyals, shared_data):
+def test_encode_image_matches_the_cache(vinyals, omniglot_root):
     dataset, splits, _ = vinyals
-    with zipfile.ZipFile(shared_data / "omniglot" / "images_background.zip") as archive:
+    with zipfile.ZipFile(omniglot_root / "omniglot" / "images_background.zip") as archive:
         first = min(n for n in archive.namelist() if n.startswith("images_background/Armenian/character01/") and n.endswith(".png"))
         image = Image.open(io.BytesIO(archive.read(first)))
     assert torch.equal(dataset.encode_image(image), splits["val"].images[0, 0])
@@ -131,8 +131,8 @@ def load_evaluation(root: Path, cache_dir: Path) -> None:
     Omniglot(root=str(root), split="background_evaluation", cache_dir=str(cache_dir)).split("test")
 
 
-def test_truncated_zip_is_rejected(shared_data, cache_dir, tmp_path):
-    with open(shared_data / "omniglot" / "images_evaluation.zip", "rb") as fh:
+def test_truncated_zip_is_rejected(omniglot_root, cache_dir, tmp_path):
+    with open(omniglot_root / "omniglot" / "images_evaluation.zip", "rb") as fh:
         root = omniglot_root(tmp_path, fh.read(1 << 20))
     # The session cache already holds the evaluation tensors: the archive must still be checked.
     with pytest.raises(DataError, match="images_evaluation.zip") as info:
@@ -146,9 +146,9 @@ def test_non_zip_is_rejected(cache_dir, tmp_path):
         load_evaluation(root, cache_dir)
 
 
-def test_zip_with_a_png_removed_is_rejected(shared_data, cache_dir, tmp_path):
+def test_zip_with_a_png_removed_is_rejected(omniglot_root, cache_dir, tmp_path):
     buffer = io.BytesIO()
-    with zipfile.ZipFile(shared_data / "omniglot" / "images_evaluation.zip") as src, \
+    with zipfile.ZipFile(omniglot_root / "omniglot" / "images_evaluation.zip") as src, \
             zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as dst:
         members = [n for n in src.namelist() if n.endswith(".png")]
         for name in members[1:]:
@@ -158,8 +158,8 @@ def test_zip_with_a_png_removed_is_rejected(shared_data, cache_dir, tmp_path):
         load_evaluation(root, cache_dir)
 
 
-def test_damaged_member_fails_the_crc_check(shared_data, tmp_path):
-    data = bytearray((shared_data / "omniglot" / "images_evaluation.zip").read_bytes())
+def test_damaged_member_fails_the_crc_check(omniglot_root, tmp_path):
+    data = bytearray((omniglot_root / "omniglot" / "images_evaluation.zip").read_bytes())
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
         first = min((i for i in archive.infolist() if i.filename.endswith(".png")), key=lambda i: i.filename)
     # Local header: 30 bytes, then the name and the extra field, whose lengths sit at offsets 26 and 28.
@@ -178,8 +178,8 @@ def test_missing_omniglot_says_how_to_get_it(tmp_path, cache_dir):
     assert "images_background.zip" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_extracted_folder_is_accepted(shared_data, tmp_path):
-    with zipfile.ZipFile(shared_data / "omniglot" / "images_evaluation.zip") as archive:
+def test_extracted_folder_is_accepted(omniglot_root, tmp_path):
+    with zipfile.ZipFile(omniglot_root / "omniglot" / "images_evaluation.zip") as archive:
         archive.extractall(tmp_path / "omniglot")
     dataset = Omniglot(root=str(tmp_path), split="background_evaluation", rotations=1, cache_dir=str(tmp_path / "cache"))
     assert dataset.split("test").images.shape == (659, 20, 1, 28, 28)
@@ -223,10 +223,10 @@ def test_download_with_wrong_md5_leaves_nothing(http_folder, tmp_path):
     assert list(target.parent.iterdir()) == []
 
 
-def test_omniglot_download_flow(http_folder, shared_data, cache_dir, tmp_path, monkeypatch, caplog):
+def test_omniglot_download_flow(http_folder, omniglot_root, cache_dir, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="metacli.progress")
     folder, url = http_folder
-    shutil.copy(shared_data / "omniglot" / "images_evaluation.zip", folder)
+    shutil.copy(omniglot_root / "omniglot" / "images_evaluation.zip", folder)
     md5 = hashlib.md5((folder / "images_evaluation.zip").read_bytes()).hexdigest()
     monkeypatch.setattr(omniglot_module, "URL", url + "/images_{kind}.zip")
     monkeypatch.setattr(omniglot_module, "OFFICIAL_MD5", {"background": "0" * 32, "evaluation": md5})
@@ -242,7 +242,7 @@ def test_omniglot_download_flow(http_folder, shared_data, cache_dir, tmp_path, m
 # ---------------------------------------------------------------- mini-ImageNet
 
 
-def test_mini_imagenet_val_from_archives(shared_data, tmp_path, monkeypatch):
+def test_mini_imagenet_val_from_archives(mini_imagenet_root, tmp_path, monkeypatch):
     opened = []
     real_open = tarfile.open
 
@@ -251,7 +251,7 @@ def test_mini_imagenet_val_from_archives(shared_data, tmp_path, monkeypatch):
         return real_open(name, *args, **kwargs)
 
     monkeypatch.setattr(mini_module.tarfile, "open", spy)
-    dataset = MiniImageNet(root=str(shared_data), cache_dir=str(tmp_path))
+    dataset = MiniImageNet(root=str(mini_imagenet_root), cache_dir=str(tmp_path))
     start = time.perf_counter()
     data = dataset.split("val")
     elapsed = time.perf_counter() - start
@@ -260,7 +260,7 @@ def test_mini_imagenet_val_from_archives(shared_data, tmp_path, monkeypatch):
     assert data.images.shape == (16, 600, 3, 84, 84) and data.images.dtype == torch.uint8
     assert data.class_names == pinned_wnids("val")
     assert cache_path(tmp_path, "mini-imagenet", "val", 84).is_file()
-    assert torch.equal(MiniImageNet(root=str(shared_data), cache_dir=str(tmp_path)).split("val").images, data.images)
+    assert torch.equal(MiniImageNet(root=str(mini_imagenet_root), cache_dir=str(tmp_path)).split("val").images, data.images)
     assert opened == ["mini-imagenet-84-val.tar.xz"], "the second load must come from the cache"
 
 
@@ -347,10 +347,10 @@ def test_missing_mini_imagenet(tmp_path):
     assert str(tmp_path / "mini-imagenet") in str(info.value) and "\n" not in str(info.value)
 
 
-def test_truncated_mini_imagenet_archive(shared_data, tmp_path):
+def test_truncated_mini_imagenet_archive(mini_imagenet_root, tmp_path):
     base = tmp_path / "mini-imagenet"
     base.mkdir()
-    with open(shared_data / "mini-imagenet" / "mini-imagenet-84-val.tar.xz", "rb") as fh:
+    with open(mini_imagenet_root / "mini-imagenet" / "mini-imagenet-84-val.tar.xz", "rb") as fh:
         (base / "mini-imagenet-84-val.tar.xz").write_bytes(fh.read(1 << 20))
     with pytest.raises(DataError, match="mini-imagenet-84-val.tar.xz is corrupt or truncated") as info:
         MiniImageNet(root=str(tmp_path), cache_dir=str(tmp_path / "cache")).split("val")

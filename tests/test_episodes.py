@@ -253,12 +253,12 @@ def test_synthetic_glyph_shapes_follow_the_config():
 
 
 @pytest.fixture(scope="module")
-def omniglot_splits(shared_data, tmp_path_factory):
+def omniglot_splits(omniglot_root, tmp_path_factory):
     """Class names of train/val/test for both split definitions (archives decoded once into a tmp cache)."""
     cache = tmp_path_factory.mktemp("episode-tests-cache")
     names = {}
     for split_name in ("vinyals", "background_evaluation"):
-        dataset = Omniglot(root=str(shared_data), split=split_name, rotations=4, cache_dir=str(cache))
+        dataset = Omniglot(root=str(omniglot_root), split=split_name, rotations=4, cache_dir=str(cache))
         names[split_name] = {split: dataset.split(split).class_names for split in SPLITS}
     return names
 

@@ -13,9 +13,9 @@ from conftest import run_cli
 from metacli import load_learner
 
 
-def test_protonet_learns_on_real_omniglot(shared_data, tmp_path):
+def test_protonet_learns_on_real_omniglot(omniglot_root, tmp_path):
     run_dir = tmp_path / "protonet"
-    done = run_cli("train", "algo=protonet", "dataset=omniglot", f"dataset.root={shared_data}", "device=cpu",
+    done = run_cli("train", "algo=protonet", "dataset=omniglot", f"dataset.root={omniglot_root}", "device=cpu",
                    "trainer.steps=150", "trainer.meta_batch=2", "trainer.val_every=75", "trainer.val_episodes=50",
                    "eval.episodes=200", "trainer.progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -26,7 +26,7 @@ def test_protonet_learns_on_real_omniglot(shared_data, tmp_path):
 
     # The Python API on raw PNGs of evaluation-set characters (never trained on), read straight from the zip.
     learner = load_learner(run_dir)
-    archive = zipfile.ZipFile(shared_data / "omniglot" / "images_evaluation.zip")
+    archive = zipfile.ZipFile(omniglot_root / "omniglot" / "images_evaluation.zip")
     by_character: dict[str, list[str]] = {}
     for name in archive.namelist():
         if name.endswith(".png"):
