@@ -75,12 +75,16 @@ def _label(results: dict, path: str) -> str:
             f"({short.parent.name}/{short.name})")
 
 
-def main(argv: list[str]) -> None:
+def arguments() -> ArgumentParser:
     parser = ArgumentParser("metacli compare", __doc__)
     parser.add_argument("run_a", help="a run dir, eval dir or results.json")
     parser.add_argument("run_b", help="another one, tested on the same episodes")
     parser.add_argument("--format", choices=("text", "json"), default="text")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    args = arguments().parse_args(argv)
     a, b = read_results(args.run_a), read_results(args.run_b)
     paired = paired_difference(a, b)
     if args.format == "json":

@@ -160,12 +160,16 @@ def rich_table(table: list[dict]) -> Table:
     return shown
 
 
-def main(argv: list[str]) -> None:
+def arguments() -> ArgumentParser:
     parser = ArgumentParser("metacli report", __doc__)
     parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or folders holding them")
     parser.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
     parser.add_argument("--out", help="write to this file instead of the terminal")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    args = arguments().parse_args(argv)
     table = rows(find_results(args.paths))
     if args.format == "table" and not args.out and console.is_terminal:
         console.print(rich_table(table))

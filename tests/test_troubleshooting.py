@@ -1,9 +1,10 @@
-"""The README's troubleshooting table is made from the tests' bad-input tables, and checked against them: every
-case the tests throw at metacli has its row, with what its one-line error says, and no row is left without a test.
+"""The troubleshooting table (docs/troubleshooting.md) is made from the tests' bad-input tables, and checked against
+them: every case the tests throw at metacli has its row, with what its one-line error says, and no row is left
+without a test.
 
-After changing a table, rewrite the README's with:
+After changing a table, rewrite the page's with:
 
-    METACLI_WRITE_README=1 python -m pytest -q tests/test_troubleshooting.py
+    METACLI_WRITE_DOCS=1 python -m pytest -q tests/test_troubleshooting.py
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import test_bad_input
 import test_security
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
 START, END = "<!-- troubleshooting: made by tests/test_troubleshooting.py -->", "<!-- troubleshooting: end -->"
 
 
@@ -33,12 +34,12 @@ def table() -> str:
     return "\n".join([START, "| input | the one-line error contains |", "|---|---|", *rows(), END])
 
 
-def test_the_readme_table_is_the_tests_table():
-    text = README.read_text()
-    assert START in text and END in text, f"the README needs the {START} ... {END} block"
+def test_the_troubleshooting_table_is_the_tests_table():
+    text = PAGE.read_text()
+    assert START in text and END in text, f"{PAGE} needs the {START} ... {END} block"
     before, rest = text.split(START)
     _, after = rest.split(END)
-    if os.environ.get("METACLI_WRITE_README") == "1":
-        README.write_text(before + table() + after)
-    assert before + table() + after == README.read_text(), \
-        "the README's troubleshooting table differs from the tests' cases: rewrite it (see this module's docstring)"
+    if os.environ.get("METACLI_WRITE_DOCS") == "1":
+        PAGE.write_text(before + table() + after)
+    assert before + table() + after == PAGE.read_text(), \
+        "the troubleshooting table differs from the tests' cases: rewrite it (see this module's docstring)"

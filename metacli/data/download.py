@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -39,7 +38,6 @@ def download_url(url: str, path: Path | str, md5: str, timeout: float = 60.0) ->
         raise DataError(f"cannot create {path.parent} to download {path.name} ({exc}); "
                         "set dataset.root to a writable folder") from None
     log.info("downloading %s to %s", url, path)
-    start = time.perf_counter()
     digest = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
@@ -62,7 +60,6 @@ def download_url(url: str, path: Path | str, md5: str, timeout: float = 60.0) ->
         raise DataError(f"download of {url} has md5 {digest.hexdigest()}, expected {md5}; "
                         f"the server sent a different file: retry later or put the official file at {path}")
     os.replace(part, path)
-    log.info("downloaded %s (%d bytes) in %.1fs", path.name, path.stat().st_size, time.perf_counter() - start)
     return path
 
 

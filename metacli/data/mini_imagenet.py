@@ -9,7 +9,6 @@ import csv
 import logging
 import lzma
 import tarfile
-import time
 from pathlib import Path
 
 import torch
@@ -163,7 +162,6 @@ def decode_split(base: Path, split: str, wnids: list[str], image_size: int,
     if found is None:
         raise DataError(not_found_message(base))
     layout, paths = found
-    start = time.perf_counter()
     total = None if per_class is None else len(wnids) * per_class
     with Progress(f"decode mini-ImageNet {split}", total=total, unit="images") as progress:
         if layout == "tree":
@@ -174,8 +172,6 @@ def decode_split(base: Path, split: str, wnids: list[str], image_size: int,
             index = index_ravi(*paths)
         where = str(paths[0]) if layout != "archives" else ", ".join(p.name for p in paths)
         data = decode_index(index, wnids, image_size, where, per_class, progress)
-    log.info("decoded mini-ImageNet %s from %s: %d images in %.1fs", split, layout, data.images.shape[0] * data.images.shape[1],
-             time.perf_counter() - start)
     return data
 
 

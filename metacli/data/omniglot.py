@@ -6,8 +6,6 @@ characters by name, with each character's 90-degree rotations added as extra cla
 from __future__ import annotations
 
 import json
-import logging
-import time
 import zipfile
 import zlib
 from functools import lru_cache, partial
@@ -24,7 +22,6 @@ from metacli.data.download import contents_digest, download_url, zip_entries
 from metacli.errors import ConfigError, DataError
 from metacli.logging.progress import Progress
 
-log = logging.getLogger(__name__)
 
 KINDS = ("background", "evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_{kind}.zip"
@@ -95,7 +92,6 @@ def _decode_members(names: list[str], read: Callable[[str], bytes], kind: str, s
 
 def decode_zip(path: Path, kind: str, size: int) -> ClassImages:
     """Decode one official archive; zipfile checks every member's CRC32 as it is read."""
-    start = time.perf_counter()
     def read(archive: zipfile.ZipFile, name: str) -> bytes:
         check_member_size(archive.getinfo(name).file_size, MAX_PNG_BYTES)  # zipfile reads no more than declared
         return archive.read(name)
@@ -106,13 +102,11 @@ def decode_zip(path: Path, kind: str, size: int) -> ClassImages:
             data, _ = _decode_members(names, partial(read, archive), kind, size, path)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"{path} is corrupt ({exc}); {_fix(kind)}") from None
-    log.info("decoded %s: %d characters in %.1fs", path.name, data.n_classes, time.perf_counter() - start)
     return data
 
 
 def decode_folder(folder: Path, kind: str, size: int) -> ClassImages:
     """Decode an extracted ``images_<kind>/`` folder and check it against the pinned contents digest."""
-    start = time.perf_counter()
     names = [f"images_{kind}/{p.relative_to(folder).as_posix()}" for p in folder.glob("*/*/*.png")]
 
     def read(name: str) -> bytes:
@@ -129,7 +123,6 @@ def decode_folder(folder: Path, kind: str, size: int) -> ClassImages:
     if contents_digest(entries) != expected["sha256"]:
         raise DataError(f"{folder} differs from the official Omniglot images_{kind} ({len(entries)} PNGs, expected "
                         f"{expected['pngs']}, or changed files); replace the folder with the official images_{kind}.zip")
-    log.info("decoded %s: %d characters in %.1fs", folder, data.n_classes, time.perf_counter() - start)
     return data
 
 
