@@ -121,7 +121,7 @@ def test_encode_image_matches_the_cache(vinyals, omniglot_root):
     assert torch.equal(dataset.encode_image(image), splits["val"].images[0, 0])
 
 
-def omniglot_root(tmp_path: Path, evaluation_bytes: bytes) -> Path:
+def root_with_evaluation_zip(tmp_path: Path, evaluation_bytes: bytes) -> Path:
     (tmp_path / "omniglot").mkdir()
     (tmp_path / "omniglot" / "images_evaluation.zip").write_bytes(evaluation_bytes)
     return tmp_path
@@ -133,7 +133,7 @@ def load_evaluation(root: Path, cache_dir: Path) -> None:
 
 def test_truncated_zip_is_rejected(omniglot_root, cache_dir, tmp_path):
     with open(omniglot_root / "omniglot" / "images_evaluation.zip", "rb") as fh:
-        root = omniglot_root(tmp_path, fh.read(1 << 20))
+        root = root_with_evaluation_zip(tmp_path, fh.read(1 << 20))
     # The session cache already holds the evaluation tensors: the archive must still be checked.
     with pytest.raises(DataError, match="images_evaluation.zip") as info:
         load_evaluation(root, cache_dir)
@@ -141,7 +141,7 @@ def test_truncated_zip_is_rejected(omniglot_root, cache_dir, tmp_path):
 
 
 def test_non_zip_is_rejected(cache_dir, tmp_path):
-    root = omniglot_root(tmp_path, b"<html>rate limited</html>\n")
+    root = root_with_evaluation_zip(tmp_path, b"<html>rate limited</html>\n")
     with pytest.raises(DataError, match="images_evaluation.zip"):
         load_evaluation(root, cache_dir)
 
@@ -153,7 +153,7 @@ def test_zip_with_a_png_removed_is_rejected(omniglot_root, cache_dir, tmp_path):
         members = [n for n in src.namelist() if n.endswith(".png")]
         for name in members[1:]:
             dst.writestr(name, src.read(name))
-    root = omniglot_root(tmp_path, buffer.getvalue())
+    root = root_with_evaluation_zip(tmp_path, buffer.getvalue())
     with pytest.raises(DataError, match="13179 PNGs, expected 13180"):
         load_evaluation(root, cache_dir)
 
@@ -167,7 +167,7 @@ def test_damaged_member_fails_the_crc_check(omniglot_root, tmp_path):
     extra_len = int.from_bytes(data[first.header_offset + 28:first.header_offset + 30], "little")
     start = first.header_offset + 30 + name_len + extra_len
     data[start + first.compress_size // 2] ^= 0xFF  # central directory untouched, so only decoding can notice
-    root = omniglot_root(tmp_path, bytes(data))
+    root = root_with_evaluation_zip(tmp_path, bytes(data))
     with pytest.raises(DataError, match="images_evaluation.zip is corrupt"):
         load_evaluation(root, tmp_path / "fresh-cache")
 
