@@ -18,22 +18,15 @@ from pathlib import Path
 import torch
 
 from metacli.errors import CheckpointError
+from metacli.run_dir import BEST, CHECKPOINTS, LAST, previous  # noqa: F401  (the checkpoint names, for callers)
 
 log = logging.getLogger(__name__)
 
-LAST, BEST = "last.pt", "best.pt"
-#: The checkpoints a user may name (``which=``); no other file of a run dir is ever loaded as one.
-CHECKPOINTS = {"best": BEST, "last": LAST}
 FORMAT = "metacli-checkpoint-1"
 #: What a payload holds, and of which type: a file that differs is refused before any of it is used.
 PAYLOAD = {"learner": dict, "optimizer": dict, "scheduler": (dict, type(None)), "step": int, "best_val": float,
            "best_step": (int, type(None)), "skipped": int, "rng": dict, "origin": dict}
 ORIGIN = {"algo": str, "backbone": str, "dataset": dict, "task": dict}
-
-
-def previous(path: Path) -> Path:
-    """Where the version before ``path``'s current one is kept."""
-    return path.with_name(path.name + ".prev")
 
 
 def save_checkpoint(payload: dict, *paths: Path) -> None:

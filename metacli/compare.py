@@ -13,12 +13,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-from rich.table import Table
 from scipy import stats
 
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
-from metacli.logging.console import console
+from metacli.logging.console import print_table
 from metacli.run_dir import RESULTS
 
 
@@ -90,11 +89,8 @@ def main(argv: list[str]) -> None:
     if args.format == "json":
         print(json.dumps({"run_a": args.run_a, "run_b": args.run_b, **paired}, indent=2))
         return
-    table = Table(title=f"paired comparison over the same {paired['episodes']} test episodes")
-    for column in ("", "accuracy", "episodes won"):
-        table.add_column(column)
-    table.add_row(f"A: {_label(a, args.run_a)}", f"{100 * paired['a']:.2f} %", str(paired["a_wins"]))
-    table.add_row(f"B: {_label(b, args.run_b)}", f"{100 * paired['b']:.2f} %", str(paired["b_wins"]))
-    table.add_row("A - B", f"{100 * paired['difference']:+.2f} ± {100 * paired['ci95']:.2f} %",
-                  f"p = {paired['p_value']:.3g} (paired t-test)")
-    console.print(table)
+    print_table(f"paired comparison over the same {paired['episodes']} test episodes", ["", "accuracy", "episodes won"],
+                [[f"A: {_label(a, args.run_a)}", f"{100 * paired['a']:.2f} %", str(paired["a_wins"])],
+                 [f"B: {_label(b, args.run_b)}", f"{100 * paired['b']:.2f} %", str(paired["b_wins"])],
+                 ["A - B", f"{100 * paired['difference']:+.2f} ± {100 * paired['ci95']:.2f} %",
+                  f"p = {paired['p_value']:.3g} (paired t-test)"]])

@@ -13,13 +13,22 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.checkpoint import BEST, LAST, previous
 from metacli.errors import ConfigError
 from metacli.run_lock import LOCK_NAME, lock_run_dir
 
+LAST, BEST = "last.pt", "best.pt"
+#: The checkpoints a user may name (``which=``); no other file of a run dir is ever loaded as one.
+CHECKPOINTS = {"best": BEST, "last": LAST}
 RESULTS, METRICS = "results.json", "metrics.jsonl"
 #: The run's wall time, kept apart from results.json so that the same seed still gives the same results file.
 TIMING = "timing.json"
+
+
+def previous(path: Path) -> Path:
+    """Where the version before a checkpoint's current one is kept."""
+    return path.with_name(path.name + ".prev")
+
+
 #: The files that make a dir a run's: its checkpoints and its results.
 RECORDS = (LAST, previous(Path(LAST)).name, BEST, previous(Path(BEST)).name, RESULTS, METRICS)
 RESUMABLE = (LAST, previous(Path(LAST)).name)

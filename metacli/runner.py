@@ -23,7 +23,7 @@ from metacli.data.episodes import EpisodeSampler
 from metacli.errors import CheckpointError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.host_memory import retain_freed_memory
-from metacli.logging.console import console, results_table
+from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
 from metacli.memory_budget import check_memory
@@ -213,7 +213,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         for logger in loggers:
             logger.close()
-    console.print(results_table(results))
+    print_results(results)
     console.print(f"outputs in {run_dir}: results.json, metrics.jsonl, best.pt"
                   f"{', curves.png, episode.png' if cfg.trainer.plots else ''}\n"
                   f"re-test: metacli eval checkpoint={run_dir}  |  continue with more steps: the same command with "
@@ -270,5 +270,5 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     results = build_results(cfg, learner, dataset, make_test_sampler(cfg, dataset, device), state, overrides.which)
     write_json(results, out_dir / RESULTS)
     write_json({"wall_seconds": time.monotonic() - started}, out_dir / TIMING)
-    console.print(results_table(results))
+    print_results(results)
     return results

@@ -1,4 +1,4 @@
-"""The console every command prints to, and the table of a run's test results."""
+"""The console every command prints to, its tables, and the table of a run's test results."""
 from __future__ import annotations
 
 from rich.console import Console
@@ -7,12 +7,24 @@ from rich.table import Table
 console = Console()
 
 
-def results_table(results: dict) -> Table:
-    table = Table(title="metacli test results")
-    for column in ("algorithm", "dataset", "split", "episodes", "bn mode", "accuracy (95% CI)"):
-        table.add_column(column)
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A drawn table on a terminal; elsewhere (a log, a pipe) markdown, which stays readable where a box drawing
+    squeezed to 80 columns does not."""
+    if console.is_terminal:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    print("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]))
+
+
+def print_results(results: dict) -> None:
     task = results["task"]
-    table.add_row(results["algorithm"], results["dataset"]["name"], str(results["dataset"].get("split", "-")),
+    print_table("metacli test results", ["algorithm", "dataset", "split", "episodes", "bn mode", "accuracy (95% CI)"],
+                [[results["algorithm"], results["dataset"]["name"], str(results["dataset"].get("split", "-")),
                   f"{results['episodes']} x {task['n_way']}-way {task['k_shot']}-shot", results["bn_mode"],
-                  f"{100 * results['accuracy']:.2f} ± {100 * results['ci95']:.2f} %")
-    return table
+                  f"{100 * results['accuracy']:.2f} ± {100 * results['ci95']:.2f} %"]])
