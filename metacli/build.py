@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
+from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
 from metacli.data.base import ClassImages, FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch, EpisodeSampler

@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metacli.config_schema import register
 from metacli.errors import MetacliError, Preempted
-from metacli.preemption import INTERRUPT_EXIT_CODE, exit_code
-from metacli.run_dir import SWEEP_START, discard_if_empty
+from metacli.reliability.preemption import INTERRUPT_EXIT_CODE, exit_code
+from metacli.reliability.run_dir import SWEEP_START, discard_if_empty
 from metacli import search  # noqa: F401  (registers the resolver that numbers a continued search's job dirs)
 
 COMMANDS = {
@@ -195,11 +195,11 @@ def _check_writable(run_dir: Path, key: str) -> None:
 
 def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> None:
     """Before Hydra writes into the run dir: check it can be written, refuse to start a new run over a finished
-    or interrupted one (:func:`metacli.run_dir.check_claim`; the job checks again, as every job of a multirun
+    or interrupted one (:func:`metacli.reliability.run_dir.check_claim`; the job checks again, as every job of a multirun
     does), and lock a dir the user named (the only kind two processes can share: ``trainer.resume=true`` on the
     same ``hydra.run.dir``)."""
-    from metacli.run_dir import check_claim
-    from metacli.run_lock import lock_run_dir
+    from metacli.reliability.run_dir import check_claim
+    from metacli.reliability.run_lock import lock_run_dir
 
     _check_writable(run_dir, "hydra.run.dir")
     try:
@@ -213,7 +213,7 @@ def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> None:
 def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:
     """Before a multirun starts: the sweep dir can be written, and a new sweep does not land on an old one's
     runs (each job checks its own dir again, whatever ``hydra.sweep.subdir`` makes of it)."""
-    from metacli.run_dir import records
+    from metacli.reliability.run_dir import records
 
     _check_writable(sweep_dir, "hydra.sweep.dir")
     if not resume and sweep_dir.is_dir():

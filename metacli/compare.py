@@ -18,7 +18,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import print_table
-from metacli.run_dir import RESULTS
+from metacli.reliability.run_dir import RESULTS
 
 
 def read_results(path: str | Path) -> dict:

@@ -22,7 +22,7 @@ from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
 from metacli.report import protocol_overrides
-from metacli.run_dir import METRICS
+from metacli.reliability.run_dir import METRICS
 
 CURVES, EPISODE = "curves.png", "episode.png"
 SWEEP_CURVES, SWEEP_SCORES = "sweep_curves.png", "sweep_scores.png"

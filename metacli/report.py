@@ -25,7 +25,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
-from metacli.run_dir import RESULTS, TIMING
+from metacli.reliability.run_dir import RESULTS, TIMING
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
            "metric", "test", "paper", "difference", "per seed", "wall time", "runs")

@@ -17,21 +17,21 @@ from omegaconf import DictConfig, OmegaConf
 from metacli.algorithms.task_threads import thread_layout
 from metacli.build import (build, build_dataset, build_learner, build_partial, load_trained, resolve_device,
                            seed_everything, training_batches)
-from metacli.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
+from metacli.reliability.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
 from metacli.config_schema import check_ranges
 from metacli.data.episodes import EpisodeSampler
 from metacli.errors import CheckpointError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
-from metacli.host_memory import retain_freed_memory
+from metacli.reliability.host_memory import retain_freed_memory
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
-from metacli.memory_budget import check_memory
+from metacli.reliability.memory_budget import check_memory
 from metacli.precision import training_precision
-from metacli.preemption import PreemptionWatch
-from metacli.rng import capture_rng, restore_rng
-from metacli.run_dir import METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty
-from metacli.run_lock import unlock_run_dir
+from metacli.reliability.preemption import PreemptionWatch
+from metacli.reliability.rng import capture_rng, restore_rng
+from metacli.reliability.run_dir import METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty
+from metacli.reliability.run_lock import unlock_run_dir
 from metacli.saved_config import load_run_config
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> l
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the whole training job of ``cfg`` in ``run_dir`` and return its test results.
 
-    The run dir is claimed first (:func:`metacli.run_dir.claim`: never another run's, locked for the job's
+    The run dir is claimed first (:func:`metacli.reliability.run_dir.claim`: never another run's, locked for the job's
     duration, the job's config saved), so neither a second process nor a sweep job can overwrite the run.
     """
     check_ranges(cfg)

@@ -86,7 +86,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     from metacli.build import build_dataset, build_learner, build_partial, resolve_device, training_batches
     from metacli.cli import config_dir
     from metacli.config_schema import register
-    from metacli.host_memory import retain_freed_memory
+    from metacli.reliability.host_memory import retain_freed_memory
     from metacli.models import pooled_product
     from metacli.precision import training_precision
 

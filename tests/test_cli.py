@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import run_cli
 from metacli import load_learner
-from metacli.checkpoint import load_checkpoint
+from metacli.reliability.checkpoint import load_checkpoint
 from metacli.data.synthetic import SyntheticGlyphs
 
 SMOKE = ["experiment=smoke", "trainer.steps=60", "trainer.val_every=20", "eval.episodes=50"]

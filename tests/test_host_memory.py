@@ -2,14 +2,14 @@
 import subprocess
 import sys
 
-from metacli.host_memory import retain_freed_memory
+from metacli.reliability.host_memory import retain_freed_memory
 
 # A training step's shape of host allocations, in MiB: blocks alive together, some freed early, one above glibc's
 # largest dynamic mmap threshold (32 MiB), which by default is a fresh mmap, faulted in page by page, every step.
 STEP = """
 import resource, sys, torch
 if sys.argv[1] == "retain":
-    from metacli.host_memory import retain_freed_memory
+    from metacli.reliability.host_memory import retain_freed_memory
     assert retain_freed_memory()
 def step():
     live = [torch.empty(mib << 20, dtype=torch.uint8).fill_(1) for mib in (16, 4, 16, 8, 16, 40, 2)]

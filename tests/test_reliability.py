@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conftest import metacli_command, run_cli
-from metacli.checkpoint import (LAST, CheckpointError, load_checkpoint, load_latest_good, previous,
-                                save_checkpoint)
-from metacli.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+from metacli.reliability.checkpoint import (LAST, CheckpointError, load_checkpoint, load_latest_good, previous,
+                                           save_checkpoint)
+from metacli.reliability.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 
 # 60 short steps: long enough to be killed at a chosen moment, checkpoints every 7 steps between validations.
 RUN = ["experiment=smoke", "trainer.steps=60", "trainer.val_every=20", "trainer.checkpoint_every=7",
@@ -210,7 +210,7 @@ def test_resume_after_a_corrupted_last_checkpoint_reproduces_the_run(reference, 
 
 FILL_DISK = """
 import resource, signal, sys, torch
-from metacli.checkpoint import save_checkpoint
+from metacli.reliability.checkpoint import save_checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 try:

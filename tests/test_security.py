@@ -26,7 +26,8 @@ from PIL import Image
 
 from conftest import assert_one_line_error, run_cli
 from metacli import load_learner
-from metacli.checkpoint import LAST, CheckpointError, load_checkpoint, load_latest_good, previous, save_checkpoint
+from metacli.reliability.checkpoint import (LAST, CheckpointError, load_checkpoint, load_latest_good, previous,
+                                           save_checkpoint)
 from metacli.cli import config_dir
 from metacli.data.base import ClassImages
 from metacli.data.cache import cache_path, cached_split
@@ -106,7 +107,7 @@ def pickle_bomb(marker: Path) -> str:
 def attribute_path(marker: Path) -> dict:
     """A dotted path that starts with ``metacli.`` and walks through a module attribute to a loader that unpickles
     the file it is given."""
-    return {"_target_": "metacli.checkpoint.torch.load", "f": pickle_bomb(marker), "weights_only": False}
+    return {"_target_": "metacli.reliability.checkpoint.torch.load", "f": pickle_bomb(marker), "weights_only": False}
 
 
 def resolver_node(marker: Path) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from metacli.errors import CheckpointError
-from metacli.run_dir import BEST, CHECKPOINTS, LAST, previous  # noqa: F401  (the checkpoint names, for callers)
+# The checkpoint names, for callers.
+from metacli.reliability.run_dir import BEST, CHECKPOINTS, LAST, previous  # noqa: F401
 
 log = logging.getLogger(__name__)
 

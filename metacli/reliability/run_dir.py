@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metacli.errors import ConfigError
-from metacli.run_lock import LOCK_NAME, lock_run_dir
+from metacli.reliability.run_lock import LOCK_NAME, lock_run_dir
 
 LAST, BEST = "last.pt", "best.pt"
 #: The checkpoints a user may name (``which=``); no other file of a run dir is ever loaded as one.
