@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metacli.config_schema import register
+from metacli.config_schema import config_dir, register
 from metacli.errors import MetacliError, Preempted
 from metacli.reliability.preemption import INTERRUPT_EXIT_CODE, exit_code
 from metacli.reliability.run_dir import SWEEP_START, discard_if_empty
@@ -53,12 +53,6 @@ config, `--multirun` (-m) sweeps comma-separated values. Example:
   metacli eval checkpoint=outputs/train/2026-01-01/12-00-00-maml-omniglot
   metacli report outputs/multirun/2026-01-01/12-00-00
 """
-
-
-def config_dir() -> Path:
-    """``conf/``: inside the installed package (wheel), else beside the package (source checkout, editable)."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
 def full_errors() -> bool:

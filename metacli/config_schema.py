@@ -4,12 +4,19 @@ constructors that ``instantiate`` calls."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from metacli.errors import ConfigError
+
+
+def config_dir() -> Path:
+    """``conf/``: inside the installed package (wheel), else beside the package (source checkout, editable)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
 # trainer.precision's values; metacli.precision maps them to autocast contexts (kept here, free of torch, because

@@ -19,26 +19,38 @@ import yaml
 from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metacli.config_schema import TrainSchema
+from metacli.config_schema import TrainSchema, config_dir
 from metacli.errors import CheckpointError
 
-_ALGORITHMS = ("anil.ANIL", "baseline.Baseline", "leo.LEO", "lstm_meta_learner.LSTMMetaLearner", "maml.MAML",
-               "mann.MANN", "matching_net.MatchingNet", "meta_sgd.MetaSGD", "protonet.ProtoNet",
-               "relation_net.RelationNet", "reptile.Reptile", "siamese.SiameseNet", "snail.SNAIL")
 _OPTIMIZERS = ("Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD")
 # Schedulers whose arguments are plain numbers: LambdaLR and its kin take functions, SequentialLR schedulers.
 _SCHEDULERS = ("ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "ExponentialLR",
                "LinearLR", "MultiStepLR", "OneCycleLR", "PolynomialLR", "StepLR")
 
+
+
+def _shipped_targets() -> list[str]:
+    """Every ``_target_`` of the shipped learner, backbone, dataset and logger configs (package files, read as
+    data): an algorithm added as one file and one YAML is loadable from its saved runs with no edit here."""
+    found = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "_target_" and isinstance(value, str):
+                    found.append(value)
+                else:
+                    walk(value)
+
+    for group in ("algo", "backbone", "dataset", "logger"):
+        for path in sorted((config_dir() / group).glob("*.yaml")):
+            walk(yaml.safe_load(path.read_text()))
+    return found
+
+
 #: Every class a saved config may name as ``_target_``, spelled exactly as the shipped configs spell it.
-BUILDABLE = frozenset(
-    [f"metacli.algorithms.{name}" for name in _ALGORITHMS]
-    + ["metacli.models.conv4.Conv4", "metacli.models.resnet12.ResNet12",
-       "metacli.data.omniglot.Omniglot", "metacli.data.mini_imagenet.MiniImageNet",
-       "metacli.data.synthetic.SyntheticGlyphs",
-       "metacli.logging.jsonl.JsonlLogger", "metacli.logging.wandb.WandbLogger"]
-    + [f"torch.optim.{name}" for name in _OPTIMIZERS]
-    + [f"torch.optim.lr_scheduler.{name}" for name in _SCHEDULERS])
+BUILDABLE = frozenset(_shipped_targets() + [f"torch.optim.{name}" for name in _OPTIMIZERS]
+                      + [f"torch.optim.lr_scheduler.{name}" for name in _SCHEDULERS])
 
 #: A reference to another key of the same config, absolute or relative, and nothing else.
 _PLAIN_REFERENCE = re.compile(r"\$\{\.*[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\}")

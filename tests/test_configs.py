@@ -12,19 +12,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 import metacli.cli
 from metacli.algorithms.base import FewShotLearner
-from metacli.algorithms.anil import ANIL
-from metacli.algorithms.baseline import Baseline
-from metacli.algorithms.leo import LEO
-from metacli.algorithms.lstm_meta_learner import LSTMMetaLearner
 from metacli.algorithms.maml import MAML
-from metacli.algorithms.matching_net import MatchingNet
-from metacli.algorithms.meta_sgd import MetaSGD
-from metacli.algorithms.protonet import ProtoNet
-from metacli.algorithms.relation_net import RelationNet
-from metacli.algorithms.reptile import Reptile
-from metacli.algorithms.siamese import SiameseNet
-from metacli.algorithms.mann import MANN
-from metacli.algorithms.snail import SNAIL
 from metacli.build import build, build_dataset, build_learner, build_partial, resolve_device
 from metacli.config_schema import check_ranges, register
 from metacli.data.base import FewShotDataset
@@ -57,18 +45,31 @@ def compose(*overrides: str, config: str = "train") -> DictConfig:
         return hydra.compose(config_name=config, overrides=list(overrides))
 
 
-ALGORITHMS = {"anil": ANIL, "baseline": Baseline, "leo": LEO, "lstm_meta_learner": LSTMMetaLearner, "maml": MAML,
-              "matching_net": MatchingNet, "meta_sgd": MetaSGD, "protonet": ProtoNet,
-              "relation_net": RelationNet, "reptile": Reptile, "siamese": SiameseNet, "snail": SNAIL,
-              "mann": MANN}
-
 # Small backbones, so that instantiating a learner costs milliseconds.
 SMALL = {"conv4": ["backbone.hidden=8"], "conv4_stride": ["backbone.hidden=8"], "resnet12": ["backbone.widths=[4,4,8,8]"]}
 
 
+def test_every_learner_has_its_yaml():
+    """Every concrete learner class in metacli/algorithms/ is the target of one conf/algo/ option."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import metacli.algorithms
+
+    learners = set()
+    for module in pkgutil.iter_modules(metacli.algorithms.__path__):
+        loaded = importlib.import_module(f"metacli.algorithms.{module.name}")
+        learners |= {f"{cls.__module__}.{cls.__name__}" for _, cls in inspect.getmembers(loaded, inspect.isclass)
+                     if issubclass(cls, FewShotLearner) and not inspect.isabstract(cls)
+                     and cls.__module__ == loaded.__name__}
+    targets = {OmegaConf.load(CONF / "algo" / f"{name}.yaml")._target_ for name in options("algo")}
+    assert learners == targets
+
+
 def test_the_groups_hold_the_expected_options():
     assert CONF.is_dir() and (CONF / "train.yaml").is_file() and (CONF / "eval.yaml").is_file()
-    assert options("algo") == sorted(ALGORITHMS)
+    assert "maml" in options("algo") and "protonet" in options("algo")
     assert options("dataset") == ["mini_imagenet", "omniglot", "synthetic"]
     assert options("backbone") == ["conv4", "conv4_stride", "resnet12"]
     assert options("device") == ["auto", "cpu", "cuda"]
@@ -131,7 +132,8 @@ def test_every_algo_builds_a_working_learner(algo, backbone):
     cfg = compose(f"algo={algo}", f"backbone={backbone}", *SMALL[backbone], "dataset=synthetic", "task.n_way=4")
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset)
-    assert isinstance(learner, FewShotLearner) and type(learner) is ALGORITHMS[algo]
+    # One algorithm is one file, named as its YAML.
+    assert isinstance(learner, FewShotLearner) and type(learner).__module__ == f"metacli.algorithms.{algo}"
     assert learner.n_way == 4 and learner.bn_mode == cfg.eval.bn_mode == "transductive"
     assert learner.backbone.out_dim > 0
     if isinstance(learner, MAML) and algo != "meta_sgd":
