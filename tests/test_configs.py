@@ -63,7 +63,7 @@ def test_every_learner_has_its_yaml():
         learners |= {f"{cls.__module__}.{cls.__name__}" for _, cls in inspect.getmembers(loaded, inspect.isclass)
                      if issubclass(cls, FewShotLearner) and not inspect.isabstract(cls)
                      and cls.__module__ == loaded.__name__}
-    targets = {OmegaConf.load(CONF / "algo" / f"{name}.yaml")._target_ for name in options("algo")}
+    targets = {compose(f"algo={name}").algo._target_ for name in options("algo")}
     assert learners == targets
 
 
