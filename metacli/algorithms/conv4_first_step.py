@@ -1,15 +1,15 @@
 """MAML's shared first inner step for Conv4 + linear head, written out layer by layer instead of vmapped.
 
 The first inner step of every task in a meta-batch starts from the same weights (``inner_loop._batched_first``).
-Under ``torch.func.vmap`` that step cost as much as all the query passes on the 2-core CPU, although it sees a
-fifteenth of the images. Traced operator by operator, the waste was layouts and indirection, not arithmetic:
+Under ``torch.func.vmap`` that step cost as much as all the query passes on a CPU, although it sees a fifteenth
+of the images. Traced operator by operator, the waste was layouts and indirection, not arithmetic:
 
 - functorch takes each task's conv weight gradient as a grouped convolution over a task-major NCHW copy of the
   activations, and the gradients flowing back from it meet channels-last activations in BatchNorm and ReLU:
   elementwise kernels over mixed layouts ran at a tenth of their speed;
 - the outer backward differentiates ``convolution_backward`` with ATen's double-backward formula, which takes the
-  shared weight's gradient as a convolution over transposed activations (27 ms a call on the 14x14 layer, where
-  the native weight-gradient kernel takes about 5 ms).
+  shared weight's gradient as a convolution over transposed activations, about five times slower than the native
+  weight-gradient kernel on the 14x14 layer.
 
 Here the support forward and its backward are explicit tensor code over all tasks at once: each convolution runs
 once over every task's images with the shared weights; BatchNorm normalises with per-task statistics and is

@@ -247,11 +247,8 @@ def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch,
 
 
 def inner_path(vectorize: bool | str, batch_first_step: bool, device: torch.device) -> str:
-    """The path ``algo.vectorize`` and ``algo.batch_first_step`` select; ``auto`` vectorises on CUDA only.
-
-    Measured on the 2-core CPU (MAML's strided Conv4, 5-way 1-shot, 15 queries, meta-batch 32, one inner step,
-    second order): serial 15.5 tasks/s, full vmap 10.2, batched first step 40.3.
-    """
+    """The path ``algo.vectorize`` and ``algo.batch_first_step`` select; ``auto`` vectorises on CUDA only, where
+    grouped kernels pay off (each path's measured throughput: docs/performance.md)."""
     if vectorize == "auto":
         vectorize = device.type == "cuda"
     if vectorize:

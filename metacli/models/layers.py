@@ -35,7 +35,7 @@ def activation_bytes(backbone: nn.Module, in_channels: int, image_size: int) -> 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout backbones keep weights in. Channels-last (NHWC) lets oneDNN and cuDNN pick their fast
-    convolution kernels: 1.6x faster Conv4 forward+backward on the 2-core CPU at 75 images."""
+    convolution kernels (measured in docs/performance.md)."""
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

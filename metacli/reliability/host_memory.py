@@ -14,10 +14,10 @@ import sys
 
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-# One arena: threads started later (task threads) allocate from the main heap too, which the other settings govern.
-# First-order MAML on ResNet-12 (mini-ImageNet, two task threads) faulted 4.85 million pages a step (0.13 tasks/s)
-# with an arena per thread, and 0.38 million (0.17 tasks/s) with this setting. Set at startup (MALLOC_ARENA_MAX=1)
-# it gets 17,580 (0.18 tasks/s): threads that allocated before this call keep their own arenas.
+# One arena: threads started later (task threads) allocate from the main heap too, which the other settings govern;
+# with an arena per thread, task threads page-fault their activations back in every step. Threads that allocated
+# before this call keep their own arenas (MALLOC_ARENA_MAX=1 at startup covers those too). Measured page faults
+# and throughput with and without: docs/performance.md, "Host memory".
 _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 * 2**20))
 
 
