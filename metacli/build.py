@@ -10,14 +10,15 @@ from typing import Callable
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from metacli.algorithms.base import FewShotLearner
+from metacli.config_schema import algo_targets
 from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
-from metacli.data.base import ClassImages, FewShotDataset
+from metacli.data.base import FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
-from metacli.data.episodes import EpisodeBatch, EpisodeSampler
+from metacli.data.episodes import EpisodeBatch
 from metacli.errors import CheckpointError, ConfigError, MetacliError
 from metacli.saved_config import run_file
 
@@ -90,24 +91,42 @@ def build_dataset(cfg: DictConfig) -> FewShotDataset:
     return build(cfg.dataset, "dataset")
 
 
+def check_family(cfg: DictConfig, dataset: FewShotDataset) -> None:
+    """Refuse, in one line naming the algorithms that can, an algorithm that cannot run on the dataset's task
+    family (ProtoNet on sinusoid regression, say)."""
+    family = dataset.family
+    if family.name in get_class(cfg.algo._target_).families:
+        return
+    able = [name for name, target in algo_targets().items() if family.name in get_class(target).families]
+    raise ConfigError(f"{get_class(cfg.algo._target_).__name__} cannot learn {family.name} tasks "
+                      f"(dataset={dataset.name}): use one of algo={', algo='.join(able)}")
+
+
 def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
-    """Backbone sized for the dataset's images, wrapped by the configured algorithm."""
+    """Backbone sized for the dataset's inputs, wrapped by the configured algorithm, given the dataset's task
+    family (its output size, loss and metric)."""
+    check_family(cfg, dataset)
     backbone = build(cfg.backbone, "backbone", in_channels=dataset.channels, image_size=dataset.image_size)
     # A classifier over all training classes (non-episodic learners) is sized by the data, not by the user.
     sized = {"n_classes": dataset.split("train").n_classes} if "n_classes" in cfg.algo else {}
-    return build(cfg.algo, "algo", backbone=backbone, n_way=cfg.task.n_way, bn_mode=cfg.eval.bn_mode, **sized)
+    learner = build(cfg.algo, "algo", backbone=backbone, n_way=dataset.family.outputs(cfg.task.n_way),
+                    bn_mode=cfg.eval.bn_mode, **sized)
+    learner.family = dataset.family
+    return learner
 
 
-def training_batches(cfg: DictConfig, learner: FewShotLearner, data: ClassImages, normalize, device: torch.device
-                     ) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
-    """What one training step of ``learner`` consumes, drawn from ``data`` with a generator: a meta-batch of
+def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
+                     split: str = "train") -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
+    """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
     episodes, or a mini-batch of labelled images for a non-episodic learner."""
+    where = f"{split} split"
     if not learner.episodic:
-        return partial(ImageBatchSampler(data, normalize, device, where="train split").sample, cfg.trainer.batch_size)
+        return partial(ImageBatchSampler(dataset.split(split), dataset.normalize, device, where=where).sample,
+                       cfg.trainer.batch_size)
     task = cfg.task
     way, shot, query = task.train_way or task.n_way, task.train_shot or task.k_shot, task.train_query or task.n_query
     if learner.fixed_way and way != task.n_way:
         raise ConfigError(f"{type(learner).__name__} has an n_way-sized head, so task.train_way={way} must equal "
                           f"task.n_way={task.n_way}: drop the task.train_way override")
-    sampler = EpisodeSampler(data, way, shot, query, normalize, device, where="train split")
+    sampler = dataset.episodes(split, way, shot, query, device, where=where)
     return partial(sampler.sample, cfg.trainer.meta_batch)

@@ -82,14 +82,16 @@ def _train_job(cfg: DictConfig, run_dir: Path) -> float:
     validation, and the test score is only reported. NaN when nothing was validated (``trainer.steps=0``)."""
     from metacli.runner import train
 
-    best = train(cfg, run_dir)["best_val_accuracy"]
+    results = train(cfg, run_dir)
+    best = results[f"best_val_{results['metric']}"]
     return float("nan") if best is None else best
 
 
 def _eval_job(cfg: DictConfig, run_dir: Path) -> float:
     from metacli.runner import evaluate_run
 
-    return evaluate_run(Path(cfg.checkpoint), cfg, run_dir)["accuracy"]
+    results = evaluate_run(Path(cfg.checkpoint), cfg, run_dir)
+    return results[results["metric"]]
 
 
 def train_command(cfg: DictConfig) -> float:

@@ -18,6 +18,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import print_table
+from metacli.metrics import HIGHER_IS_BETTER, show
 from metacli.reliability.run_dir import RESULTS
 
 
@@ -32,7 +33,9 @@ def read_results(path: str | Path) -> dict:
                           "(metacli eval)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{file} is not a readable {RESULTS} ({exc}); re-test the run with metacli eval") from None
-    if not isinstance(results, dict) or "episode_accuracies" not in results or "test_fingerprint" not in results:
+    if isinstance(results, dict) and "episode_accuracies" in results:  # the name before other task families came
+        results["episode_scores"] = results.pop("episode_accuracies")
+    if not isinstance(results, dict) or "episode_scores" not in results or "test_fingerprint" not in results:
         raise ConfigError(f"{file} has no per-episode scores (written by an older metacli): re-test the run with "
                           f"metacli eval checkpoint=<its run dir> and compare the eval dirs")
     return results
@@ -51,20 +54,22 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 
 
 def paired_difference(a: dict, b: dict) -> dict:
-    """Mean per-episode accuracy difference ``a - b``, its 95 % t-interval and the paired t-test's p-value;
-    ConfigError when the two were not tested on the same episodes."""
+    """Mean per-episode difference ``a - b`` of the runs' metric, its 95 % t-interval, the paired t-test's p-value,
+    and how many episodes each run did better on; ConfigError when the two were not tested on the same episodes."""
     difference = _first_difference(a["test_fingerprint"], b["test_fingerprint"])
     if difference is not None:
         raise ConfigError(f"the two runs were tested on different episodes ({difference}): re-test one with "
                           "metacli eval checkpoint=RUN_DIR and the other's task.* and eval.seed, then compare")
-    x, y = np.asarray(a["episode_accuracies"], float), np.asarray(b["episode_accuracies"], float)
+    x, y = np.asarray(a["episode_scores"], float), np.asarray(b["episode_scores"], float)
+    better = 1 if HIGHER_IS_BETTER[a.get("metric", "accuracy")] else -1
     d, n = x - y, len(x)
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else math.inf
     # With identical scores on every episode there is no evidence of a difference (the t statistic is 0/0).
     p_value = float(stats.ttest_rel(x, y).pvalue) if sd > 0 else (1.0 if d.mean() == 0 else 0.0)
     return {"a": float(x.mean()), "b": float(y.mean()), "difference": float(d.mean()), "ci95": half,
-            "p_value": p_value, "episodes": n, "a_wins": int((d > 0).sum()), "b_wins": int((d < 0).sum())}
+            "p_value": p_value, "episodes": n, "a_wins": int((better * d > 0).sum()),
+            "b_wins": int((better * d < 0).sum())}
 
 
 def _label(results: dict, path: str) -> str:
@@ -89,8 +94,9 @@ def main(argv: list[str]) -> None:
     if args.format == "json":
         print(json.dumps({"run_a": args.run_a, "run_b": args.run_b, **paired}, indent=2))
         return
-    print_table(f"paired comparison over the same {paired['episodes']} test episodes", ["", "accuracy", "episodes won"],
-                [[f"A: {_label(a, args.run_a)}", f"{100 * paired['a']:.2f} %", str(paired["a_wins"])],
-                 [f"B: {_label(b, args.run_b)}", f"{100 * paired['b']:.2f} %", str(paired["b_wins"])],
-                 ["A - B", f"{100 * paired['difference']:+.2f} ± {100 * paired['ci95']:.2f} %",
+    metric = a.get("metric", "accuracy")
+    print_table(f"paired comparison over the same {paired['episodes']} test episodes", ["", metric, "episodes won"],
+                [[f"A: {_label(a, args.run_a)}", show(metric, paired["a"]), str(paired["a_wins"])],
+                 [f"B: {_label(b, args.run_b)}", show(metric, paired["b"]), str(paired["b_wins"])],
+                 ["A - B", show(metric, paired["difference"], paired["ci95"], signed=True),
                   f"p = {paired['p_value']:.3g} (paired t-test)"]])

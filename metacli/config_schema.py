@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
@@ -19,11 +20,21 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
+def algo_targets() -> dict[str, str]:
+    """Each ``algo=`` option's learner class path, read from its YAML as data (a YAML may set keys outside the
+    algo section, as MANN's does, under ``# @package _global_``)."""
+    targets = {}
+    for path in sorted((config_dir() / "algo").glob("*.yaml")):
+        node = yaml.safe_load(path.read_text()) or {}
+        targets[path.stem] = node.get("_target_") or node.get("algo", {}).get("_target_")
+    return targets
+
+
 # trainer.precision's values; metacli.precision maps them to autocast contexts (kept here, free of torch, because
 # the CLI composes configs before it imports torch).
 PRECISIONS = ("fp32", "bf16")
-# Validation metrics a sweep may optimise (the task families to come add theirs).
-OBJECTIVES = ("val/accuracy",)
+# Validation metrics a sweep may optimise; auto: the task family's (accuracy, or mse for regression).
+OBJECTIVES = ("auto", "val/accuracy", "val/mse")
 
 
 def _at_least(low, default):
@@ -58,7 +69,7 @@ class TrainerSchema:
     check_memory: bool = True
     plots: bool = True
     # What `metacli train` returns to a sweeper: a validation metric, best over the run; tests never select.
-    objective: str = field(default="val/accuracy", metadata={"choices": OBJECTIVES})
+    objective: str = field(default="auto", metadata={"choices": OBJECTIVES})
     deterministic: bool = False
     resume: bool = False
     progress: bool = True

@@ -9,39 +9,36 @@ from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
-from metacli.data.cache import content_digest
 from metacli.data.episodes import EpisodeSampler
 from metacli.logging.progress import Progress
 
 
 def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed: int, batch_size: int,
           between_batches: Callable[[], None] | None = None, progress: Progress | None = None) -> dict:
-    """Accuracy over ``episodes`` tasks fixed by ``seed``: mean, sample std, and 1.96 * std / sqrt(n).
-    ``between_batches`` is called before each batch (a stop request raises there); ``progress`` counts episodes."""
-    accuracies = []
+    """The task family's metric (accuracy, MSE) over ``episodes`` tasks fixed by ``seed``: its mean under the
+    metric's name, sample std, 1.96 * std / sqrt(n), and each episode's value. ``between_batches`` is called before
+    each batch (a stop request raises there); ``progress`` counts episodes."""
+    metric, values = learner.family.metric, []
     for batch in sampler.fixed(episodes, seed, batch_size):
         if between_batches is not None:
             between_batches()
-        accuracies += [learner.evaluate_episode(episode) for episode in batch]
+        values += [learner.evaluate_episode(episode) for episode in batch]
         if progress is not None:
-            progress.advance(len(batch), status=f"accuracy {sum(accuracies) / len(accuracies):.3f}")
-    per_episode = torch.tensor(accuracies, dtype=torch.float64)
+            progress.advance(len(batch), status=f"{metric} {sum(values) / len(values):.3f}")
+    per_episode = torch.tensor(values, dtype=torch.float64)
     std = per_episode.std().item() if episodes > 1 else 0.0
-    return {"accuracy": per_episode.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
-            "episodes": episodes, "per_episode": accuracies}
+    return {metric: per_episode.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
+            "episodes": episodes, "per_episode": values}
 
 
 def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.device) -> EpisodeSampler:
-    return EpisodeSampler(dataset.split("test"), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
-                          dataset.normalize, device, where="test split")
+    return dataset.episodes("test", cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query, device, where="test split")
 
 
 def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
     """What fixes the test episodes: two results with the same fingerprint were scored on the same tasks, episode
     for episode, so they can be compared pairwise (``metacli compare``)."""
-    test = dataset.split("test")
-    return {"dataset": dataset.describe(), "split": "test", "content_sha256": content_digest(test.images,
-                                                                                             test.class_names),
+    return {"dataset": dataset.describe(), "split": "test", "content_sha256": dataset.content_sha256("test"),
             "n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query,
             "image_size": dataset.image_size, "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes}
 
@@ -53,10 +50,10 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
     with Progress("test", total=cfg.eval.episodes, unit="episodes") as progress:
         scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches,
                        progress)
-    per_episode = scored.pop("per_episode")
+    per_episode, metric = scored.pop("per_episode"), learner.family.metric
     return {
         "algorithm": type(learner).__name__,
-        "metric": "accuracy",  # the key of the score below: what `metacli report` tabulates
+        "metric": metric,  # the key of the score below: what `metacli report` tabulates
         "seed": cfg.seed,
         "steps": cfg.trainer.steps,
         "algo": cfg.algo._target_,
@@ -67,12 +64,12 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         "bn_mode": cfg.eval.bn_mode,
         "weights": weights,
         "checkpoint_step": None if checkpoint is None else checkpoint["step"],
-        "best_val_accuracy": None if checkpoint is None else checkpoint["best_val"],
+        f"best_val_{metric}": None if checkpoint is None else checkpoint["best_val"],
         "best_val_step": None if checkpoint is None else checkpoint["best_step"],
         # Threads of the training that made the checkpoint (absent from checkpoints older than this record).
         "trained_on_threads": None if checkpoint is None else checkpoint.get("threads"),
         **scored,
         "expected": OmegaConf.to_container(cfg.expected) if cfg.get("expected") else None,
         "test_fingerprint": episodes_fingerprint(cfg, dataset),
-        "episode_accuracies": per_episode,
+        "episode_scores": per_episode,
     }

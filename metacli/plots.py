@@ -1,10 +1,12 @@
 """Pictures of a run, written next to its results (``trainer.plots``) and logged to W&B as images:
 
-- ``curves.png``: the training loss and the validation accuracy (± its 95 % CI) against the step;
+- ``curves.png``: the training loss and the validation metric (accuracy, MSE; ± its 95 % CI) against the step;
 - ``episode.png``: the first test episode, its support images by class, and its queries with the predicted class,
   wrong predictions framed in red;
-- for a sweep, in its dir: ``sweep_curves.png``, every job's validation accuracy against the step, and
-  ``sweep_scores.png``, the test score (± its CI) and the best validation accuracy against the swept value, when
+- ``episode.png`` of a regression run: one test task's support points, the true curve, and the learner's
+  prediction after adapting to them;
+- for a sweep, in its dir: ``sweep_curves.png``, every job's validation metric against the step, and
+  ``sweep_scores.png``, the test score (± its CI) and the best validation score against the swept value, when
   the sweep varies one setting besides the seed.
 
 Figures are drawn on matplotlib's Agg canvas directly, so no display and no pyplot state is involved.
@@ -38,20 +40,43 @@ def save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def curves_figure(rows: list[dict], title: str) -> Figure:
-    """Two panels: training loss by step, validation accuracy by step with its 95 % CI."""
+def _scale(metric: str) -> tuple[float, str]:
+    """How a metric is drawn: accuracy in percent, anything else as it is."""
+    return (100.0, f"{metric} (%)") if metric == "accuracy" else (1.0, metric)
+
+
+def curves_figure(rows: list[dict], title: str, metric: str = "accuracy") -> Figure:
+    """Two panels: training loss by step, the validation metric by step with its 95 % CI."""
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     loss_axes, val_axes = figure.subplots(1, 2)
+    scale, label = _scale(metric)
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], 100 * r["val/accuracy"], 100 * r["val/ci95"]) for r in rows if "val/accuracy" in r]
+    val = [(r["step"], scale * r[f"val/{metric}"], scale * r["val/ci95"]) for r in rows if f"val/{metric}" in r]
     if train:
         loss_axes.plot(*zip(*train), color="tab:blue")
     loss_axes.set(xlabel="meta-training step", ylabel="training loss", title="training loss")
     if val:
-        steps, accuracy, ci = zip(*val)
-        val_axes.errorbar(steps, accuracy, yerr=ci, marker="o", capsize=3, color="tab:green")
-    val_axes.set(xlabel="meta-training step", ylabel="accuracy (%)", title="validation accuracy (95 % CI)")
+        steps, values, ci = zip(*val)
+        val_axes.errorbar(steps, values, yerr=ci, marker="o", capsize=3, color="tab:green")
+    val_axes.set(xlabel="meta-training step", ylabel=label, title=f"validation {metric} (95 % CI)")
     figure.suptitle(title)
+    return figure
+
+
+def regression_figure(learner: FewShotLearner, sampler, seed: int) -> Figure:
+    """The first test task: its support points, the true curve, and the prediction after adapting to them."""
+    episode, grid, truth = sampler.curve(seed)
+    with learner.evaluation_mode():
+        predicted = learner.query_logits(episode, training=False).detach().cpu().view(-1)
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(grid, truth, color="black", label="truth")
+    axes.plot(grid, predicted, color="tab:red", linestyle="--", label="after adapting")
+    axes.scatter(episode.support_x.cpu().view(-1), episode.support_y.cpu().view(-1), color="tab:blue", zorder=3,
+                 label=f"support ({len(episode.support_x)} points)")
+    mse = float(((predicted - truth) ** 2).mean())
+    axes.set(xlabel="x", ylabel="y", title=f"one test task: MSE {mse:.3f} over the input range")
+    axes.legend(fontsize=8)
     return figure
 
 
@@ -110,27 +135,28 @@ def _varied(settings: list[list[str]]) -> list[list[str]]:
     return [[f"{key}={given.get(key, '-')}" for key in varied] for given in as_dicts]
 
 
-def sweep_curves_figure(runs: list[tuple[str, list[dict]]]) -> Figure:
-    """Validation accuracy against the step, one line a job, labelled by what sets the job apart."""
+def sweep_curves_figure(runs: list[tuple[str, list[dict]]], metric: str = "accuracy") -> Figure:
+    """The validation metric against the step, one line a job, labelled by what sets the job apart."""
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.subplots()
+    scale, unit = _scale(metric)
     for label, rows in runs:
-        val = [(r["step"], 100 * r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+        val = [(r["step"], scale * r[f"val/{metric}"]) for r in rows if f"val/{metric}" in r]
         if val:
             axes.plot(*zip(*val), marker=".", label=label)
-    axes.set(xlabel="meta-training step", ylabel="accuracy (%)", title="validation accuracy of every job")
+    axes.set(xlabel="meta-training step", ylabel=unit, title=f"validation {metric} of every job")
     if 0 < len(runs) <= 12:  # beyond a dozen a legend hides the curves
         axes.legend(fontsize=7)
     return figure
 
 
 def sweep_scores_figure(key: str, points: list[tuple[str, float, float, float]], metric: str) -> Figure:
-    """Test score ± its CI and best validation accuracy against the swept value: ``(value, test, ci95, best val)``
+    """Test score ± its CI and best validation score against the swept value: ``(value, test, ci95, best val)``
     per protocol. Numeric values share a numeric axis (logarithmic when they span two decades); others are
     categories."""
     figure = Figure(figsize=(6.5, 4.2), layout="constrained")
     axes = figure.subplots()
-    scale = 100 if metric == "accuracy" else 1
+    scale, unit = _scale(metric)
     try:
         xs = [float(value) for value, *_ in points]
     except ValueError:
@@ -144,9 +170,9 @@ def sweep_scores_figure(key: str, points: list[tuple[str, float, float, float]],
     order = sorted(range(len(points)), key=xs.__getitem__)
     axes.errorbar([xs[i] for i in order], [scale * points[i][1] for i in order],
                   yerr=[scale * points[i][2] for i in order], marker="o", capsize=3, label=f"test {metric} (95 % CI)")
-    axes.plot([xs[i] for i in order], [100 * points[i][3] for i in order], marker="s", linestyle="--",
-              label="best validation accuracy")
-    axes.set(xlabel=key, ylabel=f"{metric} (%)" if scale == 100 else metric, title=f"{metric} against {key}")
+    axes.plot([xs[i] for i in order], [scale * points[i][3] for i in order], marker="s", linestyle="--",
+              label=f"best validation {metric}")
+    axes.set(xlabel=key, ylabel=unit, title=f"{metric} against {key}")
     axes.legend(fontsize=8)
     return figure
 
@@ -157,15 +183,16 @@ def sweep_figures(found: list[tuple[Path, dict]], table: list[dict]) -> dict[str
     labels = _varied([protocol_overrides(run) + [f"seed={results.get('seed')}"] for run, results in found])
     runs = [(" ".join(label) or str(run.name), read_rows(run / METRICS)) for (run, _), label in zip(found, labels)
             if (run / METRICS).exists()]
-    figures = {SWEEP_CURVES: sweep_curves_figure(runs)}
+    metric = table[0]["metric"]
+    figures = {SWEEP_CURVES: sweep_curves_figure(runs, metric)}
     varied = _varied([protocol_overrides(Path(row["runs"][0])) for row in table])
     if len(table) > 1 and all(len(v) == 1 for v in varied):
         key = varied[0][0].split("=", 1)[0]
-        best_val = {str(run): results.get("best_val_accuracy") for run, results in found}
+        best_val = {str(run): results.get(f"best_val_{metric}") for run, results in found}
         points = []
         for row, (setting,) in zip(table, varied):
             vals = [best_val[run] for run in row["runs"] if best_val[run] is not None]
             points.append((setting.split("=", 1)[1], row["test"], row["ci95"],
                            sum(vals) / len(vals) if vals else float("nan")))
-        figures[SWEEP_SCORES] = sweep_scores_figure(key, points, table[0]["metric"])
+        figures[SWEEP_SCORES] = sweep_scores_figure(key, points, metric)
     return figures

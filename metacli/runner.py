@@ -19,8 +19,7 @@ from metacli.build import (build, build_dataset, build_learner, build_partial, l
                            seed_everything, training_batches)
 from metacli.reliability.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
 from metacli.config_schema import check_ranges
-from metacli.data.episodes import EpisodeSampler
-from metacli.errors import CheckpointError, TrainingError
+from metacli.errors import CheckpointError, ConfigError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.reliability.host_memory import retain_freed_memory
 from metacli.logging.console import console, print_results
@@ -102,19 +101,23 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         retain_freed_memory()
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
+    if cfg.trainer.objective not in ("auto", f"val/{dataset.family.metric}"):
+        raise ConfigError(f"trainer.objective={cfg.trainer.objective}, but {dataset.name} tasks are judged by "
+                          f"{dataset.family.metric}: set trainer.objective=val/{dataset.family.metric} (or auto)")
     if cfg.trainer.check_memory:
         check_memory(cfg, dataset, device)
     learner = build_learner(cfg, dataset).to(device)
     trained_on = origin(cfg, dataset)
-    next_batch = training_batches(cfg, learner, dataset.split("train"), dataset.normalize, device)
-    val_sampler = EpisodeSampler(dataset.split("val"), cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query,
-                                 dataset.normalize, device, where="val split")
+    next_batch = training_batches(cfg, learner, dataset, device)
+    val_sampler = dataset.episodes("val", cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query, device,
+                                   where="val split")
     test_sampler = make_test_sampler(cfg, dataset, device)
     optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
     scheduler = build_partial(cfg.trainer.scheduler, "trainer.scheduler", optimizer) if cfg.trainer.scheduler else None
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    start_step, best_val, best_step, skipped = 0, -math.inf, None, 0
+    family = dataset.family
+    start_step, best_val, best_step, skipped = 0, family.worst, None, 0
     # Wall time counts every session of the run: a resume adds its own to what the checkpoint had taken.
     started, earlier_seconds = time.monotonic(), 0.0
     threads = thread_layout(learner)
@@ -181,16 +184,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     if step % cfg.trainer.val_every == 0 or step == steps:
                         val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,
                                     cfg.eval.batch_size)
-                        improved = val["accuracy"] > best_val
+                        improved = family.better(val[family.metric], best_val)
                         if improved:
-                            best_val, best_step = val["accuracy"], step
-                        log_row({"val/accuracy": val["accuracy"], "val/ci95": val["ci95"]}, step)
+                            best_val, best_step = val[family.metric], step
+                        log_row({f"val/{family.metric}": val[family.metric], "val/ci95": val["ci95"]}, step)
                         save(step, best=improved)
-                        val_shown = f"{val['accuracy']:.3f}"
+                        val_shown = f"{val[family.metric]:.3f}"
                     elif step % cfg.trainer.checkpoint_every == 0 or preemption.received:
                         save(step)
-                    progress.advance(status=f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.3f}  "
-                                            f"val {val_shown}")
+                    progress.advance(status=f"loss {metrics['loss']:.3f}  {family.metric} "
+                                            f"{metrics[family.metric]:.3f}  val {val_shown}")
                     if step < steps:
                         preemption.stop_if_asked(f"stopped at step {step} with a checkpoint in {run_dir / LAST}; rerun "
                                                  "with trainer.resume=true to continue")
@@ -223,16 +226,21 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler: EpisodeSampler, dataset) -> dict[str, Path]:
+def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset) -> dict[str, Path]:
     """``curves.png`` (when metrics were logged to metrics.jsonl) and ``episode.png``, by their W&B keys."""
     from metacli import plots  # matplotlib is imported only by runs that draw
 
+    metric = learner.family.metric
     title = f"{type(learner).__name__} on {dataset.name}, {cfg.task.n_way}-way {cfg.task.k_shot}-shot"
-    images = {"plots/episode": plots.save(plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed),
-                                          run_dir / plots.EPISODE)}
+    if learner.family.name == "classification":
+        episode = plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed)
+    else:
+        title = f"{type(learner).__name__} on {dataset.name}, {cfg.task.k_shot}-shot"
+        episode = plots.regression_figure(learner, test_sampler, cfg.eval.seed)
+    images = {"plots/episode": plots.save(episode, run_dir / plots.EPISODE)}
     metrics = run_dir / METRICS
     if metrics.exists():
-        images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title),
+        images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title, metric),
                                             run_dir / plots.CURVES)
     return images
 
@@ -256,6 +264,11 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
         for key, value in overrides[section].items():
             if value is not None:
                 cfg[section][key] = value
+    if overrides.adapt_steps is not None:
+        if "test_inner_steps" not in cfg.algo:
+            raise ConfigError(f"adapt_steps={overrides.adapt_steps}: {cfg.algo._target_.rsplit('.', 1)[-1]} does not "
+                              "adapt by gradient steps; drop adapt_steps")
+        cfg.algo.test_inner_steps = overrides.adapt_steps
     if overrides.dataset_root is not None:
         cfg.dataset.root = overrides.dataset_root
     cfg.device = overrides.device

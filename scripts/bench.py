@@ -100,7 +100,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device_t)
     optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
-    next_batch = training_batches(cfg, learner, dataset.split(split), dataset.normalize, device_t)
+    next_batch = training_batches(cfg, learner, dataset, device_t, split)
     generator = torch.Generator().manual_seed(0)
     per_step, unit = (cfg.trainer.meta_batch, "tasks") if learner.episodic else (cfg.trainer.batch_size, "images")
     sync = torch.cuda.synchronize if device_t.type == "cuda" else (lambda: None)

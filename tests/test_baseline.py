@@ -70,11 +70,11 @@ def test_the_learner_decides_what_a_training_step_consumes():
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset)
     assert learner.classifier.out_features == dataset.split("train").n_classes == 200
-    batch = training_batches(cfg, learner, dataset.split("train"), dataset.normalize, "cpu")(torch.Generator())
+    batch = training_batches(cfg, learner, dataset, "cpu")(torch.Generator())
     assert isinstance(batch, LabelledBatch) and len(batch) == 12
     cfg = compose("algo=protonet", "dataset=synthetic", "backbone.hidden=8", "trainer.meta_batch=3")
     protonet = build_learner(cfg, dataset)
-    batch = training_batches(cfg, protonet, dataset.split("train"), dataset.normalize, "cpu")(torch.Generator())
+    batch = training_batches(cfg, protonet, dataset, "cpu")(torch.Generator())
     assert isinstance(batch, EpisodeBatch) and len(batch) == 3
 
 
@@ -82,7 +82,7 @@ def test_a_fixed_way_learner_refuses_a_higher_training_way():
     cfg = compose("algo=maml", "dataset=synthetic", "backbone.hidden=8", "task.train_way=10")
     dataset = build_dataset(cfg)
     with pytest.raises(ConfigError, match="task.train_way=10 must equal task.n_way=5"):
-        training_batches(cfg, build_learner(cfg, dataset), dataset.split("train"), dataset.normalize, "cpu")
+        training_batches(cfg, build_learner(cfg, dataset), dataset, "cpu")
 
 
 # ---------------------------------------------------------------- the learner

@@ -47,7 +47,7 @@ def test_help_lists_commands_and_groups(tmp_path):
 
 def test_a_run_logs_its_progress_as_lines(trained_run):
     log = (trained_run / "train.log").read_text()
-    assert re.search(r"meta-train: 60/60 steps \(100%\) loss \d\.\d{3}  acc \d\.\d{3}  val 0\.\d{3}, ", log), log
+    assert re.search(r"meta-train: 60/60 steps \(100%\) loss \d\.\d{3}  accuracy \d\.\d{3}  val 0\.\d{3}, ", log), log
     assert re.search(r"test: 50/50 episodes \(100%\) accuracy 0\.\d{3}, ", log), log
     assert "━" not in log  # no bar drawn into a log
 

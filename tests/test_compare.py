@@ -42,8 +42,8 @@ def test_a_sweeper_gets_the_best_validation_accuracy_not_the_test_one(tmp_path):
 def test_results_keep_per_episode_scores_and_a_fingerprint(two_algorithms):
     a, b = results(two_algorithms / "0"), results(two_algorithms / "1")
     for run in (a, b):
-        assert len(run["episode_accuracies"]) == 30
-        assert run["accuracy"] == pytest.approx(np.mean(run["episode_accuracies"]))
+        assert len(run["episode_scores"]) == 30
+        assert run["accuracy"] == pytest.approx(np.mean(run["episode_scores"]))
     assert a["test_fingerprint"] == b["test_fingerprint"] and a["algorithm"] != b["algorithm"]
     assert len(a["test_fingerprint"]["content_sha256"]) == 64 and a["test_fingerprint"]["eval_seed"] == 0
 
@@ -52,8 +52,8 @@ def test_compare_pairs_the_runs_episode_by_episode(two_algorithms, tmp_path):
     done = run_cli("compare", str(two_algorithms / "0"), str(two_algorithms / "1"), "--format", "json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     paired = json.loads(done.stdout)
-    x = np.array(results(two_algorithms / "0")["episode_accuracies"])
-    y = np.array(results(two_algorithms / "1")["episode_accuracies"])
+    x = np.array(results(two_algorithms / "0")["episode_scores"])
+    y = np.array(results(two_algorithms / "1")["episode_scores"])
     assert paired["difference"] == pytest.approx((x - y).mean()) and paired["episodes"] == 30
     # The t statistic written out: mean difference over its standard error, on n - 1 degrees of freedom.
     t = (x - y).mean() / ((x - y).std(ddof=1) / math.sqrt(30))
@@ -73,7 +73,7 @@ def test_compare_refuses_runs_tested_on_other_episodes(two_algorithms, tmp_path)
 
 def test_compare_refuses_results_without_per_episode_scores(two_algorithms, tmp_path):
     old = results(two_algorithms / "0")
-    del old["episode_accuracies"]
+    del old["episode_scores"]
     (tmp_path / "results.json").write_text(json.dumps(old))
     refused = run_cli("compare", str(tmp_path / "results.json"), str(two_algorithms / "1"), cwd=tmp_path)
     assert_one_line_error(refused, "has no per-episode scores (written by an older metacli): re-test the run")
@@ -81,7 +81,7 @@ def test_compare_refuses_results_without_per_episode_scores(two_algorithms, tmp_
 
 
 def with_scores(scores, seed: int = 0) -> dict:
-    return {"episode_accuracies": list(scores), "test_fingerprint": {"eval_seed": seed, "episodes": len(scores)}}
+    return {"episode_scores": list(scores), "test_fingerprint": {"eval_seed": seed, "episodes": len(scores)}}
 
 
 def test_pairing_finds_a_difference_that_overlapping_intervals_hide():

@@ -45,7 +45,7 @@ def compose(*overrides: str, config: str = "train") -> DictConfig:
         return hydra.compose(config_name=config, overrides=list(overrides))
 
 
-# Small backbones, so that instantiating a learner costs milliseconds.
+# Small image backbones, so that instantiating a learner costs milliseconds (mlp, for vectors: test_sinusoid.py).
 SMALL = {"conv4": ["backbone.hidden=8"], "conv4_stride": ["backbone.hidden=8"], "resnet12": ["backbone.widths=[4,4,8,8]"]}
 
 
@@ -70,8 +70,8 @@ def test_every_learner_has_its_yaml():
 def test_the_groups_hold_the_expected_options():
     assert CONF.is_dir() and (CONF / "train.yaml").is_file() and (CONF / "eval.yaml").is_file()
     assert "maml" in options("algo") and "protonet" in options("algo")
-    assert options("dataset") == ["mini_imagenet", "omniglot", "synthetic"]
-    assert options("backbone") == ["conv4", "conv4_stride", "resnet12"]
+    assert options("dataset") == ["mini_imagenet", "omniglot", "sinusoid", "synthetic"]
+    assert options("backbone") == ["conv4", "conv4_stride", "mlp", "resnet12"]
     assert options("device") == ["auto", "cpu", "cuda"]
     assert {"jsonl", "none", "wandb"} <= set(options("logger"))
     assert {"smoke", "maml_omniglot_5w1s", "protonet_omniglot_5w1s"} <= set(options("experiment"))
@@ -94,7 +94,7 @@ def test_every_option_composes(group, option):
         if algo in ("maml", "protonet"):  # paper protocols: the name says the algorithm and the dataset
             assert cfg.algo._target_ == {"maml": "metacli.algorithms.maml.MAML",
                                          "protonet": "metacli.algorithms.protonet.ProtoNet"}[algo]
-            dataset = {"omniglot": "Omniglot", "miniimagenet": "MiniImageNet"}[rest.split("_")[0]]
+            dataset = {"omniglot": "Omniglot", "miniimagenet": "MiniImageNet", "sinusoid": "Sinusoid"}[rest.split("_")[0]]
             assert cfg.dataset._target_.endswith("." + dataset)
         # The optimiser and scheduler of an experiment build.
         params = [torch.nn.Parameter(torch.zeros(2))]
@@ -114,7 +114,7 @@ def test_experiments_override_the_defaults():
     assert compose("experiment=smoke", "trainer.steps=3").trainer.steps == 3
 
 
-@pytest.mark.parametrize("option", options("backbone"))
+@pytest.mark.parametrize("option", sorted(SMALL))
 @pytest.mark.parametrize("in_channels,image_size", [(1, 28), (3, 84)])
 def test_every_backbone_instantiates(option, in_channels, image_size):
     cfg = compose(f"backbone={option}")
@@ -126,7 +126,7 @@ def test_every_backbone_instantiates(option, in_channels, image_size):
     assert out.shape == (2, backbone.out_dim)
 
 
-@pytest.mark.parametrize("backbone", options("backbone"))
+@pytest.mark.parametrize("backbone", sorted(SMALL))
 @pytest.mark.parametrize("algo", options("algo"))
 def test_every_algo_builds_a_working_learner(algo, backbone):
     cfg = compose(f"algo={algo}", f"backbone={backbone}", *SMALL[backbone], "dataset=synthetic", "task.n_way=4")
@@ -178,9 +178,12 @@ def test_every_dataset_constructs_without_reading_files(option, tmp_path):
     root, cache = tmp_path / "data", tmp_path / "cache"
     root.mkdir()
     overrides = [f"dataset={option}"]
-    if option != "synthetic":
+    if option in ("omniglot", "mini_imagenet"):
         overrides += [f"dataset.root={root}", f"dataset.cache_dir={cache}"]
     dataset = build_dataset(compose(*overrides))
+    if option == "sinusoid":  # tasks drawn, not read: tests/test_sinusoid.py
+        assert dataset.image_size is None and dataset.family.name == "regression"
+        return
     assert isinstance(dataset, FewShotDataset)
     assert isinstance(dataset, {"omniglot": Omniglot, "mini_imagenet": MiniImageNet, "synthetic": SyntheticGlyphs}[option])
     expected = {"omniglot": (1, 28), "mini_imagenet": (3, 84), "synthetic": (1, 28)}[option]

@@ -73,7 +73,7 @@ def test_every_algo_takes_a_cuda_step(algo, precision):
     torch.manual_seed(0)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(CUDA)
-    batch = training_batches(cfg, learner, dataset.split("train"), dataset.normalize, CUDA)(
+    batch = training_batches(cfg, learner, dataset, CUDA)(
         torch.Generator().manual_seed(0))
     learner = copy.deepcopy(learner).train()
     with training_precision(precision, CUDA):

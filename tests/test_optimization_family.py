@@ -192,7 +192,8 @@ def test_anil_embedding_once_gives_the_generic_meta_gradient(first_order, vector
                          torch.rand(3, 10, 1, 28, 28, generator=generator, dtype=torch.float64),
                          torch.arange(5).repeat(2).expand(3, -1), 5)
     reference = copy.deepcopy(learner)
-    meta_train_batch(reference, reference.adapted_parameters(), tasks, reference.inner_loop(True), "serial")
+    meta_train_batch(reference, reference.adapted_parameters(), tasks, reference.inner_loop(True), "serial",
+                     reference.family)
     learner.meta_train_step(tasks)
     for (name, p), q in zip(learner.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=name)

@@ -38,7 +38,7 @@ def test_every_algo_takes_a_bf16_step(algo):
     torch.manual_seed(0)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset)
-    batch = training_batches(cfg, learner, dataset.split("train"), dataset.normalize, CPU)(torch.Generator().manual_seed(0))
+    batch = training_batches(cfg, learner, dataset, CPU)(torch.Generator().manual_seed(0))
     loss, grads = step(learner, batch, "bf16")
     reference, reference_grads = step(learner, batch, "fp32")
     assert grads.keys() == reference_grads.keys() and grads
@@ -60,7 +60,7 @@ def test_worker_threads_inherit_autocast(precision):
     cfg = compose("algo=maml", "dataset=synthetic", "trainer.meta_batch=4")
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset)
-    batch = training_batches(cfg, learner, dataset.split("train"), dataset.normalize, CPU)(torch.Generator())
+    batch = training_batches(cfg, learner, dataset, CPU)(torch.Generator())
     with training_precision(precision, CPU):
         losses, _ = split_meta_batch(learner, batch, 2, run)
     assert losses.shape == (4,) and len(seen) == 2

@@ -36,8 +36,9 @@ def textbook_losses(learner: MAML, batch: EpisodeBatch) -> torch.Tensor:
     """The reference every path must match: MAML as the paper writes it, task by task, with plain autograd."""
     losses = []
     for episode in batch:
-        adapted = adapt_to_support(learner, learner.adapted_parameters(), episode, learner.inner_loop(True), True)
-        loss, _ = query_loss(learner, adapted, episode.query_x, episode.query_y)
+        adapted = adapt_to_support(learner, learner.adapted_parameters(), episode, learner.inner_loop(True), True,
+                                   learner.family)
+        loss, _ = query_loss(learner, adapted, episode.query_x, episode.query_y, learner.family)
         (loss / len(batch)).backward()
         losses.append(loss.detach())
     return torch.stack(losses)
@@ -48,7 +49,8 @@ def run_path(learner: MAML, batch: EpisodeBatch, path: str) -> tuple[dict, dict,
     if path == "textbook":
         losses = textbook_losses(learner, batch)
     else:
-        losses, _ = meta_train_batch(learner, learner.adapted_parameters(), batch, learner.inner_loop(True), path)
+        losses, _ = meta_train_batch(learner, learner.adapted_parameters(), batch, learner.inner_loop(True), path,
+                                     learner.family)
     grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
     return grads, {name: b.clone() for name, b in learner.named_buffers()}, losses
 

@@ -42,7 +42,8 @@ class ANIL(MAML):
         query = embedded.query_x.detach().requires_grad_()
         leaves = EpisodeBatch(support, batch.support_y, query, batch.query_y, batch.n_way)
         head = {name.removeprefix("head."): p for name, p in self.adapted_parameters().items()}
-        losses, accuracies = meta_train_batch(self.head, head, leaves, self.inner_loop(True), self.inner_path())
+        losses, accuracies = meta_train_batch(self.head, head, leaves, self.inner_loop(True), self.inner_path(),
+                                              self.family)
         # First order, the support embeddings do not reach the meta-objective, and get no gradient.
         pairs = [(out, leaf.grad) for out, leaf in ((embedded.support_x, support), (embedded.query_x, query))
                  if leaf.grad is not None]

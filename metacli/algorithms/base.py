@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metacli.algorithms.task_threads import auto_workers, check_task_threads, split_meta_batch
 from metacli.algorithms.timing import phase
 from metacli.data.episodes import Episode, EpisodeBatch
+from metacli.tasks import CLASSIFICATION, TaskFamily
 
 BN_MODES = ("transductive", "running")
 
@@ -38,6 +38,10 @@ class FewShotLearner(nn.Module, ABC):
             random numbers, keep one.
     """
 
+    #: The task families (:mod:`metacli.tasks`) the learner can run on, by name.
+    families: tuple[str, ...] = ("classification",)
+    #: The family of the tasks it is given; the builder sets the dataset's.
+    family: TaskFamily = CLASSIFICATION
     #: True when the model's output size is tied to ``n_way`` (so training must use the test way).
     fixed_way: bool = False
     #: False for learners trained on plain mini-batches of all training classes (:class:`LabelledBatch`) instead
@@ -62,19 +66,17 @@ class FewShotLearner(nn.Module, ABC):
         """
 
     def episode_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query cross-entropy and accuracy of one episode."""
-        logits = self.query_logits(episode, training)
-        loss = F.cross_entropy(logits, episode.query_y)
-        accuracy = (logits.argmax(dim=1) == episode.query_y).float().mean()
-        return loss, accuracy
+        """The family's query loss and metric of one episode (cross-entropy and accuracy for classification)."""
+        predictions = self.query_logits(episode, training)
+        return self.family.loss(predictions, episode.query_y), self.family.score(predictions, episode.query_y)
 
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
         """Accumulate the meta-gradient of a meta-batch into ``.grad`` (the caller steps the optimiser).
 
         Non-episodic learners receive a :class:`~metacli.data.batches.LabelledBatch` instead.
         """
-        losses, accuracies = split_meta_batch(self, batch, self.meta_batch_workers(), type(self).meta_train_tasks)
-        return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
+        losses, scores = split_meta_batch(self, batch, self.meta_batch_workers(), type(self).meta_train_tasks)
+        return {"loss": losses.mean().item(), self.family.metric: scores.mean().item()}
 
     def meta_batch_workers(self) -> int:
         """Worker threads for a meta-batch: ``task_threads``, with ``auto`` resolved for the device."""
@@ -98,10 +100,11 @@ class FewShotLearner(nn.Module, ABC):
 
     @torch.no_grad()
     def evaluate_episode(self, episode: Episode) -> float:
-        """Query accuracy of one episode, with BatchNorm as ``bn_mode`` says and no state left changed."""
+        """The family's metric on one episode's queries (accuracy, MSE), with BatchNorm as ``bn_mode`` says and no
+        state left changed."""
         with self.evaluation_mode():
-            _, accuracy = self.episode_loss(episode, training=False)
-        return accuracy.item()
+            _, score = self.episode_loss(episode, training=False)
+        return score.item()
 
     @contextmanager
     def evaluation_mode(self) -> Iterator[None]:

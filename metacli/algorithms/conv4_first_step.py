@@ -41,7 +41,7 @@ Statistics = list[tuple[torch.Tensor, torch.Tensor]]
 def applies(module: nn.Module, params: Params) -> bool:
     """Whether ``module`` is a Conv4 followed by a linear head, adapting all its parameters, with BatchNorm on batch
     statistics, outside autocast, and no module hook that the written-out step would skip: what
-    :func:`support_grads` implements."""
+    :func:`support_grads` implements (for the cross-entropy of classification tasks only)."""
     backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
     if not (isinstance(backbone, Conv4) and isinstance(head, nn.Linear)) or hooked(module.modules()):
         return False

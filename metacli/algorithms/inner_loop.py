@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
@@ -29,6 +28,7 @@ from metacli.algorithms import conv4_first_step
 from metacli.algorithms.timing import phase
 from metacli.data.episodes import Episode, EpisodeBatch
 from metacli.models.batchnorm import apply_statistics, frozen_statistics, recorded_statistics
+from metacli.tasks import TaskFamily
 
 Params = dict[str, torch.Tensor]
 PATHS = ("serial", "batched_first", "vmap")
@@ -58,8 +58,10 @@ def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
     return {name: p - (lr[name] if isinstance(lr, dict) else lr) * grads[name] for name, p in params.items()}
 
 
-def support_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(functional_forward(module, params, x), y)
+def support_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, family: TaskFamily
+                 ) -> torch.Tensor:
+    """The task family's loss (cross-entropy, MSE) of ``params`` on a support set."""
+    return family.loss(functional_forward(module, params, x), y)
 
 
 def gradient_descent(loss_fn: Callable[[Params], torch.Tensor], params: Params, loop: InnerLoop,
@@ -120,56 +122,57 @@ def fine_tune(loss_fn: Callable[[Params], torch.Tensor], params: Params, steps: 
     return params
 
 
-def adapt_to_support(module: nn.Module, params: Params, episode: Episode, loop: InnerLoop,
-                     training: bool) -> Params:
+def adapt_to_support(module: nn.Module, params: Params, episode: Episode, loop: InnerLoop, training: bool,
+                     family: TaskFamily) -> Params:
     """``params`` after the inner loop on ``episode``'s support set."""
-    return gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y), params, loop,
-                            training)
+    return gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y, family), params,
+                            loop, training)
 
 
-def query_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and accuracy of the adapted ``params`` on a query set."""
-    logits = functional_forward(module, params, x)
-    return F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
+def query_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, family: TaskFamily
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task family's loss and metric of the adapted ``params`` on a query set."""
+    predictions = functional_forward(module, params, x)
+    return family.loss(predictions, y), family.score(predictions, y)
 
 
-def meta_train_batch(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
-                     path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the meta-gradient of the mean query loss into ``.grad``; return per-task losses and accuracies.
+def meta_train_batch(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop, path: str,
+                     family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the meta-gradient of the mean query loss into ``.grad``; return per-task losses and scores.
 
     ``params`` are the parameters the inner loop adapts (all of them for MAML, the head for ANIL); the others are
     used as they are and receive their meta-gradient directly.
     """
     if path == "serial":
-        return _serial(module, params, batch, loop)
+        return _serial(module, params, batch, loop, family)
     if path == "batched_first":
-        return _batched_first(module, params, batch, loop)
+        return _batched_first(module, params, batch, loop, family)
     if path == "vmap":
-        return _vectorized(module, params, batch, loop)
+        return _vectorized(module, params, batch, loop, family)
     raise ValueError(f"inner-loop path must be one of {PATHS}, got {path!r}")
 
 
-def _serial(module: nn.Module, params: Params, batch: EpisodeBatch,
-            loop: InnerLoop) -> tuple[torch.Tensor, torch.Tensor]:
-    losses, accuracies = [], []
+def _serial(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
+            family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
+    losses, scores = [], []
     for episode in batch:
         with phase("inner_loop"):
-            adapted = adapt_to_support(module, params, episode, loop, training=True)
-            loss, accuracy = query_loss(module, adapted, episode.query_x, episode.query_y)
+            adapted = adapt_to_support(module, params, episode, loop, True, family)
+            loss, score = query_loss(module, adapted, episode.query_x, episode.query_y, family)
         with phase("outer_backward"):
             (loss / len(batch)).backward()
         losses.append(loss.detach())
-        accuracies.append(accuracy)
-    return torch.stack(losses), torch.stack(accuracies)
+        scores.append(score)
+    return torch.stack(losses), torch.stack(scores)
 
 
 def _support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loop: InnerLoop,
-                   record) -> tuple[Params, list]:
+                   record, family: TaskFamily) -> tuple[Params, list]:
     """Per-task inner gradient inside a transform, with the BatchNorm statistics it recorded."""
 
     def loss_and_statistics(p: Params):
         start = len(record.statistics)
-        return support_loss(module, p, x, y), record.statistics[start:]
+        return support_loss(module, p, x, y, family), record.statistics[start:]
 
     grads, statistics = torch.func.grad(loss_and_statistics, has_aux=True)(params)
     if not loop.second_order:
@@ -177,14 +180,14 @@ def _support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.
     return grads, statistics
 
 
-def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch,
-                   loop: InnerLoop) -> tuple[torch.Tensor, torch.Tensor]:
+def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
+                   family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
     def first_step(x: torch.Tensor, y: torch.Tensor):
-        grads, statistics = _support_grads(module, params, x, y, loop, record)
+        grads, statistics = _support_grads(module, params, x, y, loop, record, family)
         return sgd_step(params, grads, loop.lr), statistics
 
     with phase("inner_loop"):
-        if conv4_first_step.applies(module, params):
+        if family.name == "classification" and conv4_first_step.applies(module, params):
             first, layers, statistics = _conv4_first(module, params, batch, loop)
         else:
             with recorded_statistics(module) as record:
@@ -193,25 +196,25 @@ def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch,
     names = list(first)
     per_task = list(zip(*(first[name].detach().unbind(0) for name in names)))
     first_grads: list[list[torch.Tensor]] = [[] for _ in names]
-    losses, accuracies = [], []
+    losses, scores = [], []
     for task, episode in enumerate(batch):
         # Cut the graph at the task's first-step weights: its own backward stops there, and the shared first
         # step is back-propagated once for all tasks below.
         start = {name: value.requires_grad_() for name, value in zip(names, per_task[task])}
         with phase("inner_loop"):
             apply_statistics(layers, statistics, task)
-            adapted = gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y),
+            adapted = gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y, family),
                                        start, loop, training=True, steps=loop.steps - 1)
-            loss, accuracy = query_loss(module, adapted, episode.query_x, episode.query_y)
+            loss, score = query_loss(module, adapted, episode.query_x, episode.query_y, family)
         with phase("outer_backward"):
             (loss / len(batch)).backward()
         for grads, value in zip(first_grads, start.values()):
             grads.append(value.grad if value.grad is not None else torch.zeros_like(value))
         losses.append(loss.detach())
-        accuracies.append(accuracy)
+        scores.append(score)
     with phase("outer_backward"):
         torch.autograd.backward([first[name] for name in names], [torch.stack(g) for g in first_grads])
-    return torch.stack(losses), torch.stack(accuracies)
+    return torch.stack(losses), torch.stack(scores)
 
 
 def _conv4_first(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop):
@@ -224,26 +227,26 @@ def _conv4_first(module: nn.Module, params: Params, batch: EpisodeBatch, loop: I
     return sgd_step(params, grads, loop.lr), layers, statistics
 
 
-def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch,
-                loop: InnerLoop) -> tuple[torch.Tensor, torch.Tensor]:
+def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
+                family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
     def task(support_x, support_y, query_x, query_y):
         adapted, statistics = params, []
         for _ in range(loop.steps):
-            grads, step_statistics = _support_grads(module, adapted, support_x, support_y, loop, record)
+            grads, step_statistics = _support_grads(module, adapted, support_x, support_y, loop, record, family)
             adapted = sgd_step(adapted, grads, loop.lr)
             statistics += step_statistics
         start = len(record.statistics)
-        loss, accuracy = query_loss(module, adapted, query_x, query_y)
-        return loss, accuracy, statistics + record.statistics[start:]
+        loss, score = query_loss(module, adapted, query_x, query_y, family)
+        return loss, score, statistics + record.statistics[start:]
 
     with phase("inner_loop"), recorded_statistics(module) as record:
-        losses, accuracies, statistics = torch.func.vmap(task)(batch.support_x, batch.support_y, batch.query_x,
+        losses, scores, statistics = torch.func.vmap(task)(batch.support_x, batch.support_y, batch.query_x,
                                                                batch.query_y)
         for t in range(len(batch)):
             apply_statistics(record.layers, statistics, t)
     with phase("outer_backward"):
         losses.mean().backward()
-    return losses.detach(), accuracies
+    return losses.detach(), scores
 
 
 def inner_path(vectorize: bool | str, batch_first_step: bool, device: torch.device) -> str:

@@ -99,7 +99,7 @@ class LSTMMetaLearner(FewShotLearner):
         """The learner's loss on ``(x, y)`` at ``θ = cell`` and its gradient, both constants for the meta-backward."""
         with torch.enable_grad():
             theta = cell.detach().requires_grad_()
-            loss = support_loss(self, unflatten(theta, like), x, y)
+            loss = support_loss(self, unflatten(theta, like), x, y, self.family)
             (grad,) = torch.autograd.grad(loss, theta)
         return loss.detach(), grad
 

@@ -1,7 +1,7 @@
 """Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
 Networks", ICML 2017), second order by default, first order (FOMAML) with ``first_order=true``.
 
-The network is the backbone plus a linear ``n_way`` head. Each task adapts all parameters with a few SGD steps on
+The network is the backbone plus a linear head (``n_way`` outputs; one for regression). Each task adapts all parameters with a few SGD steps on
 its support set (``inner_steps`` at ``inner_lr`` in training, ``test_inner_steps`` at ``test_inner_lr`` at
 evaluation); the query loss after adaptation is the meta-objective.
 """
@@ -33,6 +33,7 @@ class MAML(FewShotLearner):
         task_threads: see :class:`FewShotLearner`; the vectorised path always runs on one.
     """
 
+    families = ("classification", "regression")
     fixed_way = True
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", inner_lr: float = 0.4,
@@ -65,7 +66,8 @@ class MAML(FewShotLearner):
 
     def adapt(self, episode: Episode, training: bool) -> Params:
         """Parameters after the inner loop on ``episode``'s support set (the test loop unless ``training``)."""
-        return adapt_to_support(self, self.adapted_parameters(), episode, self.inner_loop(training), training)
+        return adapt_to_support(self, self.adapted_parameters(), episode, self.inner_loop(training), training,
+                                self.family)
 
     def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
         return functional_forward(self, self.adapt(episode, training), episode.query_x)
@@ -77,4 +79,5 @@ class MAML(FewShotLearner):
         return 1 if self.inner_path() == "vmap" else super().meta_batch_workers()
 
     def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return meta_train_batch(self, self.adapted_parameters(), batch, self.inner_loop(True), self.inner_path())
+        return meta_train_batch(self, self.adapted_parameters(), batch, self.inner_loop(True), self.inner_path(),
+                                self.family)

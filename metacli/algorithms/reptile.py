@@ -19,7 +19,7 @@ from metacli.data.episodes import Episode, EpisodeBatch
 
 
 class Reptile(FewShotLearner):
-    """Reptile on the backbone plus a linear ``n_way`` head.
+    """Reptile on the backbone plus a linear head (``n_way`` outputs; one for regression).
 
     Args:
         backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
@@ -31,6 +31,7 @@ class Reptile(FewShotLearner):
             Evaluation always fits the support set alone.
     """
 
+    families = ("classification", "regression")
     fixed_way = True
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", inner_optimizer: str = "adam",
@@ -59,7 +60,7 @@ class Reptile(FewShotLearner):
         x, y = episode.support_x, episode.support_y
         if training and self.inner_data == "all":
             x, y = torch.cat([x, episode.query_x]), torch.cat([y, episode.query_y])
-        return fine_tune(lambda p: support_loss(self, p, x, y), dict(self.named_parameters()), steps, lr,
+        return fine_tune(lambda p: support_loss(self, p, x, y, self.family), dict(self.named_parameters()), steps, lr,
                          self.inner_optimizer, self.adam_betas)
 
     def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
@@ -68,7 +69,7 @@ class Reptile(FewShotLearner):
     def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         params = dict(self.named_parameters())
         mean_adapted = {name: torch.zeros_like(p) for name, p in params.items()}
-        losses, accuracies = [], []
+        losses, scores = [], []
         for episode in batch:
             with phase("inner_loop"):
                 adapted = self.adapt(episode, training=True)
@@ -77,11 +78,11 @@ class Reptile(FewShotLearner):
             with torch.no_grad(), batch_statistics_only(self):
                 for name, p in adapted.items():
                     mean_adapted[name] += p / len(batch)
-                loss, accuracy = query_loss(self, adapted, episode.query_x, episode.query_y)
+                loss, score = query_loss(self, adapted, episode.query_x, episode.query_y, self.family)
             losses.append(loss)
-            accuracies.append(accuracy)
+            scores.append(score)
         with torch.no_grad():
             for name, p in params.items():
                 step = p - mean_adapted[name]
                 p.grad = step if p.grad is None else p.grad + step
-        return torch.stack(losses), torch.stack(accuracies)
+        return torch.stack(losses), torch.stack(scores)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from metacli.tasks import CLASSIFICATION
+
 SPLITS = ("train", "val", "test")
 
 
@@ -96,6 +98,7 @@ class FewShotDataset(ABC):
     """
 
     name: str
+    family = CLASSIFICATION
     channels: int
     image_size: int
     mean: tuple[float, ...]
@@ -127,6 +130,20 @@ class FewShotDataset(ABC):
     @abstractmethod
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """Turn a PIL image into this dataset's uint8 ``C x H x W`` tensor (resize, colour mode, inversion)."""
+
+    def episodes(self, split: str, n_way: int, k_shot: int, n_query: int, device: torch.device | str = "cpu",
+                 where: str = "") -> "EpisodeSampler":
+        """N-way K-shot episodes of ``split``: ``sample`` draws training meta-batches, ``fixed`` the pinned ones."""
+        from metacli.data.episodes import EpisodeSampler  # episodes.py builds on this module
+
+        return EpisodeSampler(self.split(split), n_way, k_shot, n_query, self.normalize, device, where=where)
+
+    def content_sha256(self, split: str) -> str:
+        """A digest of ``split``'s decoded images and class names: what its fixed episodes are drawn from."""
+        from metacli.data.cache import content_digest  # cache.py builds on this module
+
+        data = self.split(split)
+        return content_digest(data.images, data.class_names)
 
     def describe(self) -> dict:
         """What a result must record about the data (used in results.json)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from metacli.metrics import show
+
 console = Console()
 
 
@@ -23,8 +25,10 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 def print_results(results: dict) -> None:
-    task = results["task"]
-    print_table("metacli test results", ["algorithm", "dataset", "split", "episodes", "bn mode", "accuracy (95% CI)"],
+    task, metric = results["task"], results["metric"]
+    shape = (f"{task['n_way']}-way {task['k_shot']}-shot" if metric == "accuracy"
+             else f"{task['k_shot']}-shot, {task['n_query']} queries")
+    print_table("metacli test results", ["algorithm", "dataset", "split", "episodes", "bn mode", f"{metric} (95% CI)"],
                 [[results["algorithm"], results["dataset"]["name"], str(results["dataset"].get("split", "-")),
-                  f"{results['episodes']} x {task['n_way']}-way {task['k_shot']}-shot", results["bn_mode"],
-                  f"{100 * results['accuracy']:.2f} ± {100 * results['ci95']:.2f} %"]])
+                  f"{results['episodes']} x {shape}", results["bn_mode"],
+                  show(metric, results[metric], results["ci95"])]])

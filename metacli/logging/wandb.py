@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from metacli.errors import ConfigError
+from metacli.metrics import HIGHER_IS_BETTER
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class WandbLogger:
         self.run = wandb.init(project=project, entity=entity, group=group or run_group, job_type=job_type,
                               tags=[*(run_tags or []), *(tags or [])], mode=self.mode, config=run_config, dir=run_dir,
                               name=run_name, id=run_id, resume="allow" if run_id else None)
-        self.run.define_metric("val/accuracy", summary="max")  # the summary shows the best validation, not the last
+        # The summary shows the best validation, not the last: the highest accuracy, the lowest MSE.
+        for metric, higher_is_better in HIGHER_IS_BETTER.items():
+            self.run.define_metric(f"val/{metric}", summary="max" if higher_is_better else "min")
         run_id_file.write_text(self.run.id)
         self.run_dir, self.log_checkpoints = Path(run_dir), log_checkpoints
         self.files = Path(self.run.dir).parent  # the offline run's folder, for `wandb sync`
@@ -69,9 +72,10 @@ class WandbLogger:
         self.run.log(metrics, step=step)
 
     def log_results(self, results: dict) -> None:
-        for key in ("accuracy", "ci95", "episodes", "bn_mode"):
+        metric = results["metric"]
+        for key in (metric, "ci95", "episodes", "bn_mode"):
             self.run.summary[f"test/{key}"] = results[key]
-        self.run.summary["val/best_accuracy"] = results["best_val_accuracy"]
+        self.run.summary[f"val/best_{metric}"] = results[f"best_val_{metric}"]
         self.run.summary["val/best_step"] = results["best_val_step"]
         best = self.run_dir / "best.pt"
         if self.log_checkpoints and best.is_file():

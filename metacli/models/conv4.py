@@ -6,7 +6,7 @@ from torch import nn
 
 from metacli.models import patch_conv, pooled_product
 from metacli.models.batchnorm import BatchNorm2d
-from metacli.models.layers import feature_dim, hooked, memory_format
+from metacli.models.layers import check_images, feature_dim, hooked, memory_format
 
 
 class Conv4(nn.Module):
@@ -30,6 +30,7 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64, blocks: int = 4,
                  pool: str = "max", channels_last: bool = True) -> None:
         super().__init__()
+        check_images(image_size, "Conv4")
         if pool not in ("max", "stride"):
             raise ValueError(f"backbone.pool must be 'max' or 'stride', got {pool!r}")
         layers: list[nn.Module] = []

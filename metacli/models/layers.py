@@ -45,3 +45,9 @@ def hooked(modules: Iterable[nn.Module]) -> bool:
     instead. Global hooks (``register_module_forward_hook``) are not counted: ``torch.utils.flop_counter`` sets them."""
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in modules)
+
+
+def check_images(image_size: int | None, backbone: str) -> None:
+    """A convolutional backbone needs images; a dataset of vectors (sinusoid) gives ``image_size=None``."""
+    if image_size is None:
+        raise ValueError(f"{backbone} takes images, and this dataset's inputs are vectors: use backbone=mlp")

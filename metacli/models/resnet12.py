@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metacli.models.batchnorm import BatchNorm2d
-from metacli.models.layers import feature_dim, memory_format
+from metacli.models.layers import check_images, feature_dim, memory_format
 
 
 class _Block(nn.Module):
@@ -41,6 +41,7 @@ class ResNet12(nn.Module):
     def __init__(self, in_channels: int = 3, image_size: int = 84, widths: tuple[int, ...] = (64, 160, 320, 640),
                  channels_last: bool = True) -> None:
         super().__init__()
+        check_images(image_size, "ResNet-12")
         blocks, channels = [], in_channels
         for width in widths:
             blocks.append(_Block(channels, int(width)))

@@ -1,0 +1,15 @@
+"""The metrics task families are judged by, as reports and comparisons need them without loading torch: which
+way is better, and how a value is shown."""
+from __future__ import annotations
+
+#: Each metric's direction: accuracy (classification) up, mean squared error (regression) down.
+HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
+
+
+def show(metric: str, value: float, ci95: float | None = None, signed: bool = False) -> str:
+    """A metric's value as people read it: accuracy in percent, others as numbers; with its ± CI if given, and
+    its sign if ``signed`` (a difference)."""
+    sign = "+" if signed else ""
+    if metric == "accuracy":
+        return f"{100 * value:{sign}.2f}" + ("" if ci95 is None else f" ± {100 * ci95:.2f}") + " %"
+    return f"{value:{sign}.4g}" + ("" if ci95 is None else f" ± {ci95:.2g}")
