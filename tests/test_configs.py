@@ -136,7 +136,7 @@ def test_every_algo_builds_a_working_learner(algo, backbone):
     assert isinstance(learner, FewShotLearner) and type(learner).__module__ == f"metacli.algorithms.{algo}"
     assert learner.n_way == 4 and learner.bn_mode == cfg.eval.bn_mode == "transductive"
     assert learner.backbone.out_dim > 0
-    if isinstance(learner, MAML) and algo != "meta_sgd":
+    if isinstance(learner, MAML) and "inner_lr" in cfg.algo and algo != "meta_sgd":
         assert (learner.train_loop.lr, learner.train_loop.steps) == (cfg.algo.inner_lr, cfg.algo.inner_steps)
         assert (learner.test_loop.lr, learner.test_loop.steps) == (cfg.algo.inner_lr, cfg.algo.test_inner_steps)
         assert learner.head.out_features == 4
@@ -306,7 +306,8 @@ def test_preflight_rejects_bad_overrides_in_one_line(args, needle, capsys):
     ["task.n_way=10", "task.train_way=20", "eval.bn_mode=running", "backbone.hidden=32"],
 ])
 def test_preflight_accepts_valid_overrides(args, capsys):
-    assert metacli.cli.preflight("train", args) is None  # returns, having written nothing
+    sweep_dir = metacli.cli.preflight("train", args)  # returns (a multirun's sweep dir), having written nothing
+    assert (sweep_dir is not None) == bool({"-m", "--multirun"} & set(args))
     out, err = capsys.readouterr()
     assert err == "" and out == ""
 
