@@ -18,7 +18,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import print_table
-from metacli.metrics import HIGHER_IS_BETTER, show
+from metacli.metrics import HIGHER_IS_BETTER, show, task_label
 from metacli.reliability.run_dir import RESULTS
 
 
@@ -73,10 +73,9 @@ def paired_difference(a: dict, b: dict) -> dict:
 
 
 def _label(results: dict, path: str) -> str:
-    task, where = results.get("task", {}), Path(path).resolve()
+    where = Path(path).resolve()
     short = where.parent if where.name == RESULTS else where
-    return (f"{results.get('algorithm', '?')} {task.get('n_way', '?')}w{task.get('k_shot', '?')}s "
-            f"({short.parent.name}/{short.name})")
+    return f"{results.get('algorithm', '?')} {task_label(results)} ({short.parent.name}/{short.name})"
 
 
 def arguments() -> ArgumentParser:

@@ -13,3 +13,11 @@ def show(metric: str, value: float, ci95: float | None = None, signed: bool = Fa
     if metric == "accuracy":
         return f"{100 * value:{sign}.2f}" + ("" if ci95 is None else f" ± {100 * ci95:.2f}") + " %"
     return f"{value:{sign}.4g}" + ("" if ci95 is None else f" ± {ci95:.2g}")
+
+
+def task_label(results: dict) -> str:
+    """A results.json's task shape in short: ``5w1s`` for N-way K-shot classification, ``10-shot`` otherwise."""
+    task = results.get("task", {})
+    if results.get("metric", "accuracy") == "accuracy":
+        return f"{task.get('n_way', '?')}w{task.get('k_shot', '?')}s"
+    return f"{task.get('k_shot', '?')}-shot"

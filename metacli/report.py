@@ -25,6 +25,7 @@ from scipy import stats
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
+from metacli.metrics import task_label
 from metacli.reliability.run_dir import RESULTS, TIMING
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
@@ -64,9 +65,9 @@ def protocol_overrides(run: Path) -> list[str]:
 
 
 def _protocol(run: Path, results: dict) -> tuple:
-    task, data = results.get("task", {}), results.get("dataset", {})
+    data = results.get("dataset", {})
     return (results.get("algorithm", "?"), f"{data.get('name', '?')}/{data.get('split', '-')}",
-            f"{task.get('n_way', '?')}w{task.get('k_shot', '?')}s", str(results.get("backbone", "?")).rsplit(".", 1)[-1],
+            task_label(results), str(results.get("backbone", "?")).rsplit(".", 1)[-1],
             results.get("bn_mode", "?"), results.get("steps", "?"), " ".join(protocol_overrides(run)))
 
 
