@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.config_schema import algo_targets
-from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
 from metacli.data.base import FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
 from metacli.errors import CheckpointError, ConfigError, MetacliError
+from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
 from metacli.saved_config import run_file
 
 

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
-from metacli.report import protocol_overrides
 from metacli.reliability.run_dir import METRICS
+from metacli.report import protocol_overrides
 
 CURVES, EPISODE = "curves.png", "episode.png"
 SWEEP_CURVES, SWEEP_SCORES = "sweep_curves.png", "sweep_scores.png"

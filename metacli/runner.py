@@ -17,16 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from metacli.algorithms.task_threads import thread_layout
 from metacli.build import (build, build_dataset, build_learner, build_partial, load_trained, resolve_device,
                            seed_everything, training_batches)
-from metacli.reliability.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
 from metacli.config_schema import check_ranges
 from metacli.errors import CheckpointError, ConfigError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
-from metacli.reliability.host_memory import retain_freed_memory
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
-from metacli.reliability.memory_budget import check_memory
 from metacli.precision import training_precision
+from metacli.reliability.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
+from metacli.reliability.host_memory import retain_freed_memory
+from metacli.reliability.memory_budget import check_memory
 from metacli.reliability.preemption import PreemptionWatch
 from metacli.reliability.rng import capture_rng, restore_rng
 from metacli.reliability.run_dir import METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty
