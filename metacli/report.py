@@ -112,7 +112,7 @@ def _cell(row: dict, column: str) -> str:
         return f"{scale * row['test']:.2f} ± {scale * row['ci95']:.2f}{unit} ({spread})"
     if column in ("paper", "difference"):
         expected = row["expected"] or {}
-        if row["metric"] not in expected:
+        if expected.get(row["metric"]) is None:
             return "-"
         if column == "difference":
             return f"{scale * (row['test'] - expected[row['metric']]):+.2f}{unit}"

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import assert_one_line_error, metacli_command, run_cli
 from metacli.completion import main
+from metacli.config_schema import config_dir
 
 # Each line is completed as on <TAB> at its end; the Hydra queries spawn one metacli each (~2 s).
 LINES = ["metacli tr", "metacli list da", "metacli train algo=ma", "metacli train dataset=",
@@ -56,7 +57,7 @@ def test_commands_and_list_names(bash_session):
 def test_train_overrides_come_from_hydra(bash_session):
     _, _, replies = bash_session
     assert replies["metacli train algo=ma"] == ["algo=maml", "algo=mann", "algo=matching_net"]
-    assert replies["metacli train dataset="] == ["dataset=mini_imagenet", "dataset=omniglot", "dataset=synthetic"]
+    assert replies["metacli train dataset="] == [f"dataset={p.stem}" for p in sorted((config_dir() / "dataset").glob("*.yaml"))]
 
 
 def test_paths_after_equals_complete_verbatim(bash_session):

@@ -93,4 +93,8 @@ def test_every_paper_protocol_carries_the_papers_number():
         if path.stem == "smoke":
             assert expected is None
             continue
-        assert 0 < expected["accuracy"] < 1 and "et al." in expected["source"], path.name
+        # A paper that shows curves only (the sinusoid baseline) gives no number, and the source says so.
+        metric = "mse" if "sinusoid" in path.stem else "accuracy"
+        value = expected[metric]
+        assert (value is None or 0 < value < (1 if metric == "accuracy" else 10)) and "et al." in expected["source"], \
+            path.name
