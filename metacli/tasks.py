@@ -8,6 +8,8 @@ run is selected on the lowest validation MSE as a classification run is on the h
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,21 +17,26 @@ import torch.nn.functional as F
 from metacli.metrics import HIGHER_IS_BETTER
 
 
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class TaskFamily:
-    """A kind of task. ``outputs(n_way)`` is the size of a learner's prediction per query."""
+    """A kind of task: its loss and per-task metric on ``(predictions, targets)``, and how many values a learner
+    predicts per query (``outputs``: a fixed count, or None for one per way)."""
 
     name: str
     metric: str
-    higher_is_better: bool
+    loss: Metric
+    score: Metric
+    outputs_per_query: int | None
 
-    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @property
+    def higher_is_better(self) -> bool:
+        return HIGHER_IS_BETTER[self.metric]
 
     def outputs(self, n_way: int) -> int:
-        raise NotImplementedError
+        return n_way if self.outputs_per_query is None else self.outputs_per_query
 
     def better(self, value: float, than: float) -> bool:
         return value > than if self.higher_is_better else value < than
@@ -39,42 +46,16 @@ class TaskFamily:
         """Worse than any value: where the best validation score starts."""
         return -math.inf if self.higher_is_better else math.inf
 
-    def __repr__(self) -> str:
-        return f"<{self.name} tasks, judged by {self.metric}>"
+
+def _accuracy(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (predictions.argmax(dim=1) == targets).float().mean()
 
 
-class Classification(TaskFamily):
-    """N-way classification: class scores per query, cross-entropy, accuracy."""
-
-    name, metric = "classification", "accuracy"
-    higher_is_better = HIGHER_IS_BETTER[metric]
-
-    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(predictions, targets)
-
-    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (predictions.argmax(dim=1) == targets).float().mean()
-
-    def outputs(self, n_way: int) -> int:
-        return n_way
+def _mse(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(predictions.detach(), targets)
 
 
-class Regression(TaskFamily):
-    """Scalar regression: one value per query, judged and trained by the mean squared error."""
-
-    name, metric = "regression", "mse"
-    higher_is_better = HIGHER_IS_BETTER[metric]
-
-    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(predictions, targets)
-
-    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(predictions.detach(), targets)
-
-    def outputs(self, n_way: int) -> int:
-        return 1
-
-
-CLASSIFICATION, REGRESSION = Classification(), Regression()
-FAMILIES = {family.name: family for family in (CLASSIFICATION, REGRESSION)}
-
+#: N-way classification: class scores per query, cross-entropy, accuracy.
+CLASSIFICATION = TaskFamily("classification", "accuracy", F.cross_entropy, _accuracy, None)
+#: Scalar regression: one value per query, trained and judged by the mean squared error.
+REGRESSION = TaskFamily("regression", "mse", F.mse_loss, _mse, 1)
