@@ -20,14 +20,26 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
+def group_targets(group: str) -> dict[str, list[str]]:
+    """Each option of a shipped config group with the ``_target_`` class paths its YAML names, read as data (a
+    YAML may nest them: a logger's per-backend nodes, MANN's ``algo:`` under ``# @package _global_``)."""
+
+    def walk(node: object) -> list[str]:
+        found = []
+        for key, value in (node.items() if isinstance(node, dict) else ()):
+            if key == "_target_" and isinstance(value, str):
+                found.append(value)
+            else:
+                found += walk(value)
+        return found
+
+    return {path.stem: walk(yaml.safe_load(path.read_text()))
+            for path in sorted((config_dir() / group).glob("*.yaml"))}
+
+
 def algo_targets() -> dict[str, str]:
-    """Each ``algo=`` option's learner class path, read from its YAML as data (a YAML may set keys outside the
-    algo section, as MANN's does, under ``# @package _global_``)."""
-    targets = {}
-    for path in sorted((config_dir() / "algo").glob("*.yaml")):
-        node = yaml.safe_load(path.read_text()) or {}
-        targets[path.stem] = node.get("_target_") or node.get("algo", {}).get("_target_")
-    return targets
+    """Each ``algo=`` option's learner class path."""
+    return {name: targets[0] for name, targets in group_targets("algo").items()}
 
 
 # trainer.precision's values; metacli.precision maps them to autocast contexts (kept here, free of torch, because

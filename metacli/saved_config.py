@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metacli.config_schema import TrainSchema, config_dir
+from metacli.config_schema import TrainSchema, group_targets
 from metacli.errors import CheckpointError
 
 _OPTIMIZERS = ("Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD")
@@ -30,22 +30,10 @@ _SCHEDULERS = ("ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts",
 
 
 def _shipped_targets() -> list[str]:
-    """Every ``_target_`` of the shipped learner, backbone, dataset and logger configs (package files, read as
-    data): an algorithm added as one file and one YAML is loadable from its saved runs with no edit here."""
-    found = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "_target_" and isinstance(value, str):
-                    found.append(value)
-                else:
-                    walk(value)
-
-    for group in ("algo", "backbone", "dataset", "logger"):
-        for path in sorted((config_dir() / group).glob("*.yaml")):
-            walk(yaml.safe_load(path.read_text()))
-    return found
+    """Every ``_target_`` of the shipped learner, backbone, dataset and logger configs: an algorithm added as one
+    file and one YAML is loadable from its saved runs with no edit here."""
+    return [target for group in ("algo", "backbone", "dataset", "logger")
+            for targets in group_targets(group).values() for target in targets]
 
 
 #: Every class a saved config may name as ``_target_``, spelled exactly as the shipped configs spell it.
