@@ -191,9 +191,9 @@ def _check_writable(run_dir: Path, key: str) -> None:
 
 def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> None:
     """Before Hydra writes into the run dir: check it can be written, refuse to start a new run over a finished
-    or interrupted one (:func:`metacli.reliability.run_dir.check_claim`; the job checks again, as every job of a multirun
-    does), and lock a dir the user named (the only kind two processes can share: ``trainer.resume=true`` on the
-    same ``hydra.run.dir``)."""
+    or interrupted one (:func:`metacli.reliability.run_dir.check_claim`; the job checks again, as every job of a
+    multirun does), and lock a dir the user named (the only kind two processes can share: ``trainer.resume=true``
+    on the same ``hydra.run.dir``)."""
     from metacli.reliability.run_dir import check_claim
     from metacli.reliability.run_lock import lock_run_dir
 

@@ -55,16 +55,15 @@ def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> l
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the whole training job of ``cfg`` in ``run_dir`` and return its test results.
 
-    The run dir is claimed first (:func:`metacli.reliability.run_dir.claim`: never another run's, locked for the job's
-    duration, the job's config saved), so neither a second process nor a sweep job can overwrite the run.
+    The run dir is claimed first (:func:`metacli.reliability.run_dir.claim`: never another run's, locked for the
+    job's duration, the job's config saved), so neither a second process nor a sweep job can overwrite the run.
     """
     check_ranges(cfg)
     claim(cfg, run_dir, cfg.trainer.resume)
     try:
         return _train(cfg, run_dir)
     except BaseException:
-        unlock_run_dir(run_dir)
-        discard_if_empty(run_dir, RUN_START)
+        discard_if_empty(run_dir, RUN_START)  # still locked: no other process can be starting in it
         raise
     finally:
         unlock_run_dir(run_dir)
@@ -120,6 +119,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     start_step, best_val, best_step, skipped = 0, family.worst, None, 0
     # Wall time counts every session of the run: a resume adds its own to what the checkpoint had taken.
     started, earlier_seconds = time.monotonic(), 0.0
+
+    def wall_seconds() -> float:
+        return earlier_seconds + time.monotonic() - started
+
     threads = thread_layout(learner)
     state = load_latest_good(run_dir / LAST, device) if cfg.trainer.resume else None
     if state is not None:
@@ -142,7 +145,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
                  "origin": trained_on, "rng": capture_rng(generator), "threads": threads,
-                 "wall_seconds": earlier_seconds + time.monotonic() - started}
+                 "wall_seconds": wall_seconds()}
         save_checkpoint(state, *([run_dir / BEST] if best else []), run_dir / LAST)
 
     def log_row(row: dict, step: int) -> None:
@@ -206,7 +209,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                                         f"stopped while testing; {_kept_checkpoint(run_dir)}: rerun with "
                                         "trainer.resume=true to test it and write results.json"))
         write_json(results, run_dir / RESULTS)
-        write_json({"wall_seconds": earlier_seconds + time.monotonic() - started}, run_dir / TIMING)
+        write_json({"wall_seconds": wall_seconds()}, run_dir / TIMING)
         for logger in loggers:
             logger.log_results(results)
         if cfg.trainer.plots:
@@ -230,17 +233,15 @@ def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset) -> dic
     """``curves.png`` (when metrics were logged to metrics.jsonl) and ``episode.png``, by their W&B keys."""
     from metacli import plots  # matplotlib is imported only by runs that draw
 
-    metric = learner.family.metric
-    title = f"{type(learner).__name__} on {dataset.name}, {cfg.task.n_way}-way {cfg.task.k_shot}-shot"
-    if learner.family.name == "classification":
-        episode = plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed)
-    else:
-        title = f"{type(learner).__name__} on {dataset.name}, {cfg.task.k_shot}-shot"
-        episode = plots.regression_figure(learner, test_sampler, cfg.eval.seed)
+    classifies = learner.family.name == "classification"
+    shape = f"{cfg.task.n_way}-way {cfg.task.k_shot}-shot" if classifies else f"{cfg.task.k_shot}-shot"
+    title = f"{type(learner).__name__} on {dataset.name}, {shape}"
+    episode = (plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed) if classifies
+               else plots.regression_figure(learner, test_sampler, cfg.eval.seed))
     images = {"plots/episode": plots.save(episode, run_dir / plots.EPISODE)}
     metrics = run_dir / METRICS
     if metrics.exists():
-        images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title, metric),
+        images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title, learner.family.metric),
                                             run_dir / plots.CURVES)
     return images
 

@@ -20,6 +20,11 @@ from metacli.tasks import REGRESSION
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 
 
+def _curve(amplitude: torch.Tensor, phase: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A task's targets: ``A sin(x - phase)``."""
+    return amplitude * torch.sin(x - phase)
+
+
 class SinusoidTasks:
     """Draws batches of sinusoid tasks with the sampler interface of :class:`~metacli.data.episodes.EpisodeSampler`:
     ``sample`` for training, ``fixed`` for the pinned validation and test tasks."""
@@ -41,8 +46,7 @@ class SinusoidTasks:
         return amplitude, phase, x
 
     def _batch(self, amplitude: torch.Tensor, phase: torch.Tensor, x: torch.Tensor) -> EpisodeBatch:
-        y = amplitude * torch.sin(x - phase)
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = x.to(self.device), _curve(amplitude, phase, x).to(self.device)
         k = self.k_shot
         return EpisodeBatch(support_x=x[:, :k], support_y=y[:, :k], query_x=x[:, k:], query_y=y[:, k:], n_way=1)
 
@@ -62,8 +66,8 @@ class SinusoidTasks:
         amplitude, phase, x = self.draw(1, self._generator(seed), self.k_shot + self.n_query)
         support_x = x[:, :self.k_shot]
         grid = torch.linspace(*self.dataset.x_range, points).view(1, points, 1)
-        truth = amplitude * torch.sin(grid - phase)
-        episode = Episode(support_x[0].to(self.device), (amplitude * torch.sin(support_x - phase))[0].to(self.device),
+        truth = _curve(amplitude, phase, grid)
+        episode = Episode(support_x[0].to(self.device), _curve(amplitude, phase, support_x)[0].to(self.device),
                           grid[0].to(self.device), truth[0].to(self.device), 1)
         return episode, grid[0, :, 0], truth[0, :, 0]
 
