@@ -1,29 +1,51 @@
-"""Run dirs written by an earlier metacli keep working: ``tests/fixtures/run-407cb57`` is a smoke run written by
-commit 407cb57 (before task families, the reliability package and ``timing.json``; its results keep
-``episode_accuracies``). It must re-test to the same numbers, compare with a new result, resume, and load."""
+"""Run dirs written by an earlier metacli keep working. The fixture is a smoke run put back into the format of
+commit 407cb57 (before task families, ``timing.json`` and the checkpoint's wall time): its results keep
+``episode_accuracies``, it has no ``timing.json``, its checkpoints hold no ``wall_seconds`` and its config spells
+the objective ``val/accuracy``. It must re-test to the same numbers, compare with a new result, resume, and load."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import run_cli
 from metacli import load_learner
 from metacli.data.synthetic import SyntheticGlyphs
+from metacli.reliability.checkpoint import load_checkpoint, save_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "run-407cb57"
 OVERRIDES = ["experiment=smoke", "backbone.hidden=8", "trainer.val_every=2", "trainer.checkpoint_every=2",
              "eval.episodes=10"]
 
 
-def old_run(tmp_path: Path) -> Path:
-    return Path(shutil.copytree(FIXTURE, tmp_path / "old"))  # runs write into their dir: never into the repo
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("old") / "run"
+    done = run_cli("train", *OVERRIDES, "trainer.steps=4", f"hydra.run.dir={run}", cwd=run.parent)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run / "results.json").read_text())
+    results["episode_accuracies"] = results.pop("episode_scores")
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "timing.json").unlink()
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(run / name)
+        del state["wall_seconds"]
+        save_checkpoint(state, run / name)
+    config = OmegaConf.load(run / ".hydra" / "config.yaml")
+    config.trainer.objective = "val/accuracy"
+    OmegaConf.save(config, run / ".hydra" / "config.yaml")
+    return run
 
 
-def test_an_old_run_retests_to_its_numbers_and_compares_with_a_new_result(tmp_path):
-    run = old_run(tmp_path)
+def old_run(template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(template, tmp_path / "old"))
+
+
+def test_an_old_run_retests_to_its_numbers_and_compares_with_a_new_result(template, tmp_path):
+    run = old_run(template, tmp_path)
     done = run_cli("eval", f"checkpoint={run}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     old, new = (json.loads((d / "results.json").read_text()) for d in (run, tmp_path / "again"))
@@ -34,8 +56,8 @@ def test_an_old_run_retests_to_its_numbers_and_compares_with_a_new_result(tmp_pa
     assert json.loads(compared.stdout)["difference"] == 0
 
 
-def test_an_old_run_resumes_and_loads(tmp_path):
-    run = old_run(tmp_path)
+def test_an_old_run_resumes_and_loads(template, tmp_path):
+    run = old_run(template, tmp_path)
     done = run_cli("train", *OVERRIDES, "trainer.steps=6", "trainer.resume=true", f"hydra.run.dir={run}",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr
