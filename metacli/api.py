@@ -57,7 +57,7 @@ class FewShotPredictor:
         episode = Episode(self._encode(support_images), support_y, self._encode(query_images),
                           torch.zeros(len(query_images), dtype=torch.long, device=self.device), len(classes))
         with self.learner.evaluation_mode():
-            predicted = self.learner.query_logits(episode, training=False).argmax(dim=1)
+            predicted = self.learner.predict(episode, training=False).argmax(dim=1)
         lookup = torch.tensor(classes)
         return lookup[predicted.cpu()]
 

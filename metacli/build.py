@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.config_schema import algo_targets
@@ -19,6 +19,7 @@ from metacli.data.base import FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
 from metacli.errors import CheckpointError, ConfigError, MetacliError
+from metacli.execution.settings import Execution
 from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
 from metacli.saved_config import run_file
 
@@ -115,12 +116,20 @@ def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     return learner
 
 
+def build_execution(cfg: DictConfig) -> Execution:
+    """The ``execution.*`` settings, a bad value a one-line ConfigError."""
+    try:
+        return Execution(**OmegaConf.to_container(cfg.execution))
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; fix the execution.* override") from None
+
+
 def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
                      split: str = "train") -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
     episodes, or a mini-batch of labelled images for a non-episodic learner."""
     where = f"{split} split"
-    if not learner.episodic:
+    if learner.training_data == "labelled":
         return partial(ImageBatchSampler(dataset.split(split), dataset.normalize, device, where=where).sample,
                        cfg.trainer.batch_size)
     task = cfg.task

@@ -24,6 +24,7 @@ from metacli.config_schema import config_dir, register
 from metacli.errors import MetacliError, Preempted
 from metacli.reliability.preemption import INTERRUPT_EXIT_CODE, exit_code
 from metacli.reliability.run_dir import SWEEP_START, discard_if_empty
+from metacli.saved_config import MOVED_TO_EXECUTION
 from metacli import search  # noqa: F401  (registers the resolver that numbers a continued search's job dirs)
 
 COMMANDS = {
@@ -221,6 +222,9 @@ def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:
 
 
 def _one_line(exc: Exception, command: str) -> str:
+    moved = [key for key in MOVED_TO_EXECUTION if f"'algo.{key}'" in str(exc)]
+    if moved:  # an earlier metacli's override
+        return f"algo.{moved[0]} is now execution.{moved[0]}: override execution.{moved[0]} instead"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     cause = exc.__cause__
     if cause is not None and str(cause).strip():

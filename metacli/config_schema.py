@@ -42,7 +42,7 @@ def algo_targets() -> dict[str, str]:
     return {name: targets[0] for name, targets in group_targets("algo").items()}
 
 
-# trainer.precision's values; metacli.precision maps them to autocast contexts (kept here, free of torch, because
+# trainer.precision's values; metacli.execution.precision maps them to autocast contexts (kept here, free of torch, because
 # the CLI composes configs before it imports torch).
 PRECISIONS = ("fp32", "bf16")
 # Validation metrics a sweep may optimise; auto: the task family's (accuracy, or mse for regression).
@@ -90,6 +90,16 @@ class TrainerSchema:
 
 
 @dataclass
+class ExecutionSchema:
+    """How meta-batches run (metacli.execution.settings.Execution checks the values)."""
+
+    vectorize: Any = "auto"
+    batch_first_step: bool = True
+    checkpoint_inner: bool = False
+    task_threads: Any = "auto"
+
+
+@dataclass
 class EvalSchema:
     episodes: int = _at_least(1, 600)
     seed: int = 0
@@ -103,6 +113,7 @@ class TrainSchema:
     task: TaskSchema = field(default_factory=TaskSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
+    execution: ExecutionSchema = field(default_factory=ExecutionSchema)
     algo: Any = None
     dataset: Any = None
     backbone: Any = None

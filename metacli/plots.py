@@ -67,7 +67,7 @@ def regression_figure(learner: FewShotLearner, sampler, seed: int) -> Figure:
     """The first test task: its support points, the true curve, and the prediction after adapting to them."""
     episode, grid, truth = sampler.curve(seed)
     with learner.evaluation_mode():
-        predicted = learner.query_logits(episode, training=False).detach().cpu().view(-1)
+        predicted = learner.predict(episode, training=False).detach().cpu().view(-1)
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.subplots()
     axes.plot(grid, truth, color="black", label="truth")
@@ -94,7 +94,7 @@ def episode_figure(learner: FewShotLearner, sampler: EpisodeSampler, dataset: Fe
     batch = next(sampler.fixed(1, seed, 1))
     episode = next(iter(batch))
     with learner.evaluation_mode():
-        predicted = learner.query_logits(episode, training=False).detach().argmax(dim=1).cpu()
+        predicted = learner.predict(episode, training=False).detach().argmax(dim=1).cpu()
     shots, per_class = len(episode.support_y) // episode.n_way, len(episode.query_y) // episode.n_way
     # Queries come grouped by class: take them round-robin, so every class is shown.
     shown = [c * per_class + j for j in range(per_class) for c in range(episode.n_way)][:max_queries]

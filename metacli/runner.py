@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.algorithms.task_threads import thread_layout
-from metacli.build import (build, build_dataset, build_learner, build_partial, load_trained, resolve_device,
+from metacli.build import (build, build_dataset, build_execution, build_learner, build_partial, load_trained, resolve_device,
                            seed_everything, training_batches)
 from metacli.config_schema import check_ranges
 from metacli.errors import CheckpointError, ConfigError, TrainingError
@@ -23,7 +22,9 @@ from metacli.evaluation import build_results, make_test_sampler, score
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
-from metacli.precision import training_precision
+from metacli.execution.meta_batch import meta_train_step
+from metacli.execution.precision import training_precision
+from metacli.execution.task_threads import thread_layout
 from metacli.reliability.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
 from metacli.reliability.host_memory import retain_freed_memory
 from metacli.reliability.memory_budget import check_memory
@@ -106,6 +107,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.trainer.check_memory:
         check_memory(cfg, dataset, device)
     learner = build_learner(cfg, dataset).to(device)
+    execution = build_execution(cfg)
     trained_on = origin(cfg, dataset)
     next_batch = training_batches(cfg, learner, dataset, device)
     val_sampler = dataset.episodes("val", cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query, device,
@@ -123,7 +125,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     def wall_seconds() -> float:
         return earlier_seconds + time.monotonic() - started
 
-    threads = thread_layout(learner)
+    threads = thread_layout(learner, execution)
     state = load_latest_good(run_dir / LAST, device) if cfg.trainer.resume else None
     if state is not None:
         _load_state(state, trained_on, run_dir / LAST, learner, optimizer, scheduler)
@@ -133,7 +135,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("resumed from %s at step %d", run_dir / LAST, start_step)
         if state.get("threads") not in (None, threads):  # None: a checkpoint older than this record
             log.warning("this run was meta-trained with %s and resumes with %s: its numbers will differ from an "
-                        "uninterrupted run's at rounding level; set algo.task_threads and OMP_NUM_THREADS as before "
+                        "uninterrupted run's at rounding level; set execution.task_threads and OMP_NUM_THREADS as before "
                         "to continue it exactly", state["threads"], threads)
     elif cfg.trainer.resume:
         log.warning("trainer.resume=true but %s has no %s: starting from scratch", run_dir, LAST)
@@ -164,7 +166,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     learner.train()
                     optimizer.zero_grad(set_to_none=True)
                     with training_precision(cfg.trainer.precision, device):
-                        metrics = learner.meta_train_step(next_batch(generator))
+                        metrics = meta_train_step(learner, next_batch(generator), execution)
                     fault = _nonfinite(metrics["loss"], learner)
                     if fault is None:
                         optimizer.step()

@@ -117,6 +117,7 @@ def load_run_config(run_dir: Path) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise CheckpointError(f"{config_file} is a {type(cfg).__name__}, not a run's config; {restore}")
     check_saved_config(cfg, config_file)
+    _move_execution_keys(cfg)
     missing = [s for s in _SECTIONS if not isinstance(cfg._get_node(s), DictConfig)]
     if missing:
         raise CheckpointError(f"{config_file} is not a run's config (no {', '.join(missing)} section): it is empty, "
@@ -128,3 +129,17 @@ def load_run_config(run_dir: Path) -> DictConfig:
         reason = " ".join(str(exc).splitlines()[0].split())
         raise CheckpointError(f"{config_file} does not fit metacli's train config ({reason}); {restore}") from None
     return typed
+
+
+# Run dirs written before metacli.execution kept the meta-batch settings among the algorithm's.
+MOVED_TO_EXECUTION = ("vectorize", "batch_first_step", "checkpoint_inner", "task_threads")
+
+
+def _move_execution_keys(cfg: DictConfig) -> None:
+    """Move an earlier run's ``algo.task_threads`` (and the other execution keys) to ``execution.*``."""
+    algo = cfg.get("algo")
+    if not isinstance(algo, DictConfig):
+        return
+    moved = {key: algo.pop(key) for key in MOVED_TO_EXECUTION if key in algo}
+    if moved:
+        cfg.execution = OmegaConf.merge(cfg.get("execution") or {}, moved)

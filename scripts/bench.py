@@ -18,6 +18,7 @@ run's precision (fp32, or bf16 with trainer.precision=bf16).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -81,14 +82,16 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from metacli.algorithms.task_threads import thread_layout
-    from metacli.algorithms.timing import timed_phases
-    from metacli.build import build_dataset, build_learner, build_partial, resolve_device, training_batches
-    from metacli.cli import config_dir
-    from metacli.config_schema import register
+    from metacli.build import (build_dataset, build_execution, build_learner, build_partial, resolve_device,
+                               training_batches)
+    from metacli.config_schema import config_dir, register
+    from metacli.execution.meta_batch import meta_train_step
+    from metacli.execution.precision import training_precision
+    from metacli.execution.settings import Execution
+    from metacli.execution.task_threads import thread_layout
+    from metacli.execution.timing import timed_phases
+    from metacli.models.kernels import pooled_product
     from metacli.reliability.host_memory import retain_freed_memory
-    from metacli.models import pooled_product
-    from metacli.precision import training_precision
 
     register()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -99,13 +102,15 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     device_t = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device_t)
+    execution = build_execution(cfg)
     optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
     next_batch = training_batches(cfg, learner, dataset, device_t, split)
     generator = torch.Generator().manual_seed(0)
-    per_step, unit = (cfg.trainer.meta_batch, "tasks") if learner.episodic else (cfg.trainer.batch_size, "images")
+    episodic = learner.training_data == "episodes"
+    per_step, unit = (cfg.trainer.meta_batch, "tasks") if episodic else (cfg.trainer.batch_size, "images")
     sync = torch.cuda.synchronize if device_t.type == "cuda" else (lambda: None)
 
-    def step(phases: dict) -> None:
+    def step(phases: dict, execution: Execution = execution) -> None:
         sync()
         start = time.perf_counter()
         batch = next_batch(generator)
@@ -113,7 +118,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
         phases["sampling"] += time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
         with training_precision(cfg.trainer.precision, device_t):
-            learner.meta_train_step(batch)
+            meta_train_step(learner, batch, execution)
         sync()
         start = time.perf_counter()
         optimizer.step()
@@ -140,22 +145,20 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
         peak = torch.cuda.max_memory_allocated() - base_memory
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_memory
-    top_ops = profile_step(step, learner, device_t, profile) if profile else None
-    threads = thread_layout(learner)  # before the FLOP count below pins one task thread
+    top_ops = profile_step(step, execution, device_t, profile) if profile else None
+    threads = thread_layout(learner, execution)
     # Count in this thread, the only one the counter sees, and on the serial path: the same arithmetic, no vmap
     # under the counter.
-    learner.task_threads = 1
-    if hasattr(learner, "vectorize"):
-        learner.vectorize, learner.batch_first_step = False, False
+    serial = Execution(vectorize=False, batch_first_step=False, task_threads=1)
     # The native first block of the max-pool Conv4 is invisible to the counter: count its native twin instead.
     with FlopCounterMode(display=False) as counter, training_precision(cfg.trainer.precision, device_t), \
             pooled_product.disabled():
-        learner.meta_train_step(next_batch(generator))
+        meta_train_step(learner, next_batch(generator), serial)
     seconds = statistics.median(times)
     flops = counter.get_total_flops()
     matmul_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
     return {**case, "device": str(device_t), "episodes_from_split": split, "steps_timed": steps,
-            "meta_batch" if learner.episodic else "batch_size": per_step,
+            "meta_batch" if episodic else "batch_size": per_step,
             "seconds_per_meta_iteration": seconds, f"{unit}_per_second": per_step / seconds,
             "breakdown_seconds": {k: v / steps for k, v in sorted(phases.items())},
             "sampling_fraction": phases["sampling"] / sum(times),
@@ -167,7 +170,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
             **({"top_ops": top_ops} if top_ops is not None else {})}
 
 
-def profile_step(step, learner, device, count: int) -> list[dict]:
+def profile_step(step, execution, device, count: int) -> list[dict]:
     """The ``count`` operators with the most self time in one more meta-iteration under ``torch.profiler``, by
     operator and input shapes, so that a JSON says where the time went.
 
@@ -179,10 +182,8 @@ def profile_step(step, learner, device, count: int) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    task_threads, learner.task_threads = learner.task_threads, 1
     with profile(activities=activities, record_shapes=True) as prof:
-        step(defaultdict(float))
-    learner.task_threads = task_threads
+        step(defaultdict(float), dataclasses.replace(execution, task_threads=1))
     events = prof.key_averages(group_by_input_shape=True)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events) or 1.0
@@ -241,8 +242,8 @@ def cases(args) -> list[dict]:
         return [{"setup": "omniglot_conv4_stride", "algo": "maml_second_order", "vectorize": args.vectorize[0],
                  "inner_steps": steps, "checkpoint_inner": ckpt,
                  "overrides": [*SETUPS["omniglot_conv4_stride"], *TASK, *ALGOS["maml_second_order"],
-                               f"algo.inner_steps={steps}", f"algo.checkpoint_inner={str(ckpt).lower()}",
-                               f"algo.vectorize={args.vectorize[0]}", "trainer.meta_batch=8"]}
+                               f"algo.inner_steps={steps}", f"execution.checkpoint_inner={str(ckpt).lower()}",
+                               f"execution.vectorize={args.vectorize[0]}", "trainer.meta_batch=8"]}
                 for ckpt in (False, True) for steps in (1, 5, 10, 20)]
     out = []
     for setup in args.setups:
@@ -250,7 +251,7 @@ def cases(args) -> list[dict]:
             for vectorize in (args.vectorize if algo in VECTORIZABLE else [None]):
                 overrides = [*SETUPS[setup], *TASK, *ALGOS[algo], *args.set]
                 if vectorize is not None:
-                    overrides.append(f"algo.vectorize={vectorize}")
+                    overrides.append(f"execution.vectorize={vectorize}")
                 out.append({"setup": setup, "algo": algo, "vectorize": vectorize, "overrides": overrides})
     return out
 
@@ -276,7 +277,7 @@ def main() -> None:
                         choices=list(ALGOS))
     parser.add_argument("--device", default="cpu", help="device config: cpu, cuda or auto")
     parser.add_argument("--vectorize", nargs="+", default=["auto"], choices=["auto", "true", "false"],
-                        help="algo.vectorize values to measure for the MAML family")
+                        help="execution.vectorize values to measure for the MAML family")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every case")
     parser.add_argument("--memory-sweep", action="store_true",
                         help="MAML 2nd order, meta-batch 8, at 1/5/10/20 inner steps, with and without checkpointing")

@@ -9,7 +9,8 @@ from metacli.data.batches import ImageBatchSampler
 from metacli.data.episodes import Episode, EpisodeSampler
 from metacli.data.synthetic import SyntheticGlyphs
 from metacli.evaluation import score
-from metacli.precision import training_precision
+from metacli.execution.precision import training_precision
+from metacli.execution.meta_batch import meta_train_step
 
 
 def sampler(glyphs: SyntheticGlyphs, split: str = "train", n_way: int = 5, k_shot: int = 1, n_query: int = 5) -> EpisodeSampler:
@@ -35,12 +36,12 @@ def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr:
     before = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
     optimizer = optimizer(learner.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
-    train = sampler(glyphs, "train") if learner.episodic else ImageBatchSampler(glyphs.split("train"), glyphs.normalize)
+    train = sampler(glyphs, "train") if learner.training_data == "episodes" else ImageBatchSampler(glyphs.split("train"), glyphs.normalize)
     for _ in range(steps):
         learner.train()
         optimizer.zero_grad(set_to_none=True)
         with training_precision(precision, torch.device("cpu")):
-            metrics = learner.meta_train_step(train.sample(meta_batch, generator))
+            metrics = meta_train_step(learner, train.sample(meta_batch, generator))
         assert torch.isfinite(torch.tensor(metrics["loss"]))
         optimizer.step()
     after = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
@@ -60,7 +61,7 @@ def train_a_little(learner: FewShotLearner, glyphs, steps: int = 2, lr: float = 
     optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
     for seed in range(steps):
         optimizer.zero_grad()
-        learner.meta_train_step(batch(glyphs, seed=seed))
+        meta_train_step(learner, batch(glyphs, seed=seed))
         optimizer.step()
     learner.zero_grad(set_to_none=True)
     return learner
@@ -71,7 +72,7 @@ def assert_evaluation_leaves_no_trace(learner: FewShotLearner, ep: Episode) -> t
     flag. Returns the evaluation logits."""
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     with torch.no_grad(), learner.evaluation_mode():
-        first, second = learner.query_logits(ep, training=False), learner.query_logits(ep, training=False)
+        first, second = learner.predict(ep, training=False), learner.predict(ep, training=False)
     assert torch.equal(first, second) and torch.isfinite(first).all()
     accuracy = learner.evaluate_episode(ep)
     assert accuracy == (first.argmax(dim=1) == ep.query_y).float().mean().item()

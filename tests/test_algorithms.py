@@ -18,6 +18,7 @@ from metacli.algorithms.similarity import class_means
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
+from metacli.execution.meta_batch import meta_train_step
 
 
 from learning import assert_learned, batch, episode, meta_train, sampler
@@ -37,7 +38,7 @@ def pretrain(learner: FewShotLearner, glyphs, steps: int = 4, seed: int = 0) -> 
     for _ in range(steps):
         learner.train()
         optimizer.zero_grad()
-        learner.meta_train_step(train.sample(2, generator))
+        meta_train_step(learner, train.sample(2, generator))
         optimizer.step()
     return learner
 
@@ -51,8 +52,8 @@ def test_first_order_meta_gradient_differs_from_second_order(glyphs):
     first = copy.deepcopy(second)
     first.train_loop = dataclasses.replace(first.train_loop, second_order=False)
     tasks = batch(glyphs, size=2)
-    metrics_second = second.meta_train_step(tasks)
-    metrics_first = first.meta_train_step(tasks)
+    metrics_second = meta_train_step(second, tasks)
+    metrics_first = meta_train_step(first, tasks)
     # Same weights, same tasks: the same forward pass and loss; only the meta-gradient differs.
     assert metrics_first["loss"] == pytest.approx(metrics_second["loss"], rel=1e-6)
     grads_second = {n: p.grad for n, p in second.backbone.named_parameters()}
@@ -126,8 +127,8 @@ def test_zero_test_inner_steps_means_no_adaptation(glyphs):
     adapted = model.adapt(ep, training=False)
     assert all(torch.equal(adapted[n], p) for n, p in model.named_parameters())
     with torch.no_grad():
-        assert torch.allclose(model.query_logits(ep, training=False), model(ep.query_x))
-        assert not torch.allclose(model.query_logits(ep, training=True), model(ep.query_x))
+        assert torch.allclose(model.predict(ep, training=False), model(ep.query_x))
+        assert not torch.allclose(model.predict(ep, training=True), model(ep.query_x))
 
 
 @pytest.mark.parametrize("kwargs", [dict(inner_steps=0), dict(inner_lr=0.0), dict(inner_lr=-0.1)])
@@ -202,7 +203,7 @@ def test_bn_modes_give_different_query_logits(glyphs, make):
     for mode in ("transductive", "running"):
         learner.bn_mode = mode
         with torch.no_grad(), learner.evaluation_mode():
-            logits[mode] = learner.query_logits(ep, training=False)
+            logits[mode] = learner.predict(ep, training=False)
     assert logits["transductive"].shape == logits["running"].shape == (25, 5)
     assert torch.isfinite(logits["transductive"]).all() and torch.isfinite(logits["running"]).all()
     assert not torch.allclose(logits["transductive"], logits["running"], atol=1e-3)
@@ -217,7 +218,7 @@ def test_running_mode_classifies_each_query_on_its_own(glyphs):
     for mode in ("transductive", "running"):
         learner.bn_mode = mode
         with torch.no_grad(), learner.evaluation_mode():
-            results[mode] = (learner.query_logits(ep, training=False)[:3], learner.query_logits(few, training=False))
+            results[mode] = (learner.predict(ep, training=False)[:3], learner.predict(few, training=False))
     assert torch.allclose(*results["running"], atol=1e-4), "running BN: a query's logits must not depend on the others"
     assert not torch.allclose(*results["transductive"], atol=1e-4), "transductive BN uses the episode's statistics"
 
@@ -283,8 +284,8 @@ def test_protonet_logits_on_a_hand_example():
                  query_x=points((1, 0), (1, 3), (5, 4)), query_y=torch.tensor([0, 0, 1]), n_way=2)
     # Prototypes (1, 0) and (5, 4).
     expected = -torch.tensor([[0.0, 32.0], [9.0, 17.0], [32.0, 0.0]])
-    assert torch.allclose(learner.query_logits(ep, training=False), expected, atol=1e-4)
-    loss, accuracy = learner.episode_loss(ep, training=False)
+    assert torch.allclose(learner.predict(ep, training=False), expected, atol=1e-4)
+    loss, accuracy = learner.task_loss(ep, training=False)
     assert accuracy.item() == 1.0 and loss.item() == pytest.approx(F.cross_entropy(expected, ep.query_y).item(), rel=1e-4)
 
 
@@ -295,7 +296,7 @@ def test_protonet_logits_are_negative_squared_distances_to_prototypes(glyphs):
     ep = episode(glyphs, seed=9, k_shot=3, n_query=4, split="test")
     learner.eval()
     with torch.no_grad():
-        logits = learner.query_logits(ep, training=False)
+        logits = learner.predict(ep, training=False)
         support, query = learner.backbone(ep.support_x), learner.backbone(ep.query_x)
     prototypes = torch.stack([support[ep.support_y == c].mean(0) for c in range(5)])
     expected = -((query[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)
@@ -308,15 +309,15 @@ def test_protonet_cosine_distance():
     learner = ProtoNet(Pixels(2), 2, distance="cosine", temperature=10.0)
     ep = Episode(support_x=points((1, 0), (3, 0), (0, 2)), support_y=torch.tensor([0, 0, 1]),
                  query_x=points((3, 3), (0, 5), (-2, 0)), query_y=torch.tensor([0, 1, 0]), n_way=2)
-    logits = learner.query_logits(ep, training=False)
+    logits = learner.predict(ep, training=False)
     s = 10.0 / 2**0.5
     expected = torch.tensor([[s, s], [0.0, 10.0], [-10.0, 0.0]])
     assert torch.allclose(logits, expected, atol=1e-4)
     # Scale-invariant, unlike the Euclidean distance.
     scaled = Episode(ep.support_x * 7, ep.support_y, ep.query_x * 0.5, ep.query_y, 2)
-    assert torch.allclose(learner.query_logits(scaled, training=False), expected, atol=1e-4)
+    assert torch.allclose(learner.predict(scaled, training=False), expected, atol=1e-4)
     euclidean = ProtoNet(Pixels(2), 2)
-    assert not torch.allclose(euclidean.query_logits(scaled, training=False), euclidean.query_logits(ep, training=False))
+    assert not torch.allclose(euclidean.predict(scaled, training=False), euclidean.predict(ep, training=False))
     with pytest.raises(ValueError, match="distance"):
         ProtoNet(Pixels(2), 2, distance="manhattan")
 
@@ -327,8 +328,8 @@ def test_protonet_trains_with_a_higher_way_than_it_tests(glyphs):
     tasks = batch(glyphs, size=2, n_way=10, k_shot=1, n_query=2)
     assert tasks.n_way == 10
     with torch.no_grad():
-        assert learner.query_logits(next(iter(tasks)), training=True).shape == (20, 10)
-    metrics = learner.meta_train_step(tasks)
+        assert learner.predict(next(iter(tasks)), training=True).shape == (20, 10)
+    metrics = meta_train_step(learner, tasks)
     assert metrics["loss"] > 0 and torch.isfinite(torch.tensor(metrics["loss"]))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in learner.parameters())
     assert learner.backbone.features[0].weight.grad.norm() > 0

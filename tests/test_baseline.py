@@ -16,6 +16,7 @@ from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
 from metacli.errors import ConfigError, DataError
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
 
 from conftest import run_cli
 from learning import assert_learned, episode, meta_train
@@ -92,7 +93,7 @@ def test_training_is_cross_entropy_over_all_training_classes(glyphs):
     torch.manual_seed(0)
     learner = small_baseline()
     batch = ImageBatchSampler(glyphs.split("train"), glyphs.normalize).sample(16, torch.Generator().manual_seed(0))
-    metrics = learner.meta_train_step(batch)
+    metrics = meta_train_step(learner, batch)
     expected = torch.nn.functional.cross_entropy(learner.classifier(learner.backbone(batch.x)), batch.y)
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
@@ -115,8 +116,8 @@ def test_test_time_head_is_deterministic_and_leaves_no_trace(glyphs, head):
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     rng = torch.get_rng_state()
     with torch.no_grad(), learner.evaluation_mode():
-        first = learner.query_logits(ep, training=False)
-        second = learner.query_logits(ep, training=False)
+        first = learner.predict(ep, training=False)
+        second = learner.predict(ep, training=False)
     assert first.shape == (len(ep.query_y), 7) and torch.equal(first, second)
     assert torch.equal(torch.get_rng_state(), rng), "fitting a head must not move the run's RNG"
     after = learner.state_dict()

@@ -58,7 +58,7 @@ def test_train_writes_run_record(trained_run):
     assert results["algorithm"] == "ProtoNet" and results["task"] == {"n_way": 5, "k_shot": 1, "n_query": 5}
     assert 0 < results["ci95"] < 0.2
     assert results["accuracy"] > 0.45, "60 ProtoNet steps on synthetic glyphs should be far above 5-way chance"
-    # algo.task_threads=auto: one worker per intra-op thread, whatever this machine has.
+    # execution.task_threads=auto: one worker per intra-op thread, whatever this machine has.
     threads = results["trained_on_threads"]
     assert threads["task_threads"] == threads["intra_op_threads"] >= 1
     rows = read_rows(trained_run / "metrics.jsonl")
@@ -141,10 +141,10 @@ def test_resume_continues_to_the_same_numbers(tmp_path):
 def test_resume_on_other_threads_warns_and_records_them(tmp_path):
     run_dir = tmp_path / "run"
     base = ["experiment=smoke", "trainer.val_every=2", "eval.episodes=5", f"hydra.run.dir={run_dir}"]
-    first = run_cli("train", *base, "trainer.steps=2", "algo.task_threads=2", cwd=tmp_path)
+    first = run_cli("train", *base, "trainer.steps=2", "execution.task_threads=2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert load_checkpoint(run_dir / "last.pt")["threads"]["task_threads"] == 2
-    second = run_cli("train", *base, "trainer.steps=4", "trainer.resume=true", "algo.task_threads=1", cwd=tmp_path)
+    second = run_cli("train", *base, "trainer.steps=4", "trainer.resume=true", "execution.task_threads=1", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     log = second.stdout + second.stderr
     assert "'task_threads': 2" in log and "'task_threads': 1" in log and "rounding level" in log, log

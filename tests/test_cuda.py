@@ -17,7 +17,8 @@ from metacli.algorithms.maml import MAML
 from metacli.build import build_dataset, build_learner, training_batches
 from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
-from metacli.precision import training_precision
+from metacli.execution.precision import training_precision
+from metacli.execution.meta_batch import meta_train_step
 from test_configs import compose, options
 from test_reliability import outputs, resume, rows, start, wait_for
 from test_vectorize import assert_paths_agree, random_batch
@@ -77,7 +78,7 @@ def test_every_algo_takes_a_cuda_step(algo, precision):
         torch.Generator().manual_seed(0))
     learner = copy.deepcopy(learner).train()
     with training_precision(precision, CUDA):
-        loss = learner.meta_train_step(batch)["loss"]
+        loss = meta_train_step(learner, batch)["loss"]
     grads = [p.grad for p in learner.parameters() if p.grad is not None]
     assert grads and all(g.is_cuda and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert torch.isfinite(torch.tensor(loss)) and any(g.abs().max() > 0 for g in grads)
@@ -88,12 +89,13 @@ import torch
 from metacli.algorithms.protonet import ProtoNet
 from metacli.data.synthetic import SyntheticGlyphs
 from metacli.data.episodes import EpisodeSampler
-from metacli.models import pooled_product
+from metacli.models.kernels import pooled_product
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
 data = SyntheticGlyphs()
 learner = ProtoNet(Conv4(), n_way=5).to("cuda")
 batch = EpisodeSampler(data.split("train"), 5, 1, 5, data.normalize, "cuda").sample(2, torch.Generator().manual_seed(0))
-learner.meta_train_step(batch)
+meta_train_step(learner, batch)
 print(pooled_product._module is None and not pooled_product._failed)
 """
 

@@ -13,6 +13,7 @@ from metacli.build import build_dataset, build_learner
 from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
 
 from learning import assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train
 
@@ -28,7 +29,7 @@ def pretrain(learner: LEO, glyphs, steps: int = 3) -> LEO:
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     for seed in range(steps):
         optimizer.zero_grad()
-        learner.meta_train_step(batch(glyphs, size=2, seed=seed))
+        meta_train_step(learner, batch(glyphs, size=2, seed=seed))
         optimizer.step()
     return learner
 
@@ -40,7 +41,7 @@ def support_as_query(ep: Episode) -> Episode:
 
 def evaluation_loss(learner: LEO, ep: Episode) -> float:
     with torch.no_grad(), learner.evaluation_mode():
-        return learner.episode_loss(ep, training=False)[0].item()
+        return learner.task_loss(ep, training=False)[0].item()
 
 
 # ---------------------------------------------------------------- inner loop
@@ -63,7 +64,7 @@ def test_inner_learning_rates_are_meta_learned(glyphs):
     learner = small_leo(latent_lr=0.5, finetune_lr=0.01)
     assert learner.log_latent_lr.exp().item() == pytest.approx(0.5)
     assert learner.log_finetune_lr.exp().item() == pytest.approx(0.01)
-    learner.meta_train_step(batch(glyphs))
+    meta_train_step(learner, batch(glyphs))
     assert learner.log_latent_lr.grad.abs() > 0 and learner.log_finetune_lr.grad.abs() > 0
 
 
@@ -116,7 +117,7 @@ def test_training_loss_adds_the_weighted_regularisers(glyphs):
         torch.manual_seed(0)
         learner = small_leo(kl_weight=weights[0], encoder_penalty_weight=weights[1], orthogonality_weight=weights[2])
         torch.manual_seed(1)  # the same noise draws for both
-        losses[name] = learner.episode_loss(ep, training=True)[0].item()
+        losses[name] = learner.task_loss(ep, training=True)[0].item()
         torch.manual_seed(1)
         adapted = learner.adapt(ep, training=True)
     regularisers = (0.5 * adapted.kl + 2.0 * adapted.encoder_penalty
@@ -132,7 +133,7 @@ def test_training_loss_adds_the_weighted_regularisers(glyphs):
 def test_frozen_backbone_gets_no_gradient(glyphs, freeze):
     torch.manual_seed(0)
     learner = small_leo(freeze_backbone=freeze)
-    learner.meta_train_step(batch(glyphs))
+    meta_train_step(learner, batch(glyphs))
     for name, p in learner.named_parameters():
         if freeze and name.startswith("backbone."):
             assert p.grad is None, f"frozen {name} got a gradient"
@@ -151,7 +152,7 @@ def test_evaluation_is_deterministic_and_leaves_no_trace(glyphs, bn_mode):
     ep = episode(glyphs, seed=3, split="test")
     assert_evaluation_leaves_no_trace(learner, ep)
     # Meta-training samples codes and weights, so its logits vary from call to call.
-    assert not torch.equal(learner.query_logits(ep, training=True), learner.query_logits(ep, training=True))
+    assert not torch.equal(learner.predict(ep, training=True), learner.predict(ep, training=True))
 
 
 def test_codes_average_the_relation_over_all_pairs(glyphs):
@@ -176,8 +177,8 @@ def test_support_order_does_not_matter(glyphs):
     order = torch.randperm(len(ep.support_y), generator=torch.Generator().manual_seed(0))
     shuffled = Episode(ep.support_x[order], ep.support_y[order], ep.query_x, ep.query_y, ep.n_way)
     with torch.no_grad(), learner.evaluation_mode():
-        expected = learner.query_logits(ep, training=False)
-        assert torch.allclose(learner.query_logits(shuffled, training=False), expected, atol=1e-5)
+        expected = learner.predict(ep, training=False)
+        assert torch.allclose(learner.predict(shuffled, training=False), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_way", [3, 7])
@@ -186,8 +187,8 @@ def test_any_way_at_test_and_training_time(glyphs, n_way):
     learner = small_leo()  # built for 5 ways
     ep = episode(glyphs, seed=5, n_way=n_way, n_query=2, split="test")
     with torch.no_grad(), learner.evaluation_mode():
-        assert learner.query_logits(ep, training=False).shape == (2 * n_way, n_way)
-    metrics = learner.meta_train_step(batch(glyphs, n_way=n_way, n_query=2))
+        assert learner.predict(ep, training=False).shape == (2 * n_way, n_way)
+    metrics = meta_train_step(learner, batch(glyphs, n_way=n_way, n_query=2))
     assert torch.isfinite(torch.tensor(metrics["loss"]))
 
 

@@ -16,6 +16,7 @@ from metacli.algorithms.base import BN_MODES
 from metacli.algorithms.inner_loop import functional_forward
 from metacli.algorithms.lstm_meta_learner import LSTMMetaLearner, preprocess
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
 
 from learning import assert_learned, batch, episode, meta_train
 
@@ -65,7 +66,7 @@ def test_update_is_forget_times_cell_minus_input_times_gradient():
 def test_meta_gradient_reaches_the_initial_cell_state_and_the_lstm(glyphs):
     torch.manual_seed(0)
     learner = LSTMMetaLearner(Conv4(hidden=8), 5, inner_steps=3)
-    learner.meta_train_step(batch(glyphs, size=2))
+    meta_train_step(learner, batch(glyphs, size=2))
     for name, p in learner.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         # Conv biases feed BatchNorm, which removes them: their gradient is zero whatever the algorithm.
@@ -85,7 +86,7 @@ def test_learner_gradient_is_a_constant_of_the_meta_backward(glyphs):
     adapted = {name: p.detach().requires_grad_() for name, p in learner.adapt(task, training=True).items()}
     query_loss = F.cross_entropy(functional_forward(learner, adapted, task.query_x), task.query_y)
     expected = torch.autograd.grad(query_loss, list(adapted.values()))
-    learner.meta_train_step(tasks)
+    meta_train_step(learner, tasks)
     for (name, p), grad in zip(learner.learner_parameters().items(), expected):
         torch.testing.assert_close(p.grad, 0.9 * grad, msg=name)
 
@@ -94,7 +95,7 @@ def test_learner_gradient_is_a_constant_of_the_meta_backward(glyphs):
 def test_evaluation_leaves_parameters_and_batchnorm_buffers_untouched(glyphs, bn_mode):
     torch.manual_seed(0)
     learner = LSTMMetaLearner(Conv4(hidden=8), 5, bn_mode=bn_mode, inner_steps=3)
-    learner.meta_train_step(batch(glyphs))  # running statistics away from their initial values
+    meta_train_step(learner, batch(glyphs))  # running statistics away from their initial values
     learner.zero_grad(set_to_none=True)
     saved = {name: value.clone() for name, value in learner.state_dict().items()}
     test_episode = episode(glyphs, split="test")
@@ -104,7 +105,7 @@ def test_evaluation_leaves_parameters_and_batchnorm_buffers_untouched(glyphs, bn
         assert torch.equal(value, saved[name]), f"evaluation changed {name}"
     assert all(p.grad is None for p in learner.parameters())
     # Even with autograd on, evaluation builds no graph through the updates (memory flat in the steps).
-    assert not learner.query_logits(test_episode, training=False).requires_grad
+    assert not learner.predict(test_episode, training=False).requires_grad
 
 
 @pytest.mark.parametrize("kwargs", [dict(inner_steps=0), dict(test_inner_steps=-1), dict(hidden_size=0),

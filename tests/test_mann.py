@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import metacli.cli
-from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.mann import MANN, MemoryAugmentedCell, least_used, lrua_read, lrua_write
 from metacli.build import build_dataset, build_learner
 from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step, task_by_task
 
 from learning import assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train, train_a_little
 
@@ -30,7 +30,7 @@ def small_mann(**kwargs) -> MANN:
 
 def evaluation_logits(learner: MANN, ep: Episode) -> torch.Tensor:
     with torch.no_grad(), learner.evaluation_mode():
-        return learner.query_logits(ep, training=False)
+        return learner.predict(ep, training=False)
 
 
 # ---------------------------------------------------------------- memory access
@@ -115,7 +115,7 @@ def test_output_shapes(glyphs):
     assert sorted(labels.tolist()) == sorted(ep.support_y.tolist())
     support, query, _ = learner.episode_logits([ep], training=True)[0]
     assert support.shape == (10, 5) and query.shape == (15, 5)
-    assert learner.query_logits(ep, training=True).shape == (15, 5)
+    assert learner.predict(ep, training=True).shape == (15, 5)
     assert evaluation_logits(learner, ep).shape == (15, 5)
 
 
@@ -208,7 +208,7 @@ def test_loss_is_the_query_cross_entropy_plus_the_weighted_support_steps(glyphs,
     learner = small_mann(support_loss_weight=weight)
     ep = episode(glyphs, seed=6, k_shot=2, n_query=2)
     torch.manual_seed(1)
-    loss, accuracy = learner.episode_loss(ep, training=True)
+    loss, accuracy = learner.task_loss(ep, training=True)
     torch.manual_seed(1)  # the same support order
     sequences, labels = full_sequences(learner, ep, training=True)
     logits = learner.unroll(sequences)[0]
@@ -221,22 +221,24 @@ def test_loss_is_the_query_cross_entropy_plus_the_weighted_support_steps(glyphs,
 def test_gradients_reach_every_parameter(glyphs):
     torch.manual_seed(0)
     learner = small_mann()
-    metrics = learner.meta_train_step(batch(glyphs))
+    metrics = meta_train_step(learner, batch(glyphs))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["accuracy"] <= 1
     for name, p in learner.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_a_meta_batch_in_one_run_matches_task_by_task(glyphs):
-    """The meta-batch's sequences run together: same losses and gradients as the base's task-by-task backward."""
+    """The meta-batch's sequences run together: same losses and gradients as the task-by-task backward."""
     torch.manual_seed(0)
     learner = small_mann(support_loss_weight=0.5)
     meta_batch = batch(glyphs, size=3, seed=8)
     results = []
-    for step in (MANN.meta_train_step, FewShotLearner.meta_train_step):
+    for step in (lambda: meta_train_step(learner, meta_batch), lambda: task_by_task(learner, meta_batch)):
         learner.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same support orders
-        metrics = step(learner, meta_batch)
+        metrics = step()
+        if isinstance(metrics, tuple):  # task_by_task's per-task losses and accuracies
+            metrics = {"loss": metrics[0].mean().item(), "accuracy": metrics[1].mean().item()}
         results.append((metrics, [p.grad.clone() for p in learner.parameters()]))
     (batched, batched_grads), (single, single_grads) = results
     assert batched["loss"] == pytest.approx(single["loss"], rel=1e-5) and batched["accuracy"] == single["accuracy"]
@@ -309,4 +311,4 @@ def test_an_episode_of_another_way_is_refused_with_a_clear_error(glyphs):
     learner = small_mann()
     for n_way in (3, 6):
         with pytest.raises(ValueError, match=f"built 5-way and cannot read a {n_way}-way"):
-            learner.query_logits(episode(glyphs, n_way=n_way), training=False)
+            learner.predict(episode(glyphs, n_way=n_way), training=False)

@@ -17,6 +17,7 @@ from metacli.build import build_dataset, build_learner
 from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
 
 from learning import (assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train,
                       train_a_little)
@@ -30,7 +31,7 @@ def small_net(**kwargs) -> MatchingNet:
 
 def evaluation_logits(learner: MatchingNet, ep: Episode, training: bool = False) -> torch.Tensor:
     with torch.no_grad(), learner.evaluation_mode():
-        return learner.query_logits(ep, training=training)
+        return learner.predict(ep, training=training)
 
 
 def permuted(ep: Episode, order: torch.Tensor) -> Episode:
@@ -116,7 +117,7 @@ def test_fce_adds_lstms_and_gradients_reach_everything(glyphs):
     assert full.query_lstm.input_size == 2 * dim and full.query_lstm.hidden_size == dim
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in plain.parameters())
     for learner in (plain, full):
-        learner.meta_train_step(batch(glyphs))
+        meta_train_step(learner, batch(glyphs))
         for name, p in learner.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
@@ -189,7 +190,7 @@ def test_any_way_at_test_and_training_time(glyphs, n_way, fce):
     learner = small_net(fce=fce)  # built for 5 ways
     ep = episode(glyphs, seed=7, n_way=n_way, n_query=2, split="test")
     assert evaluation_logits(learner, ep).shape == (2 * n_way, n_way)
-    metrics = learner.meta_train_step(batch(glyphs, n_way=n_way, n_query=2))
+    metrics = meta_train_step(learner, batch(glyphs, n_way=n_way, n_query=2))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["accuracy"] <= 1
 
 

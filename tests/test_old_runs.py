@@ -1,7 +1,7 @@
 """Run dirs written by an earlier metacli keep working. The fixture is a smoke run put back into the format of
-commit 407cb57 (before task families, ``timing.json`` and the checkpoint's wall time): its results keep
-``episode_accuracies``, it has no ``timing.json``, its checkpoints hold no ``wall_seconds`` and its config spells
-the objective ``val/accuracy``. It must re-test to the same numbers, compare with a new result, resume, and load."""
+commit 407cb57 (before task families, ``timing.json``, the checkpoint's wall time and ``execution.*``): its results
+keep ``episode_accuracies``, it has no ``timing.json``, its checkpoints hold no ``wall_seconds``, its config spells
+the objective ``val/accuracy`` and keeps the meta-batch settings under ``algo`` (``algo.task_threads``). It must re-test to the same numbers, compare with a new result, resume, and load."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from conftest import run_cli
 from metacli import load_learner
 from metacli.data.synthetic import SyntheticGlyphs
 from metacli.reliability.checkpoint import load_checkpoint, save_checkpoint
+from metacli.saved_config import load_run_config
 
 OVERRIDES = ["experiment=smoke", "backbone.hidden=8", "trainer.val_every=2", "trainer.checkpoint_every=2",
              "eval.episodes=10"]
@@ -36,6 +37,8 @@ def template(tmp_path_factory) -> Path:
         save_checkpoint(state, run / name)
     config = OmegaConf.load(run / ".hydra" / "config.yaml")
     config.trainer.objective = "val/accuracy"
+    del config.execution
+    config.algo.task_threads = 2
     OmegaConf.save(config, run / ".hydra" / "config.yaml")
     return run
 
@@ -54,6 +57,8 @@ def test_an_old_run_retests_to_its_numbers_and_compares_with_a_new_result(templa
     compared = run_cli("compare", str(run), str(tmp_path / "again"), "--format", "json", cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
     assert json.loads(compared.stdout)["difference"] == 0
+    config = load_run_config(run)  # the earlier algo.task_threads, moved where the runner reads it
+    assert config.execution.task_threads == 2 and "task_threads" not in config.algo
 
 
 def test_an_old_run_resumes_and_loads(template, tmp_path):

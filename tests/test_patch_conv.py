@@ -1,4 +1,4 @@
-"""The first convolution and BatchNorm as one product over patches (metacli.models.patch_conv) computes what the
+"""The first convolution and BatchNorm as one product over patches (metacli.models.kernels.patch_conv) computes what the
 native kernels compute: values, running statistics, first and second derivatives, in every BatchNorm mode."""
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from torch import nn
 
 from metacli.algorithms.base import batch_statistics_only
 from metacli.algorithms.maml import MAML
-from metacli.models import patch_conv
-from metacli.models.batchnorm import BatchNorm2d, deferred_statistics
+from metacli.models.kernels import patch_conv
+from metacli.models.batchnorm import recorded_statistics, throwaway_statistics
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
+from metacli.execution.settings import Execution
 from test_vectorize import random_batch
 
 
-def layers(channels: int, stride: int) -> tuple[nn.Conv2d, BatchNorm2d]:
+def layers(channels: int, stride: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     torch.manual_seed(0)
-    conv, norm = nn.Conv2d(channels, 12, 3, stride=stride, padding=1).double(), BatchNorm2d(12).double()
+    conv, norm = nn.Conv2d(channels, 12, 3, stride=stride, padding=1).double(), nn.BatchNorm2d(12).double()
     with torch.no_grad():  # affine parameters and running statistics away from their initial values
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
@@ -74,13 +76,18 @@ def test_values_statistics_and_gradients_match_the_native_kernels(mode, channels
         torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12 * scale)
 
 
-def test_deferred_statistics_are_deferred_not_applied():
+def test_recorded_and_throwaway_statistics_leave_the_buffers_alone():
     conv, norm = layers(1, 2)
     before = norm.running_mean.clone()
-    with deferred_statistics() as deferred:
+    with recorded_statistics(norm) as record:
         patch_conv.conv_batchnorm(images(1), conv, norm, relu=True)
     assert torch.equal(norm.running_mean, before)
-    assert deferred.layers == [norm] and len(deferred.statistics) == 1
+    assert record.layers == [norm] and len(record.statistics) == 1
+    with throwaway_statistics(norm):
+        patch_conv.conv_batchnorm(images(1), conv, norm, relu=True)
+    assert torch.equal(norm.running_mean, before) and norm.num_batches_tracked.item() == 0
+    patch_conv.conv_batchnorm(images(1), conv, norm, relu=True)
+    assert not torch.equal(norm.running_mean, before) and norm.num_batches_tracked.item() == 1
 
 
 def test_taken_by_omniglot_conv4_only_where_it_pays():
@@ -148,20 +155,21 @@ def test_meta_training_through_it_matches_the_native_kernels(setting, monkeypatc
 
     def train(native: bool):
         torch.manual_seed(0)
-        learner = MAML(Conv4(hidden=40, pool="stride", channels_last=setting != "nchw"), n_way=5, inner_steps=2,
-                       checkpoint_inner=setting == "checkpoint_inner",
-                       task_threads=2 if setting == "task_threads" else 1).double()
+        learner = MAML(Conv4(hidden=40, pool="stride", channels_last=setting != "nchw"), n_way=5,
+                       inner_steps=2).double()
+        execution = Execution(checkpoint_inner=setting == "checkpoint_inner",
+                              task_threads=2 if setting == "task_threads" else 1)
         conv, norm, _ = learner.backbone.blocks()[0]
         if setting == "cumulative_momentum":
             for module in learner.modules():
-                if isinstance(module, BatchNorm2d):
+                if isinstance(module, nn.BatchNorm2d):
                     module.momentum = None
         with monkeypatch.context() as patch:
             if native:
                 patch.setattr(patch_conv, "applies", lambda *_: False)
             assert patch_conv.applies(conv, norm, batch.query_x[0]) != native
             for _ in range(2):
-                learner.meta_train_step(batch)
+                meta_train_step(learner, batch, execution)
         return {n: p.grad for n, p in learner.named_parameters()}, dict(learner.named_buffers())
 
     (grads, buffers), (ref_grads, ref_buffers) = train(native=False), train(native=True)

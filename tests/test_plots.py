@@ -51,7 +51,7 @@ def test_the_episode_marks_exactly_the_wrong_predictions():
     framed = [axes for axes in queries if axes.get_frame_on()]
     episode = next(iter(next(sampler.fixed(1, 0, 1))))
     with learner.evaluation_mode():
-        predicted = learner.query_logits(episode, training=False).argmax(dim=1)
+        predicted = learner.predict(episode, training=False).argmax(dim=1)
     wrong = int((predicted != episode.query_y).sum())  # 10 queries in all: every one is shown
     assert 0 < wrong and len(red) == len(framed) == wrong
     assert f"{wrong} wrong" in figure._suptitle.get_text()

@@ -1,11 +1,11 @@
-"""The max-pool Conv4's first block as one native kernel (metacli.models.pooled_product) computes what the native
+"""The max-pool Conv4's first block as one native kernel (metacli.models.kernels.pooled_product) computes what the native
 PyTorch kernels compute: values, running statistics, first and second derivatives, in every BatchNorm mode."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-
+import os
 import subprocess
 import sys
 
@@ -17,16 +17,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metacli.algorithms.base import batch_statistics_only
 from metacli.algorithms.maml import MAML
-from metacli.models import patch_conv, pooled_product
-from metacli.models.batchnorm import BatchNorm2d
+from metacli.models.kernels import patch_conv, pooled_product
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
+from metacli.execution.settings import Execution
 from test_vectorize import random_batch
 
 
-def block(channels: int) -> tuple[nn.Conv2d, BatchNorm2d]:
+def block(channels: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     torch.manual_seed(0)
     filters = 4 * (9 * channels + 1)  # the narrowest the patch product takes
-    conv, norm = nn.Conv2d(channels, filters, 3, padding=1).double(), BatchNorm2d(filters).double()
+    conv, norm = nn.Conv2d(channels, filters, 3, padding=1).double(), nn.BatchNorm2d(filters).double()
     with torch.no_grad():  # affine parameters (some negative) and running statistics away from their defaults
         norm.weight.uniform_(-1.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
@@ -54,7 +55,7 @@ def test_a_failed_build_leaves_the_patch_product(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(pooled_product, "_failed", False)
     monkeypatch.setattr(pooled_product, "_SOURCE", tmp_path / "missing.cpp")
     x = images(1)
-    with caplog.at_level(logging.WARNING, logger="metacli.models.pooled_product"):
+    with caplog.at_level(logging.WARNING, logger="metacli.models.kernels.pooled_product"):
         assert not pooled_product.applies(x)
     assert "did not build" in caplog.text and "patch product" in caplog.text
     torch.manual_seed(0)
@@ -158,14 +159,14 @@ def test_second_order_maml_through_it_matches_the_native_kernels(setting, monkey
 
     def train(native: bool):
         torch.manual_seed(0)
-        learner = MAML(Conv4(hidden=40, pool="max"), n_way=5, inner_steps=2, batch_first_step=False,
-                       checkpoint_inner=setting == "checkpoint_inner",
-                       task_threads=2 if setting == "task_threads" else 1).double()
+        learner = MAML(Conv4(hidden=40, pool="max"), n_way=5, inner_steps=2).double()
+        execution = Execution(batch_first_step=False, checkpoint_inner=setting == "checkpoint_inner",
+                              task_threads=2 if setting == "task_threads" else 1)
         with monkeypatch.context() as patch:
             if native:
                 patch.setattr(patch_conv, "applies", lambda *_: False)
             for _ in range(2):
-                learner.meta_train_step(batch)
+                meta_train_step(learner, batch, execution)
         return {n: p.grad for n, p in learner.named_parameters()}, dict(learner.named_buffers())
 
     calls = []
@@ -180,7 +181,7 @@ def test_second_order_maml_through_it_matches_the_native_kernels(setting, monkey
 
 
 CONSTRUCTION = """
-from metacli.models import pooled_product
+from metacli.models.kernels import pooled_product
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
 Conv4(), Conv4(pool="stride"), ResNet12()
@@ -193,3 +194,22 @@ def test_building_a_backbone_builds_no_kernel():
     forward that can use it does)."""
     done = subprocess.run([sys.executable, "-c", CONSTRUCTION], capture_output=True, text=True)
     assert done.stdout.strip() == "True", done.stdout + done.stderr
+
+
+FIRST_BUILD = """
+import logging
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from metacli.models.kernels import pooled_product
+print(pooled_product._extension() is None)
+"""
+
+
+def test_a_first_build_says_so_before_it_starts(tmp_path):
+    """An empty kernel cache means a build of about a minute: a line says so before the wait. (A compiler that
+    fails at once stands in for the build, which leaves the patch product.)"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "false"}
+    done = subprocess.run([sys.executable, "-c", FIRST_BUILD], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    building = next(i for i, line in enumerate(lines) if line.startswith("building the native pooled-product"))
+    assert "did not build" in " ".join(lines[building + 1:])

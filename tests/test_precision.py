@@ -13,10 +13,12 @@ import torch
 from conftest import run_cli
 from learning import assert_learned, meta_train
 from metacli.algorithms.maml import MAML
-from metacli.algorithms.task_threads import auto_workers, split_meta_batch
+from metacli.execution.settings import Execution
+from metacli.execution.task_threads import split_meta_batch
 from metacli.build import build_dataset, build_learner, training_batches
 from metacli.models.conv4 import Conv4
-from metacli.precision import training_precision
+from metacli.execution.precision import training_precision
+from metacli.execution.meta_batch import meta_train_step
 from test_configs import compose, options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +29,7 @@ def step(learner, batch, precision: str) -> tuple[float, dict]:
     learner = copy.deepcopy(learner)
     learner.train()
     with training_precision(precision, CPU):
-        loss = learner.meta_train_step(batch)["loss"]
+        loss = meta_train_step(learner, batch)["loss"]
     return loss, {name: p.grad for name, p in learner.named_parameters() if p.grad is not None}
 
 
@@ -76,7 +78,7 @@ def test_bf16_splits_the_meta_batch_like_fp32():
     torch.set_num_threads(2)
     try:
         with training_precision("bf16", CPU):
-            assert auto_workers(CPU) == 2
+            assert Execution().workers(MAML(Conv4(hidden=8), n_way=5)) == 2
     finally:
         torch.set_num_threads(threads)
 

@@ -13,6 +13,7 @@ from metacli.build import build_dataset, build_learner
 from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
 
 from learning import (assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train,
                       train_a_little)
@@ -34,7 +35,7 @@ def test_scores_are_in_the_unit_interval_for_any_way_and_shot(glyphs, n_way, k_s
     assert not learner.fixed_way
     ep = episode(glyphs, seed=1, n_way=n_way, k_shot=k_shot, n_query=2, split="test")
     with torch.no_grad(), learner.evaluation_mode():
-        scores = learner.query_logits(ep, training=False)
+        scores = learner.predict(ep, training=False)
     assert scores.shape == (2 * n_way, n_way)
     assert scores.min() >= 0 and scores.max() <= 1 and scores.std() > 0
 
@@ -43,7 +44,7 @@ def test_loss_is_the_mse_to_one_hot_targets(glyphs):
     torch.manual_seed(0)
     learner = small_relation_net()
     ep = episode(glyphs, seed=2, k_shot=2, n_query=3)
-    loss, accuracy = learner.episode_loss(ep, training=True)
+    loss, accuracy = learner.task_loss(ep, training=True)
     # By hand: every (query, class) pair through the relation module, one at a time.
     n_support = len(ep.support_y)
     embeddings = learner.backbone(torch.cat([ep.support_x, ep.query_x]))  # batch statistics: the same embeddings
@@ -70,14 +71,14 @@ def test_classes_are_sums_of_their_shots(glyphs):
     with torch.no_grad(), learner.evaluation_mode():
         support, query = learner.backbone(one_shot.support_x), learner.backbone(one_shot.query_x)
         expected = learner.relation_scores(2 * support, query)
-        assert torch.allclose(learner.query_logits(doubled, training=False), expected, atol=1e-6)
-        assert not torch.allclose(learner.query_logits(one_shot, training=False), expected, atol=1e-3)
+        assert torch.allclose(learner.predict(doubled, training=False), expected, atol=1e-6)
+        assert not torch.allclose(learner.predict(one_shot, training=False), expected, atol=1e-3)
 
 
 def test_gradients_reach_the_relation_module_and_the_backbone(glyphs):
     torch.manual_seed(0)
     learner = small_relation_net()
-    metrics = learner.meta_train_step(batch(glyphs))
+    metrics = meta_train_step(learner, batch(glyphs))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["accuracy"] <= 1
     for name, p in learner.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"

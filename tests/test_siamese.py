@@ -15,6 +15,7 @@ from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.evaluation import score
 from metacli.models.conv4 import Conv4
+from metacli.execution.meta_batch import meta_train_step
 
 from learning import (assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train, sampler,
                       train_a_little)
@@ -63,21 +64,21 @@ def test_training_loss_is_the_balanced_pair_cross_entropy(glyphs):
     torch.manual_seed(0)
     learner = small_siamese()
     ep = episode(glyphs, seed=1, k_shot=2, n_query=3)
-    loss, accuracy = learner.episode_loss(ep, training=True)
+    loss, accuracy = learner.task_loss(ep, training=True)
     pair_logits = learner.pair_logits(ep)  # batch statistics again: the same embeddings
     same = ep.query_y.unsqueeze(1) == ep.support_y.unsqueeze(0)
     p = torch.sigmoid(pair_logits)
     expected = 0.5 * -p[same].log().mean() + 0.5 * -(1 - p[~same]).log().mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert loss.item() != pytest.approx(F.cross_entropy(learner.query_logits(ep, True), ep.query_y).item(), rel=1e-3)
-    predicted = learner.query_logits(ep, training=True).argmax(dim=1)
+    assert loss.item() != pytest.approx(F.cross_entropy(learner.predict(ep, True), ep.query_y).item(), rel=1e-3)
+    predicted = learner.predict(ep, training=True).argmax(dim=1)
     assert accuracy.item() == (predicted == ep.query_y).float().mean().item()
 
 
 def test_gradients_reach_the_backbone_and_the_l1_weights(glyphs):
     torch.manual_seed(0)
     learner = small_siamese()
-    metrics = learner.meta_train_step(batch(glyphs))
+    metrics = meta_train_step(learner, batch(glyphs))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and 0 <= metrics["accuracy"] <= 1
     for name, p in learner.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -101,7 +102,7 @@ def test_any_way_and_shot_at_test_time(glyphs, n_way, k_shot):
     assert not learner.fixed_way
     ep = episode(glyphs, seed=5, n_way=n_way, k_shot=k_shot, n_query=2, split="test")
     with torch.no_grad(), learner.evaluation_mode():
-        assert learner.query_logits(ep, training=False).shape == (2 * n_way, n_way)
+        assert learner.predict(ep, training=False).shape == (2 * n_way, n_way)
 
 
 # ---------------------------------------------------------------- construction

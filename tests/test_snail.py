@@ -15,6 +15,7 @@ from metacli.config_schema import register
 from metacli.data.episodes import Episode
 from metacli.models.conv4 import Conv4
 from metacli.models.temporal import AttentionBlock, DenseBlock, TCBlock
+from metacli.execution.meta_batch import meta_train_step
 
 from learning import (assert_evaluation_leaves_no_trace, assert_learned, batch, episode, meta_train, sampler,
                       train_a_little)
@@ -46,7 +47,7 @@ def relabel(ep: Episode, a: int, b: int) -> Episode:
 
 def evaluation_logits(learner: SNAIL, ep: Episode) -> torch.Tensor:
     with torch.no_grad(), learner.evaluation_mode():
-        return learner.query_logits(ep, training=False)
+        return learner.predict(ep, training=False)
 
 
 # ---------------------------------------------------------------- blocks
@@ -115,7 +116,7 @@ def test_one_sequence_of_n_k_plus_one_steps_per_query(glyphs, k_shot):
     ep = episode(glyphs, seed=1, k_shot=k_shot, n_query=2)
     seen = []
     learner.blocks.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-    logits = learner.query_logits(ep, training=True)
+    logits = learner.predict(ep, training=True)
     assert logits.shape == (10, 5)
     (sequences,) = seen
     assert sequences.shape == (10, 5 * k_shot + 1, learner.backbone.out_dim + 5)
@@ -152,7 +153,7 @@ def test_support_order_is_random_in_meta_training_only(glyphs):
     learner = small_snail()
     ep = episode(glyphs, seed=4, split="test")
     with torch.no_grad():  # training-mode BatchNorm: both calls normalise with the same batch statistics
-        first, second = learner.query_logits(ep, training=True), learner.query_logits(ep, training=True)
+        first, second = learner.predict(ep, training=True), learner.predict(ep, training=True)
     assert not torch.allclose(first, second, atol=1e-4), "meta-training must shuffle the support set"
     assert torch.equal(evaluation_logits(learner, ep), evaluation_logits(learner, ep))
 
@@ -160,7 +161,7 @@ def test_support_order_is_random_in_meta_training_only(glyphs):
 def test_gradients_reach_the_backbone_and_every_block(glyphs):
     torch.manual_seed(0)
     learner = small_snail()
-    metrics = learner.meta_train_step(batch(glyphs))
+    metrics = meta_train_step(learner, batch(glyphs))
     assert math.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0
     for name, p in learner.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -176,7 +177,7 @@ def test_evaluation_is_deterministic_and_leaves_no_trace(glyphs, bn_mode):
 def test_the_way_is_fixed(glyphs):
     learner = small_snail()
     with pytest.raises(ValueError, match="5-way"):
-        learner.query_logits(episode(glyphs, n_way=3), training=False)
+        learner.predict(episode(glyphs, n_way=3), training=False)
 
 
 # ---------------------------------------------------------------- construction

@@ -6,18 +6,22 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
-from metacli.algorithms import conv4_first_step, task_threads
-from metacli.algorithms.inner_loop import PATHS, adapt_to_support, inner_path, meta_train_batch, query_loss
 from metacli.algorithms.anil import ANIL
+from metacli.algorithms.inner_loop import adapt_to_support, query_loss
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.meta_sgd import MetaSGD
 from metacli.algorithms.protonet import ProtoNet
 from metacli.algorithms.relation_net import RelationNet
 from metacli.algorithms.reptile import Reptile
 from metacli.algorithms.siamese import SiameseNet
-from metacli.algorithms.task_threads import split_meta_batch
 from metacli.data.episodes import EpisodeBatch
+from metacli.execution import task_threads
+from metacli.execution.gradient_paths import PATHS, meta_train_gradient_learner
+from metacli.execution.meta_batch import meta_train_step
+from metacli.execution.settings import Execution
+from metacli.execution.task_threads import split_meta_batch
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
 
@@ -35,32 +39,34 @@ def random_batch(tasks: int, queries: int, channels: int = 1, size: int = 28, dt
 def textbook_losses(learner: MAML, batch: EpisodeBatch) -> torch.Tensor:
     """The reference every path must match: MAML as the paper writes it, task by task, with plain autograd."""
     losses = []
+    module = learner.adapted_module()
     for episode in batch:
-        adapted = adapt_to_support(learner, learner.adapted_parameters(), episode, learner.inner_loop(True), True,
+        episode = learner.embed(episode)
+        adapted = adapt_to_support(module, learner.adapted_parameters(), episode, learner.inner_loop(True), True,
                                    learner.family)
-        loss, _ = query_loss(learner, adapted, episode.query_x, episode.query_y, learner.family)
+        loss, _ = query_loss(module, adapted, episode.query_x, episode.query_y, learner.family)
         (loss / len(batch)).backward()
         losses.append(loss.detach())
     return torch.stack(losses)
 
 
-def run_path(learner: MAML, batch: EpisodeBatch, path: str) -> tuple[dict, dict, torch.Tensor]:
+def run_path(learner: MAML, batch: EpisodeBatch, path: str, checkpoint: bool = False
+             ) -> tuple[dict, dict, torch.Tensor]:
     learner = copy.deepcopy(learner)
     if path == "textbook":
         losses = textbook_losses(learner, batch)
     else:
-        losses, _ = meta_train_batch(learner, learner.adapted_parameters(), batch, learner.inner_loop(True), path,
-                                     learner.family)
+        losses, _ = meta_train_gradient_learner(learner, batch, path, checkpoint)
     grads = {name: p.grad.clone() for name, p in learner.named_parameters()}
     return grads, {name: b.clone() for name, b in learner.named_buffers()}, losses
 
 
-def assert_paths_agree(learner: MAML, batch: EpisodeBatch) -> None:
+def assert_paths_agree(learner: MAML, batch: EpisodeBatch, checkpoint: bool = False) -> None:
     serial_grads, serial_buffers, serial_losses = run_path(learner, batch, "textbook")
     assert max(g.abs().max().item() for g in serial_grads.values()) > 1e-4  # a real, non-zero meta-gradient
     assert serial_buffers and any(b.float().abs().sum() > 0 for b in serial_buffers.values())
     for path in PATHS:
-        grads, buffers, losses = run_path(learner, batch, path)
+        grads, buffers, losses = run_path(learner, batch, path, checkpoint)
         torch.testing.assert_close(losses, serial_losses, rtol=1e-9, atol=1e-12, msg=path)
         for name in serial_grads:
             torch.testing.assert_close(grads[name], serial_grads[name], rtol=1e-8, atol=1e-11, msg=f"{path}: {name}")
@@ -102,47 +108,88 @@ def test_paths_agree_on_a_colour_conv4_with_a_2x2_final_map(channels_last, hidde
     assert_paths_agree(learner, random_batch(tasks=3, queries=2, channels=3, size=36))
 
 
+def written_out(learner, module=None, family: str = "classification") -> bool:
+    module = learner if module is None else module
+    params = learner.adapted_parameters()
+    return learner.backbone.support_gradient_kernel(module, params, family) is not None
+
+
+class PlainNet(nn.Module):
+    """A backbone of plain ``torch.nn`` layers that metacli knows nothing about, with two BatchNorm layers: one at
+    the default momentum, one keeping a cumulative average (momentum None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(1, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                    nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6, momentum=None),
+                                    nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = 6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_plain_torch_batchnorm_is_right_on_every_path(first_order):
+    """Every inner-loop path, checkpointed or not, and a meta-batch split over threads, give the textbook loop's
+    meta-gradient and running statistics for a backbone built from ``torch.nn`` alone."""
+    torch.manual_seed(0)
+    learner = MAML(PlainNet(), n_way=5, inner_lr=0.4, inner_steps=2, first_order=first_order).double()
+    batch = random_batch(tasks=3, queries=2)
+    assert_paths_agree(learner, batch)
+    assert_paths_agree(learner, batch, checkpoint=True)
+    runs = []
+    for threads in (1, 2):
+        twin = copy.deepcopy(learner)
+        for _ in range(2):
+            meta_train_step(twin, batch, Execution(vectorize=False, task_threads=threads))
+        runs.append((dict(twin.named_parameters()), dict(twin.named_buffers())))
+    (params, buffers), (params_2, buffers_2) = runs
+    assert buffers["backbone.layers.4.num_batches_tracked"].item() == 2 * 3 * 3  # two steps, three tasks, three forwards
+    for name, p in params.items():
+        torch.testing.assert_close(params_2[name].grad, p.grad, rtol=1e-8, atol=1e-11, msg=name)
+    for name, b in buffers.items():
+        torch.testing.assert_close(buffers_2[name], b, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_conv4_first_step_is_taken_where_it_applies():
     maml = MAML(Conv4(hidden=8, pool="stride"), n_way=5)
-    assert conv4_first_step.applies(maml, maml.adapted_parameters())
-    meta_sgd = MetaSGD(Conv4(hidden=8), n_way=5)
-    assert conv4_first_step.applies(meta_sgd, meta_sgd.adapted_parameters())
-    anil = ANIL(Conv4(hidden=8), n_way=5)  # adapts its head alone, with a path of its own
-    assert not conv4_first_step.applies(anil.head, dict(anil.head.named_parameters()))
+    assert written_out(maml)
+    assert not written_out(maml, family="regression")  # the kernel writes out the cross-entropy's gradient
+    assert written_out(MetaSGD(Conv4(hidden=8), n_way=5))
+    anil = ANIL(Conv4(hidden=8), n_way=5)  # adapts its head alone, after the backbone's features
+    assert not written_out(anil, anil.head)
     resnet = MAML(ResNet12(image_size=32, widths=(4, 6, 8, 8)), n_way=5)
-    assert not conv4_first_step.applies(resnet, resnet.adapted_parameters())
+    assert not hasattr(resnet.backbone, "support_gradient_kernel")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the vmapped step follows autocast's casts
-        assert not conv4_first_step.applies(maml, maml.adapted_parameters())
+        assert not written_out(maml)
     handle = maml.backbone.features[7].register_forward_hook(lambda *args: None)  # the written-out step skips it
-    assert not conv4_first_step.applies(maml, maml.adapted_parameters())
+    assert not written_out(maml)
     handle.remove()
-    assert conv4_first_step.applies(maml, maml.adapted_parameters())
+    assert written_out(maml)
 
 
 def test_paths_agree_on_resnet12_with_checkpointing():
     torch.manual_seed(0)
-    learner = MAML(ResNet12(image_size=32, widths=(4, 6, 8, 8)), n_way=5, inner_lr=0.1, inner_steps=2,
-                   checkpoint_inner=True).double()
-    assert_paths_agree(learner, random_batch(tasks=2, queries=2, channels=3, size=32))
+    learner = MAML(ResNet12(image_size=32, widths=(4, 6, 8, 8)), n_way=5, inner_lr=0.1, inner_steps=2).double()
+    assert_paths_agree(learner, random_batch(tasks=2, queries=2, channels=3, size=32), checkpoint=True)
 
 
 def test_checkpointing_changes_nothing_but_memory():
     torch.manual_seed(0)
     learner = MAML(Conv4(hidden=8), n_way=5, inner_lr=0.4, inner_steps=3).double()
-    checkpointed = copy.deepcopy(learner)
-    checkpointed.train_loop = MAML(Conv4(hidden=8), 5, inner_steps=3, checkpoint_inner=True).train_loop
     batch = random_batch(tasks=2, queries=2)
     for path in ("serial", "batched_first"):
         plain, _, _ = run_path(learner, batch, path)
-        recomputed, _, _ = run_path(checkpointed, batch, path)
+        recomputed, _, _ = run_path(learner, batch, path, checkpoint=True)
         for name in plain:
             torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_running_statistics_serve_evaluation_after_vectorised_training():
     torch.manual_seed(0)
-    learner = MAML(Conv4(hidden=8), n_way=5, bn_mode="running", vectorize=True)
-    learner.meta_train_step(random_batch(tasks=3, queries=2, dtype=torch.float32))
+    learner = MAML(Conv4(hidden=8), n_way=5, bn_mode="running")
+    meta_train_step(learner, random_batch(tasks=3, queries=2, dtype=torch.float32), Execution(vectorize=True))
     bn = learner.backbone.features[1]
     assert int(bn.num_batches_tracked) == 3 * 2  # per task: one support forward and one query forward
     episode = next(iter(random_batch(tasks=1, queries=2, dtype=torch.float32)))
@@ -151,20 +198,24 @@ def test_running_statistics_serve_evaluation_after_vectorised_training():
 
 def test_vectorize_switch():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert inner_path("auto", True, cuda) == "vmap" and inner_path("auto", True, cpu) == "batched_first"
-    assert inner_path(True, True, cpu) == "vmap" and inner_path(False, False, cuda) == "serial"
+    assert Execution().gradient_path(cuda) == "vmap" and Execution().gradient_path(cpu) == "batched_first"
+    assert Execution(vectorize=True).gradient_path(cpu) == "vmap"
+    assert Execution(vectorize=False, batch_first_step=False).gradient_path(cuda) == "serial"
     with pytest.raises(ValueError, match="vectorize must be"):
-        MAML(Conv4(hidden=8), n_way=5, vectorize="sometimes")
+        Execution(vectorize="sometimes")
+    with pytest.raises(ValueError, match="task_threads must be"):
+        Execution(task_threads=0)
 
 
-@pytest.mark.parametrize("algorithm,options", [
-    (MAML, {}), (MAML, {"first_order": True}), (MAML, {"batch_first_step": False}),
-    (MAML, {"inner_steps": 3, "checkpoint_inner": True}), (MetaSGD, {"inner_steps": 2}), (ANIL, {"inner_steps": 2}),
+@pytest.mark.parametrize("algorithm,options,execution", [
+    (MAML, {}, {}), (MAML, {"first_order": True}, {}), (MAML, {}, {"batch_first_step": False}),
+    (MAML, {"inner_steps": 3}, {"checkpoint_inner": True}), (MetaSGD, {"inner_steps": 2}, {}),
+    (ANIL, {"inner_steps": 2}, {}),
     # Reptile with SGD inside: Adam would turn the rounding-level gradients of the conv biases in front of
     # BatchNorm (which the normalisation cancels) into steps of their own, different for another summation order.
-    (ProtoNet, {}), (Reptile, {"inner_steps": 2, "inner_optimizer": "sgd", "inner_lr": 0.4}), (RelationNet, {}),
-    (SiameseNet, {})])
-def test_meta_batch_split_over_threads_changes_nothing(algorithm, options):
+    (ProtoNet, {}, {}), (Reptile, {"inner_steps": 2, "inner_optimizer": "sgd", "inner_lr": 0.4}, {}),
+    (RelationNet, {}, {}), (SiameseNet, {}, {})])
+def test_meta_batch_split_over_threads_changes_nothing(algorithm, options, execution):
     """Two worker threads on an uneven split (3 + 2 tasks), over two meta-iterations with an optimiser step in
     between: the same losses, meta-gradients and running statistics as one thread."""
     torch.manual_seed(0)
@@ -173,12 +224,11 @@ def test_meta_batch_split_over_threads_changes_nothing(algorithm, options):
     runs = []
     for threads in (1, 2):
         twin = copy.deepcopy(learner)
-        twin.task_threads = threads
         optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
         metrics = []
         for _ in range(2):
             optimizer.zero_grad()
-            metrics.append(twin.meta_train_step(batch))
+            metrics.append(meta_train_step(twin, batch, Execution(task_threads=threads, **execution)))
             grads = {name: p.grad.clone() for name, p in twin.named_parameters() if p.grad is not None}
             optimizer.step()
         runs.append((metrics, grads, {name: b.clone() for name, b in twin.named_buffers()}))

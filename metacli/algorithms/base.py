@@ -1,9 +1,14 @@
-"""The one interface every few-shot algorithm implements, and the BatchNorm evaluation modes.
+"""The one interface every algorithm implements, and the BatchNorm evaluation modes.
 
-An algorithm is an ``nn.Module`` that, given an episode, adapts to its support set and returns logits for its
-query set (:meth:`FewShotLearner.query_logits`). The runner drives nothing else: it calls
-:meth:`FewShotLearner.meta_train_step` for a meta-batch during training and :meth:`FewShotLearner.evaluate_episode`
-for fixed val/test episodes. Algorithms never see the dataset or the loggers.
+An algorithm states what it computes for one task (an :class:`~metacli.data.episodes.Episode`: a support set to
+adapt to, a query set to predict): :meth:`FewShotLearner.predict` the query predictions after adapting, and,
+where its training objective is not the task family's loss of those predictions, :meth:`FewShotLearner.task_loss`.
+The task family (:mod:`metacli.tasks`) owns the loss and the metric: accuracy for classification, MSE for
+regression. How a meta-batch of tasks is run (task by task, over threads, vectorised, with checkpointed inner
+loops) belongs to :mod:`metacli.execution`, which drives the learner through this interface only; learners that
+adapt by gradient descent on some of their parameters (:class:`GradientLearner`) say which, so that the execution
+layer can batch and vectorise their inner loops. Algorithms never see the dataset, the loggers or the execution
+settings.
 """
 from __future__ import annotations
 
@@ -14,16 +19,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from metacli.algorithms.task_threads import auto_workers, check_task_threads, split_meta_batch
-from metacli.algorithms.timing import phase
-from metacli.data.episodes import Episode, EpisodeBatch
+from metacli.algorithms.inner_loop import InnerLoop, Params, adapt_to_support, functional_forward
+from metacli.data.episodes import Episode
 from metacli.tasks import CLASSIFICATION, TaskFamily
 
 BN_MODES = ("transductive", "running")
 
 
 class FewShotLearner(nn.Module, ABC):
-    """Base class: adapt to a support set, classify a query set.
+    """Base class: adapt to a task's support set, predict its queries.
 
     Args:
         backbone: the embedding network (``out_dim`` attribute required).
@@ -31,11 +35,6 @@ class FewShotLearner(nn.Module, ABC):
         bn_mode: BatchNorm at evaluation. ``"transductive"`` normalises each episode with its own batch statistics
             (support and query together), as most papers' code does; ``"running"`` uses the running statistics
             accumulated in training, so each query is classified independently of the others.
-        task_threads: split a meta-batch over this many worker threads (``auto``: one per CPU thread, one on
-            CUDA). Results change with it only at the level of rounding (it orders the gradient sums, and sizes
-            the batch of MAML's shared first step): float32's, or bfloat16's under ``trainer.precision=bf16``.
-            Learners whose training forward changes state other than metacli's BatchNorm statistics, or draws
-            random numbers, keep one.
     """
 
     #: The task families (:mod:`metacli.tasks`) the learner can run on, by name.
@@ -44,66 +43,53 @@ class FewShotLearner(nn.Module, ABC):
     family: TaskFamily = CLASSIFICATION
     #: True when the model's output size is tied to ``n_way`` (so training must use the test way).
     fixed_way: bool = False
-    #: False for learners trained on plain mini-batches of all training classes (:class:`LabelledBatch`) instead
-    #: of episodes; their config has an ``n_classes`` key, which the builder fills with the train split's count.
-    episodic: bool = True
+    #: What a training batch is: ``"episodes"`` (an :class:`EpisodeBatch`), or ``"labelled"`` (a
+    #: :class:`~metacli.data.batches.LabelledBatch` of all training classes, for learners whose config has an
+    #: ``n_classes`` key, which the builder fills with the train split's count).
+    training_data: str = "episodes"
+    #: How a training batch becomes a loss: ``"per_task"``, :meth:`task_loss` of each task, which the execution
+    #: layer may run in any order, on threads or vectorised; or ``"whole_batch"``, :meth:`batch_loss` of the batch.
+    training_step: str = "per_task"
+    #: Whether the tasks of a meta-batch may be trained on worker threads: true where a training forward changes
+    #: no state but BatchNorm's running statistics and draws no random numbers.
+    parallel_tasks: bool = False
 
-    def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive",
-                 task_threads: int | str = 1) -> None:
+    def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive") -> None:
         super().__init__()
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         self.backbone = backbone
         self.n_way = n_way
         self.bn_mode = bn_mode
-        self.task_threads = check_task_threads(task_threads)
 
     @abstractmethod
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
-        """Adapt to ``episode``'s support set and return ``[n_query_total, n_way]`` logits for its queries.
+    def predict(self, task: Episode, training: bool) -> torch.Tensor:
+        """Adapt to ``task``'s support set and return the predictions for its queries: ``[n_query_total, n_way]``
+        logits for classification, ``[n_query_total, 1]`` values for regression.
 
         ``training`` is True inside meta-training (the result will be back-propagated), False at evaluation.
         """
 
-    def episode_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The family's query loss and metric of one episode (cross-entropy and accuracy for classification)."""
-        predictions = self.query_logits(episode, training)
-        return self.family.loss(predictions, episode.query_y), self.family.score(predictions, episode.query_y)
+    def task_loss(self, task: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective of one task and the family's metric on its queries; by default the family's loss of
+        :meth:`predict` (cross-entropy, MSE). Its gradient is what meta-training follows."""
+        predictions = self.predict(task, training)
+        return self.family.loss(predictions, task.query_y), self.family.score(predictions, task.query_y)
 
-    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
-        """Accumulate the meta-gradient of a meta-batch into ``.grad`` (the caller steps the optimiser).
+    def batch_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """For ``training_step = "whole_batch"``: the loss and metric of a training batch, per task or overall."""
+        raise NotImplementedError(f"{type(self).__name__} trains per task")
 
-        Non-episodic learners receive a :class:`~metacli.data.batches.LabelledBatch` instead.
-        """
-        losses, scores = split_meta_batch(self, batch, self.meta_batch_workers(), type(self).meta_train_tasks)
-        return {"loss": losses.mean().item(), self.family.metric: scores.mean().item()}
-
-    def meta_batch_workers(self) -> int:
-        """Worker threads for a meta-batch: ``task_threads``, with ``auto`` resolved for the device."""
-        device = next(self.parameters()).device
-        return auto_workers(device) if self.task_threads == "auto" else self.task_threads
-
-    def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulate the meta-gradient of the mean query loss of ``batch``; return per-task losses and accuracies.
-
-        Back-propagating task by task keeps only one task's graph alive at a time.
-        """
-        losses, accuracies = [], []
-        for episode in batch:
-            with phase("inner_loop"):
-                loss, accuracy = self.episode_loss(episode, training=True)
-            with phase("outer_backward"):
-                (loss / len(batch)).backward()
-            losses.append(loss.detach())
-            accuracies.append(accuracy)
-        return torch.stack(losses), torch.stack(accuracies)
+    def training_metrics(self) -> dict[str, float]:
+        """Learner-specific numbers logged with each training step, read after its meta-gradient."""
+        return {}
 
     @torch.no_grad()
     def evaluate_episode(self, episode: Episode) -> float:
         """The family's metric on one episode's queries (accuracy, MSE), with BatchNorm as ``bn_mode`` says and no
         state left changed."""
         with self.evaluation_mode():
-            _, score = self.episode_loss(episode, training=False)
+            _, score = self.task_loss(episode, training=False)
         return score.item()
 
     @contextmanager
@@ -120,6 +106,54 @@ class FewShotLearner(nn.Module, ABC):
                 yield
         finally:
             self.train(was_training)
+
+
+class GradientLearner(FewShotLearner):
+    """A learner that adapts to a task by the differentiable gradient descent of an :class:`InnerLoop` on some of
+    its parameters (MAML and its family). It says which, and the execution layer may then run a meta-batch's inner
+    loops together: a shared first step, ``vmap`` over tasks, checkpointed steps.
+
+    A subclass defines :meth:`inner_loop`, and narrows :meth:`adapted_parameters` (with :meth:`features` and
+    :meth:`adapted_module` when only a part after fixed features adapts).
+    """
+
+    parallel_tasks = True
+
+    @abstractmethod
+    def inner_loop(self, training: bool) -> InnerLoop | None:
+        """The inner loop of meta-training or of evaluation; ``None`` where there is none (no adaptation)."""
+
+    def features(self) -> nn.Module | None:
+        """A module that every task's inputs go through unadapted before :meth:`adapted_module`, or ``None``."""
+        return None
+
+    def adapted_module(self) -> nn.Module:
+        """The module whose :meth:`adapted_parameters` the inner loop adapts."""
+        return self
+
+    def adapted_parameters(self) -> Params:
+        """The parameters the inner loop adapts, by their names in :meth:`adapted_module`."""
+        return dict(self.adapted_module().named_parameters())
+
+    def embed(self, task: Episode) -> Episode:
+        """``task`` with its inputs through :meth:`features` (support and query apart, so that each set is
+        normalised with its own BatchNorm statistics)."""
+        features = self.features()
+        if features is None:
+            return task
+        return Episode(features(task.support_x), task.support_y, features(task.query_x), task.query_y, task.n_way)
+
+    def adapt(self, task: Episode, training: bool) -> Params:
+        """The adapted parameters after the inner loop on ``task``'s support set."""
+        return self._adapt_embedded(self.embed(task), training)
+
+    def predict(self, task: Episode, training: bool) -> torch.Tensor:
+        task = self.embed(task)
+        return functional_forward(self.adapted_module(), self._adapt_embedded(task, training), task.query_x)
+
+    def _adapt_embedded(self, task: Episode, training: bool) -> Params:
+        return adapt_to_support(self.adapted_module(), self.adapted_parameters(), task, self.inner_loop(training),
+                                training, self.family)
 
 
 @contextmanager

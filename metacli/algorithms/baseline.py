@@ -54,7 +54,8 @@ class Baseline(FewShotLearner):
         finetune_seed: seeds each episode's head initialisation and batch order.
     """
 
-    episodic = False
+    training_data = "labelled"
+    training_step = "whole_batch"
 
     def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive", n_classes: int | None = None,
                  head: str = "linear", scale: float = 10.0, finetune_epochs: int = 100, finetune_batch: int = 4,
@@ -72,13 +73,11 @@ class Baseline(FewShotLearner):
         self.finetune_epochs, self.finetune_batch, self.finetune_lr = finetune_epochs, finetune_batch, finetune_lr
         self.finetune_seed = finetune_seed
 
-    def meta_train_step(self, batch: LabelledBatch) -> dict[str, float]:
+    def batch_loss(self, batch: LabelledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(self.backbone(batch.x))
-        loss = F.cross_entropy(logits, batch.y)
-        loss.backward()
-        return {"loss": loss.item(), "accuracy": (logits.argmax(dim=1) == batch.y).float().mean().item()}
+        return F.cross_entropy(logits, batch.y), (logits.argmax(dim=1) == batch.y).float().mean()
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         n_support = episode.support_x.shape[0]
         # Frozen features, from one forward of the whole episode (so transductive BatchNorm sees all of it).
         with torch.no_grad():

@@ -1,17 +1,6 @@
-"""Functional gradient-descent adaptation shared by the optimisation-based algorithms (MAML and its family).
-
-A meta-batch is meta-trained along one of three paths, all giving the same meta-gradient and the same running
-BatchNorm statistics (tested in float64):
-
-- ``serial``: task after task, each back-propagated as soon as its query loss exists, so one task's graph is alive
-  at a time. The reference path.
-- ``batched_first``: the first inner step of every task starts from the same weights, so it runs for the whole
-  meta-batch at once (``vmap`` over tasks with shared weights folds into one large batch with per-task BatchNorm
-  statistics; for Conv4 with a linear head, :mod:`metacli.algorithms.conv4_first_step` writes that step out
-  instead, faster); the remaining steps and the query pass run task by task with the native kernels, and the
-  meta-gradient is chained through the shared first step in one final backward. The fast path on CPU.
-- ``vmap``: every step and the query pass vectorised over tasks with ``torch.func.vmap``. Per-task weights turn
-  into grouped kernels, which pay off on a GPU and lose on a 2-core CPU.
+"""Functional gradient-descent adaptation shared by the optimisation-based algorithms (MAML and its family, Reptile,
+LEO, the LSTM meta-learner): one task's inner loop, as the papers define it. How the inner loops of a meta-batch
+are run together is :mod:`metacli.execution.gradient_paths`.
 """
 from __future__ import annotations
 
@@ -24,14 +13,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from metacli.algorithms import conv4_first_step
-from metacli.algorithms.timing import phase
-from metacli.data.episodes import Episode, EpisodeBatch
-from metacli.models.batchnorm import apply_statistics, frozen_statistics, recorded_statistics
+from metacli.data.episodes import Episode
 from metacli.tasks import TaskFamily
 
 Params = dict[str, torch.Tensor]
-PATHS = ("serial", "batched_first", "vmap")
 
 
 def functional_forward(module: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -43,14 +28,16 @@ def functional_forward(module: nn.Module, params: Params, x: torch.Tensor) -> to
 class InnerLoop:
     """How one task adapts: ``steps`` SGD steps at ``lr`` (a float, or per-parameter rates as Meta-SGD learns).
 
-    ``second_order=False`` treats each inner gradient as a constant (first-order MAML). ``checkpoint`` recomputes
-    each step's forward during the outer backward instead of storing it, so memory stays flat in ``steps``.
+    ``second_order=False`` treats each inner gradient as a constant (first-order MAML). ``checkpoint``, which the
+    execution layer sets for ``execution.checkpoint_inner``, recomputes each step's forward during the outer
+    backward instead of storing it, so memory stays flat in ``steps``: it gives the context the recomputation runs
+    in (one that keeps BatchNorm's running statistics from counting a batch twice).
     """
 
     steps: int
     lr: float | Params
     second_order: bool = True
-    checkpoint: bool = False
+    checkpoint: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
 def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
@@ -82,17 +69,14 @@ def gradient_descent(loss_fn: Callable[[Params], torch.Tensor], params: Params, 
 
     values = tuple(params.values())
     for _ in range(loop.steps if steps is None else steps):
-        if training and loop.checkpoint:
-            values = checkpoint(step, *values, use_reentrant=False, context_fn=_recompute_without_statistics)
+        if training and loop.checkpoint is not None:
+            values = checkpoint(step, *values, use_reentrant=False,
+                                context_fn=lambda: (contextlib.nullcontext(), loop.checkpoint()))
         else:
             values = step(*values)
         if not training:
             values = tuple(v.detach().requires_grad_() for v in values)
     return dict(zip(params, values))
-
-
-def _recompute_without_statistics():
-    return contextlib.nullcontext(), frozen_statistics()
 
 
 def fine_tune(loss_fn: Callable[[Params], torch.Tensor], params: Params, steps: int, lr: float,
@@ -134,126 +118,3 @@ def query_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tens
     """The task family's loss and metric of the adapted ``params`` on a query set."""
     predictions = functional_forward(module, params, x)
     return family.loss(predictions, y), family.score(predictions, y)
-
-
-def meta_train_batch(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop, path: str,
-                     family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the meta-gradient of the mean query loss into ``.grad``; return per-task losses and scores.
-
-    ``params`` are the parameters the inner loop adapts (all of them for MAML, the head for ANIL); the others are
-    used as they are and receive their meta-gradient directly.
-    """
-    if path == "serial":
-        return _serial(module, params, batch, loop, family)
-    if path == "batched_first":
-        return _batched_first(module, params, batch, loop, family)
-    if path == "vmap":
-        return _vectorized(module, params, batch, loop, family)
-    raise ValueError(f"inner-loop path must be one of {PATHS}, got {path!r}")
-
-
-def _serial(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
-            family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
-    losses, scores = [], []
-    for episode in batch:
-        with phase("inner_loop"):
-            adapted = adapt_to_support(module, params, episode, loop, True, family)
-            loss, score = query_loss(module, adapted, episode.query_x, episode.query_y, family)
-        with phase("outer_backward"):
-            (loss / len(batch)).backward()
-        losses.append(loss.detach())
-        scores.append(score)
-    return torch.stack(losses), torch.stack(scores)
-
-
-def _support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loop: InnerLoop,
-                   record, family: TaskFamily) -> tuple[Params, list]:
-    """Per-task inner gradient inside a transform, with the BatchNorm statistics it recorded."""
-
-    def loss_and_statistics(p: Params):
-        start = len(record.statistics)
-        return support_loss(module, p, x, y, family), record.statistics[start:]
-
-    grads, statistics = torch.func.grad(loss_and_statistics, has_aux=True)(params)
-    if not loop.second_order:
-        grads = {name: g.detach() for name, g in grads.items()}
-    return grads, statistics
-
-
-def _batched_first(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
-                   family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
-    def first_step(x: torch.Tensor, y: torch.Tensor):
-        grads, statistics = _support_grads(module, params, x, y, loop, record, family)
-        return sgd_step(params, grads, loop.lr), statistics
-
-    with phase("inner_loop"):
-        if family.name == "classification" and conv4_first_step.applies(module, params):
-            first, layers, statistics = _conv4_first(module, params, batch, loop)
-        else:
-            with recorded_statistics(module) as record:
-                first, statistics = torch.func.vmap(first_step)(batch.support_x, batch.support_y)
-            layers = record.layers
-    names = list(first)
-    per_task = list(zip(*(first[name].detach().unbind(0) for name in names)))
-    first_grads: list[list[torch.Tensor]] = [[] for _ in names]
-    losses, scores = [], []
-    for task, episode in enumerate(batch):
-        # Cut the graph at the task's first-step weights: its own backward stops there, and the shared first
-        # step is back-propagated once for all tasks below.
-        start = {name: value.requires_grad_() for name, value in zip(names, per_task[task])}
-        with phase("inner_loop"):
-            apply_statistics(layers, statistics, task)
-            adapted = gradient_descent(lambda p: support_loss(module, p, episode.support_x, episode.support_y, family),
-                                       start, loop, training=True, steps=loop.steps - 1)
-            loss, score = query_loss(module, adapted, episode.query_x, episode.query_y, family)
-        with phase("outer_backward"):
-            (loss / len(batch)).backward()
-        for grads, value in zip(first_grads, start.values()):
-            grads.append(value.grad if value.grad is not None else torch.zeros_like(value))
-        losses.append(loss.detach())
-        scores.append(score)
-    with phase("outer_backward"):
-        torch.autograd.backward([first[name] for name in names], [torch.stack(g) for g in first_grads])
-    return torch.stack(losses), torch.stack(scores)
-
-
-def _conv4_first(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop):
-    """The shared first step written out for Conv4 (:mod:`metacli.algorithms.conv4_first_step`): first-step
-    weights ``[tasks, ...]``, the BatchNorm layers and their per-task statistics."""
-    # First order treats the inner gradients as constants, so they need no graph.
-    with contextlib.nullcontext() if loop.second_order else torch.no_grad():
-        grads, layers, statistics = conv4_first_step.support_grads(
-            module, params, batch.support_x.flatten(0, 1), batch.support_y.flatten(0, 1), len(batch))
-    return sgd_step(params, grads, loop.lr), layers, statistics
-
-
-def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
-                family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
-    def task(support_x, support_y, query_x, query_y):
-        adapted, statistics = params, []
-        for _ in range(loop.steps):
-            grads, step_statistics = _support_grads(module, adapted, support_x, support_y, loop, record, family)
-            adapted = sgd_step(adapted, grads, loop.lr)
-            statistics += step_statistics
-        start = len(record.statistics)
-        loss, score = query_loss(module, adapted, query_x, query_y, family)
-        return loss, score, statistics + record.statistics[start:]
-
-    with phase("inner_loop"), recorded_statistics(module) as record:
-        losses, scores, statistics = torch.func.vmap(task)(batch.support_x, batch.support_y, batch.query_x,
-                                                               batch.query_y)
-        for t in range(len(batch)):
-            apply_statistics(record.layers, statistics, t)
-    with phase("outer_backward"):
-        losses.mean().backward()
-    return losses.detach(), scores
-
-
-def inner_path(vectorize: bool | str, batch_first_step: bool, device: torch.device) -> str:
-    """The path ``algo.vectorize`` and ``algo.batch_first_step`` select; ``auto`` vectorises on CUDA only, where
-    grouped kernels pay off (each path's measured throughput: docs/performance.md)."""
-    if vectorize == "auto":
-        vectorize = device.type == "cuda"
-    if vectorize:
-        return "vmap"
-    return "batched_first" if batch_first_step else "serial"

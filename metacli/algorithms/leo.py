@@ -164,10 +164,10 @@ class LEO(FewShotLearner):
         loop = InnerLoop(steps, {"x": log_lr.exp()})
         return gradient_descent(lambda p: loss_fn(p["x"]), {"x": start}, loop, training)["x"]
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         return self.adapt(episode, training).logits
 
-    def episode_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def task_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy and accuracy; in meta-training the cross-entropy carries LEO's regularisers."""
         adapted = self.adapt(episode, training)
         loss = F.cross_entropy(adapted.logits, episode.query_y)

@@ -130,5 +130,5 @@ class LSTMMetaLearner(FewShotLearner):
                 cell, state = self.update(cell, grad, loss, state)
         return unflatten(cell, like)
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         return functional_forward(self, self.adapt(episode, training), episode.query_x)

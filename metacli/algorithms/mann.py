@@ -56,7 +56,6 @@ from torch import nn
 from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.sequences import check_way, labelled_steps, support_order
 from metacli.algorithms.similarity import cosine_similarity
-from metacli.algorithms.timing import phase
 from metacli.data.episodes import Episode, EpisodeBatch
 
 
@@ -172,6 +171,8 @@ class MANN(FewShotLearner):
     """
 
     fixed_way = True
+    # The recurrence costs its number of steps whatever the batch: a meta-batch runs as one batch of sequences.
+    training_step = "whole_batch"
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", hidden_size: int = 200,
                  memory_slots: int = 128, memory_width: int = 40, reads: int = 4, usage_decay: float = 0.95,
@@ -236,7 +237,7 @@ class MANN(FewShotLearner):
         query_logits = self.unroll(torch.cat(query_steps).unsqueeze(1), repeat_state(state, counts))[0][:, 0]
         return list(zip(support_logits, query_logits.split(counts.tolist()), labels))
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         return self.episode_logits([episode], training)[0][1]
 
     def episode_losses(self, episodes: list[Episode], training: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -253,12 +254,8 @@ class MANN(FewShotLearner):
             loss = loss + self.support_loss_weight * F.cross_entropy(support_logits, support_y)
         return loss, (query_logits.argmax(dim=1) == episode.query_y).float().mean()
 
-    def episode_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def task_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self.episode_losses([episode], training)[0]
 
-    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
-        with phase("inner_loop"):
-            losses, accuracies = map(torch.stack, zip(*self.episode_losses(list(batch), training=True)))
-        with phase("outer_backward"):
-            losses.mean().backward()
-        return {"loss": losses.mean().item(), "accuracy": accuracies.mean().item()}
+    def batch_loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(map(torch.stack, zip(*self.episode_losses(list(batch), training=True))))

@@ -76,7 +76,7 @@ class MatchingNet(FewShotLearner):
         self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True) if fce else None
         self.query_lstm = nn.LSTMCell(2 * dim, dim) if fce else None
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         n_support = episode.support_x.shape[0]
         # One forward for support and query, so transductive BatchNorm sees the whole episode.
         embeddings = self.backbone(torch.cat([episode.support_x, episode.query_x]))

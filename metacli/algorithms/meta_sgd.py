@@ -2,7 +2,7 @@
 
 MAML whose inner learning rate is a learned tensor of the same shape as each parameter, meta-learned jointly with
 the initialisation: one inner step is ``theta - alpha * grad`` with ``*`` elementwise. The rates are parameters of
-the module, so checkpoints keep them; ``meta_train_step`` reports their mean, spread and sign balance.
+the module, so checkpoints keep them; each training step logs their mean, spread and sign balance.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from torch import nn
 
 from metacli.algorithms.inner_loop import InnerLoop
 from metacli.algorithms.maml import MAML
-from metacli.data.episodes import EpisodeBatch
 
 
 class MetaSGD(MAML):
@@ -35,10 +34,8 @@ class MetaSGD(MAML):
     def inner_loop(self, training: bool) -> InnerLoop:
         return dataclasses.replace(super().inner_loop(training), lr=self.learned_rates())
 
-    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
-        metrics = super().meta_train_step(batch)
+    def training_metrics(self) -> dict[str, float]:
         with torch.no_grad():
             rates = torch.cat([rate.flatten() for rate in self.inner_rates.values()])
-            metrics.update({"inner_lr_mean": rates.mean().item(), "inner_lr_std": rates.std().item(),
-                            "inner_lr_negative_fraction": (rates < 0).float().mean().item()})
-        return metrics
+            return {"inner_lr_mean": rates.mean().item(), "inner_lr_std": rates.std().item(),
+                    "inner_lr_negative_fraction": (rates < 0).float().mean().item()}

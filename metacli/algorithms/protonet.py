@@ -17,19 +17,21 @@ class ProtoNet(FewShotLearner):
     """Prototypical Networks.
 
     Args:
-        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
+        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"``.
         temperature: scale applied to the cosine similarity (ignored for Euclidean).
     """
 
+    parallel_tasks = True
+
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", distance: str = "squared_euclidean",
-                 temperature: float = 10.0, task_threads: int | str = "auto") -> None:
-        super().__init__(backbone, n_way, bn_mode, task_threads)
+                 temperature: float = 10.0) -> None:
+        super().__init__(backbone, n_way, bn_mode)
         if distance not in ("squared_euclidean", "cosine"):
             raise ValueError(f"algo.distance must be 'squared_euclidean' or 'cosine', got {distance!r}")
         self.distance, self.temperature = distance, temperature
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         n_support = episode.support_x.shape[0]
         # One forward for support and query, so transductive BatchNorm sees the whole episode.
         embeddings = self.backbone(torch.cat([episode.support_x, episode.query_x]))

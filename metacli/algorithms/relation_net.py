@@ -34,13 +34,14 @@ class RelationNet(FewShotLearner):
     """Relation Network.
 
     Args:
-        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
+        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
         hidden: width of the relation module's hidden layer (64 here; the paper's 8 follows two conv blocks).
     """
 
-    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", hidden: int = 64,
-                 task_threads: int | str = "auto") -> None:
-        super().__init__(backbone, n_way, bn_mode, task_threads)
+    parallel_tasks = True
+
+    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", hidden: int = 64) -> None:
+        super().__init__(backbone, n_way, bn_mode)
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"algo.hidden must be an integer >= 1, got {hidden!r}")
         self.relation = nn.Sequential(nn.Linear(2 * backbone.out_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1),
@@ -52,7 +53,7 @@ class RelationNet(FewShotLearner):
                            queries.unsqueeze(1).expand(-1, len(classes), -1)], dim=-1)
         return self.relation(pairs).squeeze(-1)
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         """The relation scores (in [0, 1], not log-probabilities): the argmax is the prediction."""
         n_support = episode.support_x.shape[0]
         # One forward for support and query, so transductive BatchNorm sees the whole episode.
@@ -60,8 +61,8 @@ class RelationNet(FewShotLearner):
         classes = class_sums(embeddings[:n_support], episode.support_y, episode.n_way)
         return self.relation_scores(classes, embeddings[n_support:])
 
-    def episode_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def task_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean squared error of the relation scores to the one-hot query labels, and the query accuracy."""
-        scores = self.query_logits(episode, training)
+        scores = self.predict(episode, training)
         loss = F.mse_loss(scores, F.one_hot(episode.query_y, episode.n_way).to(scores.dtype))
         return loss, (scores.argmax(dim=1) == episode.query_y).float().mean()

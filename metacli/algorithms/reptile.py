@@ -14,15 +14,14 @@ from torch import nn
 
 from metacli.algorithms.base import FewShotLearner, batch_statistics_only
 from metacli.algorithms.inner_loop import Params, fine_tune, functional_forward, query_loss, support_loss
-from metacli.algorithms.timing import phase
-from metacli.data.episodes import Episode, EpisodeBatch
+from metacli.data.episodes import Episode
 
 
 class Reptile(FewShotLearner):
     """Reptile on the backbone plus a linear head (``n_way`` outputs; one for regression).
 
     Args:
-        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
+        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
         inner_optimizer: ``"adam"`` (the paper's, with ``adam_betas`` (0, 0.999)) or ``"sgd"``.
         inner_lr, inner_steps: the per-task training during meta-training (full support set each step).
         test_inner_lr, test_inner_steps: fine-tuning at evaluation (``None`` lr: as in training).
@@ -33,12 +32,13 @@ class Reptile(FewShotLearner):
 
     families = ("classification", "regression")
     fixed_way = True
+    parallel_tasks = True
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", inner_optimizer: str = "adam",
                  inner_lr: float = 0.001, inner_steps: int = 5, test_inner_lr: float | None = None,
                  test_inner_steps: int = 50, adam_betas: tuple[float, float] = (0.0, 0.999),
-                 inner_data: str = "all", task_threads: int | str = "auto") -> None:
-        super().__init__(backbone, n_way, bn_mode, task_threads)
+                 inner_data: str = "all") -> None:
+        super().__init__(backbone, n_way, bn_mode)
         test_inner_lr = inner_lr if test_inner_lr is None else test_inner_lr
         if inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"algo.inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}")
@@ -63,26 +63,18 @@ class Reptile(FewShotLearner):
         return fine_tune(lambda p: support_loss(self, p, x, y, self.family), dict(self.named_parameters()), steps, lr,
                          self.inner_optimizer, self.adam_betas)
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         return functional_forward(self, self.adapt(episode, training), episode.query_x)
 
-    def meta_train_tasks(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        params = dict(self.named_parameters())
-        mean_adapted = {name: torch.zeros_like(p) for name, p in params.items()}
-        losses, scores = [], []
-        for episode in batch:
-            with phase("inner_loop"):
-                adapted = self.adapt(episode, training=True)
-            # The query set only reports progress (on data it may have fitted, with inner_data=all): it must not move
-            # the running statistics either.
-            with torch.no_grad(), batch_statistics_only(self):
-                for name, p in adapted.items():
-                    mean_adapted[name] += p / len(batch)
-                loss, score = query_loss(self, adapted, episode.query_x, episode.query_y, self.family)
-            losses.append(loss)
-            scores.append(score)
-        with torch.no_grad():
-            for name, p in params.items():
-                step = p - mean_adapted[name]
-                p.grad = step if p.grad is None else p.grad + step
-        return torch.stack(losses), torch.stack(scores)
+    def task_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not training:
+            return super().task_loss(episode, training)
+        adapted = self.adapt(episode, training=True)
+        # The query set only reports progress (on data it may have fitted, with inner_data=all): it must not move
+        # the running statistics either.
+        with torch.no_grad(), batch_statistics_only(self):
+            loss, score = query_loss(self, adapted, episode.query_x, episode.query_y, self.family)
+        # Reptile's update theta - theta_i is the gradient of half the squared distance to the adapted weights. The
+        # objective carries that gradient, and the query loss as its value for the logs.
+        distance = sum(0.5 * (p - adapted[name].detach()).pow(2).sum() for name, p in self.named_parameters())
+        return distance - distance.detach() + loss, score

@@ -47,13 +47,14 @@ class SiameseNet(FewShotLearner):
     """Siamese Networks.
 
     Args:
-        backbone, n_way, bn_mode, task_threads: see :class:`FewShotLearner`.
+        backbone, n_way, bn_mode: see :class:`FewShotLearner`.
         balance_pairs: weight the pair cross-entropy so that same-class and different-class pairs count equally.
     """
 
-    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", balance_pairs: bool = True,
-                 task_threads: int | str = "auto") -> None:
-        super().__init__(backbone, n_way, bn_mode, task_threads)
+    parallel_tasks = True
+
+    def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", balance_pairs: bool = True) -> None:
+        super().__init__(backbone, n_way, bn_mode)
         if not isinstance(balance_pairs, bool):
             raise ValueError(f"algo.balance_pairs must be true or false, got {balance_pairs!r}")
         self.balance_pairs = balance_pairs
@@ -77,10 +78,10 @@ class SiameseNet(FewShotLearner):
         # A probability that underflowed to 0 would give -inf logits; the floor keeps them finite.
         return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         return self.class_log_probabilities(self.pair_logits(episode), episode)
 
-    def episode_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def task_loss(self, episode: Episode, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Verification cross-entropy over the episode's (query, support) pairs, and the one-shot query accuracy."""
         pair_logits = self.pair_logits(episode)
         targets, weights = pair_targets(episode.query_y, episode.support_y, self.balance_pairs)

@@ -67,7 +67,7 @@ class SNAIL(FewShotLearner):
         self.blocks = nn.Sequential(*blocks)
         self.output = nn.Linear(dim, n_way)
 
-    def query_logits(self, episode: Episode, training: bool) -> torch.Tensor:
+    def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         check_way(episode.n_way, self.n_way)
         n_support = episode.support_x.shape[0]
         # One forward for support and query, so transductive BatchNorm sees the whole episode.

@@ -1,107 +1,97 @@
-"""BatchNorm that every meta-learning path can differentiate, vectorise and keep running statistics for.
+"""BatchNorm's running statistics on every meta-learning path, for the plain ``torch.nn`` BatchNorm layers of any
+backbone. Nothing here changes what a layer's own ``forward`` does: the execution layer asks for each behaviour
+below explicitly, for the modules and the span it names.
 
-Outside ``torch.func`` transforms it is ``nn.BatchNorm2d`` (the fused native kernel is the fastest on the serial
-path). Inside :func:`recorded_statistics` it switches to elementary ops, for two reasons:
-
-- ``torch.func.vmap`` of the native kernel's double backward gives a wrong second-order MAML gradient (a non-zero
-  gradient for a conv bias that the normalisation removes; measured in float64 against the serial loop), while
-  elementary ops have exact batching rules;
-- a transform may not update a buffer in place, so the running-statistic updates are handed back as tensors
-  (one ``(mean, unbiased var)`` pair per call) and applied afterwards with :func:`apply_statistics`, in the order
-  the serial loop would have applied them.
+- :func:`recorded_statistics`: inside ``torch.func`` transforms the layers normalise in elementary ops and hand
+  their running-statistic updates back as tensors (one ``(mean, unbiased var)`` pair per call), to be applied
+  afterwards with :func:`apply_statistics` in the order the serial loop would have applied them. Two reasons:
+  ``vmap`` of the native kernel's double backward gives a wrong second-order MAML gradient (a non-zero gradient
+  for a conv bias that the normalisation removes; measured in float64 against the serial loop), while elementary
+  ops have exact batching rules; and a transform may not update a buffer in place.
+- :class:`throwaway_statistics`: forwards that gradient checkpointing recomputes during the backward update copies
+  of the buffers, which would otherwise count every batch twice.
+- :func:`own_statistics` and :func:`carry_over`: a task thread trains a replica whose buffers are its own, and the
+  caller carries each replica's updates over to the shared layers in task order.
 """
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-class StatisticsRecord:
-    """The BatchNorm calls of one traced forward: which layer, and the batch statistics it would have folded in."""
-
-    def __init__(self) -> None:
-        self.layers: list[BatchNorm2d] = []
-        self.statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
+BatchNorm = nn.modules.batchnorm._BatchNorm
+Statistics = list[tuple[torch.Tensor, torch.Tensor]]
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-# Per thread, because a meta-batch may be split over worker threads (metacli.algorithms.task_threads): whether
-# forwards are being recomputed by checkpointing, and where running-statistic updates are deferred to.
-_thread = threading.local()
+def batch_norms(module: nn.Module) -> list[BatchNorm]:
+    """Every BatchNorm layer of ``module`` that keeps running statistics."""
+    return [m for m in module.modules() if isinstance(m, BatchNorm) and m.running_mean is not None]
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` with the same parameters, buffers and modes, plus a recording mode for transforms."""
-
-    record: StatisticsRecord | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.record is None:
-            if not (self.training and self.track_running_stats):
-                return super().forward(x)
-            if getattr(_thread, "frozen", False):
-                # The same kernel call as the first forward (checkpointing compares the saved tensors), with
-                # throwaway copies of the buffers.
-                return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
-                                    True, self.momentum or 0.0, self.eps)
-            deferred = getattr(_thread, "deferred", None)
-            if deferred is None:
-                return super().forward(x)
-            # Momentum 1 from zero buffers leaves exactly the batch mean and unbiased variance in them.
-            mean, var = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)
-            out = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
-            deferred.layers.append(self)
-            deferred.statistics.append((mean, var))
-            return out
-        if self.uses_batch_statistics():
-            mean = x.mean(dim=(0, 2, 3))
-            var = x.var(dim=(0, 2, 3), unbiased=False)
-            self.take_batch_statistics(mean, var, x.numel() // x.shape[1])
-        else:
-            mean, var = self.running_mean, self.running_var
-        scale = torch.rsqrt(var + self.eps)
-        if self.affine:
-            shift = self.bias - mean * scale * self.weight
-            scale = scale * self.weight
-        else:
-            shift = -mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
-
-    def uses_batch_statistics(self) -> bool:
-        """Whether a forward normalises with the batch's own statistics (else with the running ones)."""
-        return self.training or not self.track_running_stats
-
-    def take_batch_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        """Do with a batch's mean and biased variance (over ``count`` values a channel) what a forward in this mode
-        does with them: record them inside :func:`recorded_statistics`, nothing while checkpointing recomputes,
-        defer them in a task thread, else fold them into the running buffers; nothing unless training and
-        tracking. For forwards that compute the statistics another way (:mod:`metacli.models.patch_conv`)."""
-        if not (self.training and self.track_running_stats):
-            return
-        update = running_update(mean, var, count)
-        if self.record is not None:
-            self.record.layers.append(self)
-            self.record.statistics.append(update)
-        elif not getattr(_thread, "frozen", False):
-            apply_statistics([self], [update])
-
-    def fold_in(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """One running-average update, exactly as a native training-mode forward would make it."""
-        self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        # Statistics recorded under bfloat16 autocast are folded into the float32 buffers.
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(var.to(self.running_var.dtype), momentum)
+def uses_batch_statistics(norm: BatchNorm) -> bool:
+    """Whether a forward of ``norm`` normalises with the batch's own statistics (else with the running ones)."""
+    return norm.training or not norm.track_running_stats
 
 
 def running_update(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What a training-mode forward folds into the running buffers, from a batch's mean and biased variance over
     ``count`` values a channel: the mean and the unbiased variance, detached."""
     return mean.detach(), var.detach() * count / max(count - 1, 1)
+
+
+@torch.no_grad()
+def fold_in(norm: BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """One running-average update, exactly as a native training-mode forward would make it."""
+    norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    # Statistics recorded under bfloat16 autocast are folded into the float32 buffers.
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+    norm.running_var.lerp_(var.to(norm.running_var.dtype), momentum)
+
+
+class StatisticsRecord:
+    """The BatchNorm calls of one traced forward: which layer, and the batch statistics it would have folded in."""
+
+    def __init__(self) -> None:
+        self.layers: list[BatchNorm] = []
+        self.statistics: Statistics = []
+
+
+def _recording_forward(norm: BatchNorm, record: StatisticsRecord, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in elementary ops, recording the running-statistic update instead of making it."""
+    dims = [0, *range(2, x.dim())]
+    channel = (None, slice(None), *[None] * (x.dim() - 2))
+    if uses_batch_statistics(norm):
+        mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+        take_batch_statistics(norm, mean, var, x.numel() // x.shape[1])
+    else:
+        mean, var = norm.running_mean, norm.running_var
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        shift = norm.bias - mean * scale * norm.weight
+        scale = scale * norm.weight
+    else:
+        shift = -mean * scale
+    return x * scale[channel] + shift[channel]
+
+
+def take_batch_statistics(norm: BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """Do with a batch's mean and biased variance (over ``count`` values a channel) what a training-mode forward
+    does with them: record them inside :func:`recorded_statistics`, else fold them into the running buffers;
+    nothing unless training and tracking. For forwards that compute the statistics another way
+    (:mod:`metacli.models.kernels.patch_conv`)."""
+    if not (norm.training and norm.track_running_stats):
+        return
+    update = running_update(mean, var, count)
+    record = norm.__dict__.get("statistics_record")
+    if record is not None:
+        record.layers.append(norm)
+        record.statistics.append(update)
+    else:
+        fold_in(norm, *update)
 
 
 @contextmanager
@@ -112,52 +102,76 @@ def recorded_statistics(module: nn.Module) -> Iterator[StatisticsRecord]:
     then hand what the transform returned to :func:`apply_statistics`.
     """
     record = StatisticsRecord()
-    layers = [m for m in module.modules() if isinstance(m, BatchNorm2d)]
-    for m in layers:
-        m.record = record
+    layers = [m for m in module.modules() if isinstance(m, BatchNorm)]
+    for m in layers:  # instance attributes, removed on the way out: the class's forward is untouched
+        m.statistics_record = record
+        m.forward = lambda x, m=m: _recording_forward(m, record, x)
     try:
         yield record
     finally:
         for m in layers:
-            m.record = None
+            del m.forward, m.statistics_record
 
 
-class frozen_statistics:
-    """Training-mode BatchNorm in this thread that folds nothing into its buffers: for forwards that gradient
-    checkpointing recomputes during the backward, which would otherwise count every batch twice.
+@torch.no_grad()
+def apply_statistics(layers: list[BatchNorm], statistics: Statistics, task: int | None = None) -> None:
+    """Fold recorded statistics into the running buffers, in call order (``task`` indexes vmapped records)."""
+    for layer, (mean, var) in zip(layers, statistics):
+        fold_in(layer, *((mean, var) if task is None else (mean[task], var[task])))
+
+
+class throwaway_statistics:
+    """``module``'s BatchNorm layers update copies of their buffers while inside, and keep their own: for forwards
+    that gradient checkpointing recomputes during the backward.
 
     A class, not a generator, because checkpointing may enter the same instance once per backward pass.
     """
 
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
     def __enter__(self) -> None:
-        self.previous, _thread.frozen = getattr(_thread, "frozen", False), True
+        self.saved = [(norm, [getattr(norm, name) for name in _BUFFERS]) for norm in batch_norms(self.module)]
+        for norm, buffers in self.saved:
+            for name, buffer in zip(_BUFFERS, buffers):
+                setattr(norm, name, buffer.clone())
 
     def __exit__(self, *exc_info) -> None:
-        _thread.frozen = self.previous
+        for norm, buffers in self.saved:
+            for name, buffer in zip(_BUFFERS, buffers):
+                setattr(norm, name, buffer)
 
 
-@contextmanager
-def deferred_statistics() -> Iterator[StatisticsRecord]:
-    """Nothing in this thread writes the running buffers: native forwards and :func:`apply_statistics` record
-    their updates instead, in call order, for the caller to fold in with ``apply_statistics(record.layers,
-    record.statistics)`` once it is the thread's turn. Threads sharing the buffers neither race nor reorder them.
-    """
-    previous, _thread.deferred = getattr(_thread, "deferred", None), StatisticsRecord()
-    try:
-        yield _thread.deferred
-    finally:
-        _thread.deferred = previous
+def own_statistics(module: nn.Module) -> dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo that gives a copy of ``module`` BatchNorm buffers of its own (copies of the
+    current ones), for a replica that trains beside the original."""
+    return {id(buffer): buffer.clone() for norm in batch_norms(module) for buffer in
+            (getattr(norm, name) for name in _BUFFERS)}
+
+
+def snapshot(module: nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """The running buffers of ``module``'s BatchNorm layers, copied: where replicas made by :func:`own_statistics`
+    start from."""
+    return [tuple(getattr(norm, name).clone() for name in _BUFFERS) for norm in batch_norms(module)]
 
 
 @torch.no_grad()
-def apply_statistics(layers: list[BatchNorm2d], statistics: list[tuple[torch.Tensor, torch.Tensor]],
-                     task: int | None = None) -> None:
-    """Fold recorded statistics into the running buffers, in call order (``task`` indexes vmapped records)."""
-    deferred = getattr(_thread, "deferred", None)
-    for layer, (mean, var) in zip(layers, statistics):
-        mean, var = (mean, var) if task is None else (mean[task], var[task])
-        if deferred is None:
-            layer.fold_in(mean, var)
+def carry_over(module: nn.Module, start: list[tuple[torch.Tensor, ...]], replica: nn.Module) -> None:
+    """Fold into ``module``'s layers the updates that ``replica`` (which started from ``start``) made to its own, as
+    if they had been made after ``module``'s so far. A running average is affine in its starting value: the
+    replica's result, moved by the same decay applied to how far ``module`` has moved since ``start``."""
+    for norm, twin, (mean0, var0, count0) in zip(batch_norms(module), batch_norms(replica), start):
+        steps = int(twin.num_batches_tracked - count0)
+        if steps == 0:
+            continue
+        if norm.momentum is None:  # a cumulative average: weights by counts
+            before, total = float(norm.num_batches_tracked), float(count0) + steps
+            for name, first in (("running_mean", mean0), ("running_var", var0)):
+                added = getattr(twin, name) * total - first * float(count0)  # the replica's batches' sum
+                getattr(norm, name).mul_(before).add_(added).div_(before + steps)
         else:
-            deferred.layers.append(layer)
-            deferred.statistics.append((mean, var))
+            decay = (1.0 - norm.momentum) ** steps
+            for name, first in (("running_mean", mean0), ("running_var", var0)):
+                current = getattr(norm, name)
+                current.copy_(getattr(twin, name) + decay * (current - first))
+        norm.num_batches_tracked.add_(steps)

@@ -1,11 +1,13 @@
 """The four-block convolutional backbone of the few-shot literature (Vinyals et al. 2016; Finn et al. 2017)."""
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import nn
 
-from metacli.models import patch_conv, pooled_product
-from metacli.models.batchnorm import BatchNorm2d
+from metacli.models.kernels import conv4_first_step, patch_conv, pooled_product
 from metacli.models.layers import check_images, feature_dim, hooked, memory_format
 
 
@@ -23,7 +25,7 @@ class Conv4(nn.Module):
             activations stay NHWC too (faster; same numbers).
 
     The first convolution and its BatchNorm run as one product over image patches where they can
-    (:mod:`metacli.models.patch_conv`): the same function, with fewer passes over the largest activation. A
+    (:mod:`metacli.models.kernels.patch_conv`): the same function, with fewer passes over the largest activation. A
     forward or backward hook on ``features`` or on a module of the first block turns that off, so that it runs.
     """
 
@@ -37,7 +39,7 @@ class Conv4(nn.Module):
         channels = in_channels
         for _ in range(blocks):
             layers += [nn.Conv2d(channels, hidden, 3, stride=2 if pool == "stride" else 1, padding=1),
-                       BatchNorm2d(hidden)]
+                       nn.BatchNorm2d(hidden)]
             # Max-pooling before the ReLU gives the same values and gradients (the two commute) with the ReLU on
             # a quarter of the elements: 10% off a ProtoNet step on the CPU.
             layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)] if pool == "max" else [nn.ReLU(inplace=True)]
@@ -47,10 +49,21 @@ class Conv4(nn.Module):
         self.to(memory_format=memory_format(channels_last))
         self.out_dim = feature_dim(self, in_channels, image_size)
 
-    def blocks(self) -> list[tuple[nn.Conv2d, BatchNorm2d, nn.MaxPool2d | None]]:
+    def blocks(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d | None]]:
         """Each block's convolution, BatchNorm and max-pooling (``None`` with ``pool="stride"``); a ReLU ends it."""
         layers, size = list(self.features), 4 if self.pool == "max" else 3
         return [(layers[i], layers[i + 1], layers[i + 2] if size == 4 else None) for i in range(0, len(layers), size)]
+
+    def support_gradient_kernel(self, network: nn.Module, params: dict[str, torch.Tensor], family: str
+                                ) -> Callable | None:
+        """The per-task support gradients of ``network`` (this Conv4 as its ``backbone``, then a linear ``head``)
+        for the shared first inner step of a meta-batch, written out over all tasks at once
+        (:mod:`metacli.models.kernels.conv4_first_step`): a function of ``(x, y, tasks)``, or ``None`` where it
+        does not apply (another network, other task family, autocast, hooks)."""
+        if family != "classification" or getattr(network, "backbone", None) is not self \
+                or not conv4_first_step.applies(network, params):
+            return None
+        return partial(conv4_first_step.support_grads, network, params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.features)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metacli.models.batchnorm import BatchNorm2d
 from metacli.models.layers import check_images, feature_dim, memory_format
 
 
@@ -14,13 +13,13 @@ class _Block(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), BatchNorm2d(out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), BatchNorm2d(out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
         )
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), BatchNorm2d(out_channels))
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

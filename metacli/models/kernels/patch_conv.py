@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metacli.models import pooled_product
-from metacli.models.batchnorm import BatchNorm2d
+from metacli.models.kernels import pooled_product
+from metacli.models.batchnorm import take_batch_statistics, uses_batch_statistics
 
 
 def applies(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
@@ -33,7 +33,7 @@ def applies(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
     alternating runs): Omniglot's 1 channel into 64 gains (strided Conv4 about 5 %, max-pool Conv4 about 15 % a
     step); mini-ImageNet's 3 channels into 32 (Conv4-32, meta-batch 4) lost 21 %.
     """
-    return (isinstance(conv, nn.Conv2d) and isinstance(norm, BatchNorm2d) and norm.affine
+    return (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.affine
             and 4 * (9 * conv.in_channels + 1) <= conv.out_channels
             and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.dilation == (1, 1)
             and conv.stride[0] == conv.stride[1] and conv.groups == 1 and conv.padding_mode == "zeros"
@@ -76,18 +76,18 @@ def conv_moments(patch_mean: torch.Tensor, covariance: torch.Tensor, weight: tor
 
 
 def _normalisation(centre: torch.Tensor, var: torch.Tensor, count: int,
-                   norm: BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+                   norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean and scale ``norm`` normalises a convolution's output with, from the output's batch mean and
     biased variance over ``count`` values a channel, which it records as its mode says."""
-    if norm.uses_batch_statistics():
-        norm.take_batch_statistics(centre, var, count)
+    if uses_batch_statistics(norm):
+        take_batch_statistics(norm, centre, var, count)
         mean = centre
     else:
         mean, var = norm.running_mean, norm.running_var
     return mean, norm.weight * torch.rsqrt(var + norm.eps)
 
 
-def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bool) -> torch.Tensor:
+def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
     """``norm(conv(x))``, followed by a ReLU if ``relu``, in every BatchNorm mode, as a channels-last batch."""
     rows, (n, h, w) = patches(x, conv.stride[0])
     weight = conv.weight.reshape(conv.out_channels, -1)
@@ -102,9 +102,9 @@ def conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, relu: bo
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def conv_batchnorm_pool_relu(x: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d) -> torch.Tensor:
-    """``relu(max_pool2d(norm(conv(x)), 2))`` for a stride-1 ``conv``, by :mod:`metacli.models.pooled_product`'s
-    kernels, where :func:`~metacli.models.pooled_product.applies` says they can."""
+def conv_batchnorm_pool_relu(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """``relu(max_pool2d(norm(conv(x)), 2))`` for a stride-1 ``conv``, by :mod:`metacli.models.kernels.pooled_product`'s
+    kernels, where :func:`~metacli.models.kernels.pooled_product.applies` says they can."""
     if conv.stride != (1, 1):
         raise ValueError(f"the pooled-product kernel computes a stride-1 convolution, got stride {conv.stride}")
     padded = pooled_product.padded(x)

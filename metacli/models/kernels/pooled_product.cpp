@@ -1,5 +1,5 @@
 // A first convolution (3x3, zero padding 1, stride 1) with its BatchNorm folded in, then 2x2 max-pooling and a
-// ReLU, for images with few channels: see metacli/models/pooled_product.py for why and how it is used.
+// ReLU, for images with few channels: see metacli/models/kernels/pooled_product.py for why and how it is used.
 //
 // Layouts: x is the zero-padded input [n, c, h + 2, w + 2]; weight is [c * 9, C] with rows in the order of a
 // flattened conv weight (channel, row, column); the output and the winner are [n, h / 2, w / 2, C] (channels

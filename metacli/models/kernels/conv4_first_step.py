@@ -1,6 +1,7 @@
 """MAML's shared first inner step for Conv4 + linear head, written out layer by layer instead of vmapped.
 
-The first inner step of every task in a meta-batch starts from the same weights (``inner_loop._batched_first``).
+The first inner step of every task in a meta-batch starts from the same weights
+(``metacli.execution.gradient_paths``, which asks for this kernel through :meth:`Conv4.support_gradient_kernel`).
 Under ``torch.func.vmap`` that step cost as much as all the query passes on a CPU, although it sees a fifteenth
 of the images. Traced operator by operator, the waste was layouts and indirection, not arithmetic:
 
@@ -17,7 +18,7 @@ differentiated by its closed-form backward; every elementwise operation sees cha
 contiguous ``[tasks, images * height * width, channels]`` views, so layouts never mix; the input gradients are
 transposed convolutions, and the conv weights' per-task gradients are one grouped convolution
 (:class:`_PerTaskWeightGrad`, whose backward is again native convolutions). Where
-:func:`metacli.models.patch_conv.applies` (Omniglot's one-channel images), the first block is instead one product
+:func:`metacli.models.kernels.patch_conv.applies` (Omniglot's one-channel images), the first block is instead one product
 over image patches with each task's statistics from its patch covariance (:class:`_PatchBlock`), which spares
 the passes over the largest activation. Autograd differentiates all of it for second-order MAML. The per-task
 gradients, running statistics and meta-gradient are those of the vmapped step (``tests/test_vectorize.py`` checks
@@ -29,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metacli.models import patch_conv
-from metacli.models.batchnorm import BatchNorm2d, running_update
-from metacli.models.conv4 import Conv4
+from metacli.models.kernels import patch_conv
+from metacli.models.batchnorm import running_update
 from metacli.models.layers import hooked
 
 Params = dict[str, torch.Tensor]
@@ -39,11 +39,11 @@ Statistics = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def applies(module: nn.Module, params: Params) -> bool:
-    """Whether ``module`` is a Conv4 followed by a linear head, adapting all its parameters, with BatchNorm on batch
-    statistics, outside autocast, and no module hook that the written-out step would skip: what
+    """Whether ``module`` is its Conv4 ``backbone`` followed by a linear ``head``, adapting all its parameters, with
+    BatchNorm on batch statistics, outside autocast, and no module hook that the written-out step would skip: what
     :func:`support_grads` implements (for the cross-entropy of classification tasks only)."""
-    backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
-    if not (isinstance(backbone, Conv4) and isinstance(head, nn.Linear)) or hooked(module.modules()):
+    backbone, head = module.backbone, getattr(module, "head", None)
+    if not isinstance(head, nn.Linear) or hooked(module.modules()):
         return False
     if torch.is_autocast_enabled(head.weight.device.type):  # the vmapped step follows autocast's casts
         return False
@@ -87,11 +87,11 @@ def _like_weight(grads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _PatchBlock:
-    """The first block's convolution and BatchNorm as :mod:`metacli.models.patch_conv`'s product, with per-task
+    """The first block's convolution and BatchNorm as :mod:`metacli.models.kernels.patch_conv`'s product, with per-task
     statistics (each task's patch covariance), and its closed-form backward. It spares the passes over the
     largest activation that the elementary BatchNorm below makes, forward and backward."""
 
-    def __init__(self, h: torch.Tensor, conv: nn.Conv2d, norm: BatchNorm2d, p: dict[int, torch.Tensor],
+    def __init__(self, h: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d, p: dict[int, torch.Tensor],
                  tasks: int) -> None:
         rows, (images, height, width) = patch_conv.patches(h, conv.stride[0])
         rows = rows.view(tasks, -1, rows.shape[1])
@@ -158,7 +158,7 @@ class _PerTaskWeightGrad(torch.autograd.Function):
 
 
 def support_grads(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
-                  tasks: int) -> tuple[Params, list[BatchNorm2d], Statistics]:
+                  tasks: int) -> tuple[Params, list[nn.BatchNorm2d], Statistics]:
     """Per-task gradients ``[tasks, *p.shape]`` of each task's mean support cross-entropy, for a module that
     :func:`applies`; with the BatchNorm layers in call order and their per-task ``(mean, unbiased var)``, as
     :func:`metacli.models.batchnorm.apply_statistics` takes them. ``x``: ``[tasks * n, c, h, w]``, ``y``:

@@ -1,13 +1,13 @@
-"""A meta-batch split over worker threads, which share the intra-op threads out (``algo.task_threads``).
+"""A meta-batch split over worker threads, which share the intra-op threads out (``execution.task_threads``).
 
 Why: a task's convolutions are too small for oneDNN to keep two cores busy on two intra-op threads, while two
 halves of a meta-batch, one per core, scale almost perfectly. Kernels release the GIL, and a CPU backward runs in
 the thread that calls it. A meta-batch smaller than the thread count gets fewer workers, each with more intra-op
 threads, so no core idles.
 
-Each worker meta-trains its chunk on a :func:`replica` of the learner, with every running-statistic update
-deferred (:func:`~metacli.models.batchnorm.deferred_statistics`). The caller then folds the chunks' statistics and
-gradients into the learner in chunk order, so the result does not depend on which thread finished first.
+Each worker meta-trains its chunk on a :func:`replica` of the learner, whose BatchNorm layers update running
+statistics of their own. The caller then carries the chunks' statistics and gradients over to the learner in chunk
+order, so the result does not depend on which thread finished first.
 """
 from __future__ import annotations
 
@@ -19,40 +19,30 @@ from typing import Callable
 import torch
 from torch import nn
 
-from metacli.algorithms.timing import parallel_phases
+from metacli.execution.timing import parallel_phases
 from metacli.data.episodes import EpisodeBatch
-from metacli.models.batchnorm import apply_statistics, deferred_statistics
-from metacli.precision import current_autocast
+from metacli.models.batchnorm import carry_over, own_statistics, snapshot
+from metacli.execution.precision import current_autocast
+from metacli.execution.settings import Execution
 
 Run = Callable[[nn.Module, EpisodeBatch], tuple[torch.Tensor, torch.Tensor]]
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
 
-def check_task_threads(value: int | str) -> int | str:
-    """``algo.task_threads`` as given, once it is ``auto`` or a positive integer."""
-    if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"algo.task_threads must be auto or a positive integer, got {value!r}")
-    return value
-
-
-def auto_workers(device: torch.device) -> int:
-    """Workers ``algo.task_threads=auto`` gives: one per intra-op thread on the CPU, and one on CUDA, whose kernels
-    are launched asynchronously from one thread anyway."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
-
-
-def thread_layout(learner: nn.Module) -> dict[str, int]:
+def thread_layout(learner: nn.Module, execution: Execution) -> dict[str, int]:
     """The threads a learner meta-trains on here. They order its gradient sums, so a run's numbers depend on them at
     rounding level: checkpoints and results.json record them, and a resume with another layout warns."""
-    return {"task_threads": learner.meta_batch_workers(), "intra_op_threads": torch.get_num_threads()}
+    return {"task_threads": execution.workers(learner), "intra_op_threads": torch.get_num_threads()}
 
 
 def replica(module: nn.Module) -> nn.Module:
     """A twin of ``module`` for one worker: its own module objects (``functional_call`` swaps tensors into the
     module it is given), its own leaf parameters over the same storage (each worker's backward fills its own
-    ``.grad``), and the very same buffers (which workers only read)."""
+    ``.grad``), BatchNorm running statistics of its own, and the very same other buffers (which workers only
+    read)."""
     memo: dict[int, torch.Tensor] = {id(b): b for b in module.buffers()}
+    memo.update(own_statistics(module))
     memo.update({id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in module.parameters()})
     return copy.deepcopy(module, memo)
 
@@ -91,17 +81,18 @@ def split_meta_batch(learner: nn.Module, batch: EpisodeBatch, workers: int, run:
         return run(learner, batch)
 
     autocast = current_autocast(next(learner.parameters()).device)
+    start = snapshot(learner)  # workers leave the learner's own buffers alone until the carry-over below
 
     def work(chunk: EpisodeBatch):
         twin = replica(learner)
-        with autocast, deferred_statistics() as statistics:
+        with autocast:
             losses, accuracies = run(twin, chunk)
-        return losses, accuracies, twin, statistics
+        return losses, accuracies, twin
 
     with parallel_phases():
         results = list(_pool(len(chunks)).map(work, chunks))
-    for chunk, (_, _, twin, statistics) in zip(chunks, results):
-        apply_statistics(statistics.layers, statistics.statistics)
+    for chunk, (_, _, twin) in zip(chunks, results):
+        carry_over(learner, start, twin)
         share = len(chunk) / len(batch)  # each chunk averaged its own tasks' losses
         for p, q in zip(learner.parameters(), twin.parameters()):
             if q.grad is not None:

@@ -1,7 +1,7 @@
 """The max-pool Conv4's first block (convolution, BatchNorm, 2x2 max-pooling, ReLU) as one native kernel.
 
 Why: the first convolution of the max-pool Conv4 writes a 64x28x28 activation for each 28x28 Omniglot image, four
-times the pooled output. Even as :mod:`metacli.models.patch_conv`'s single product, writing it, pooling it
+times the pooled output. Even as :mod:`metacli.models.kernels.patch_conv`'s single product, writing it, pooling it
 (with int64 indices) and zero-filling and scattering its gradient took about a third of a ProtoNet episode's time
 on one CPU thread, for 2 % of its FLOPs (figures in docs/performance.md). Done window by window in C++, that activation is never stored, and only a
 byte per output (which of the four positions went through, or none past the ReLU) is kept for the backward.
@@ -9,7 +9,7 @@ byte per output (which of the four positions went through, or none past the ReLU
 The kernel gets BatchNorm folded into its weights and shift. Its backward (a second kernel) is differentiable in
 turn (a third kernel is that one's adjoint), so second-order MAML can take the block; the block kernel and its
 backward are C++ autograd functions. BatchNorm's statistics still come from the patches' covariance, as in
-:mod:`~metacli.models.patch_conv`, so every BatchNorm mode is handled as there: a fourth kernel sums the patches and
+:mod:`~metacli.models.kernels.patch_conv`, so every BatchNorm mode is handled as there: a fourth kernel sums the patches and
 their outer products in one pass, instead of building the patch matrix and its centred copy.
 The kernels let go of the GIL, so task threads run them side by side. They are compiled on first use with
 ``torch.utils.cpp_extension`` (cached in a private dir, see :func:`_build_dir`); where that fails (no C++
@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-_SOURCE = Path(__file__).with_name("native") / "pooled_product.cpp"
+_SOURCE = Path(__file__).with_name("pooled_product.cpp")
 _log = logging.getLogger(__name__)
 _module = None
 _failed = False
@@ -62,8 +62,12 @@ def _extension():
                 # 512-bit vectors where the CPU has them: the loops run over 64 filters.
                 wide = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
                 name = f"metacli_pooled_product_{tag}"
+                build_dir = _build_dir(name)
+                if not (build_dir / f"{name}.so").is_file():  # said before the wait, not after it
+                    _log.info("building the native pooled-product kernel for this CPU (first use of the max-pool "
+                              "Conv4 here; about a minute, cached for later runs)")
                 start = time.perf_counter()
-                _module = load(name, [str(_SOURCE)], build_directory=str(_build_dir(name)),
+                _module = load(name, [str(_SOURCE)], build_directory=str(build_dir),
                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", *wide])
                 seconds = time.perf_counter() - start
                 if seconds > 5:  # a build (this process's or another's), not a load from the cache
@@ -116,7 +120,7 @@ def disabled() -> Iterator[None]:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.patch_conv.applies` to: float32
+    """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.kernels.patch_conv.applies` to: float32
     or float64, even sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func``
     transform, which the kernels have no rules for."""
     return (x.dtype in (torch.float32, torch.float64) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0

@@ -1,0 +1,50 @@
+"""One training step of any learner: the meta-gradient of a training batch accumulated into ``.grad``, with the
+batch run as ``execution.*`` says. The runner, the benchmark and the tests all train through :func:`meta_train_step`.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from metacli.algorithms.base import FewShotLearner, GradientLearner
+from metacli.data.episodes import EpisodeBatch
+from metacli.execution.gradient_paths import meta_train_gradient_learner
+from metacli.execution.settings import Execution
+from metacli.execution.task_threads import split_meta_batch
+from metacli.execution.timing import phase
+
+
+def meta_train_step(learner: FewShotLearner, batch, execution: Execution = Execution()) -> dict[str, float]:
+    """Accumulate ``learner``'s meta-gradient of ``batch`` into ``.grad`` (the caller steps the optimiser); return
+    the step's mean loss, the family's metric and the learner's own :meth:`~FewShotLearner.training_metrics`."""
+    if learner.training_step == "whole_batch":
+        with phase("inner_loop"):
+            losses, scores = learner.batch_loss(batch)
+        with phase("outer_backward"):
+            losses.mean().backward()
+    else:
+        losses, scores = split_meta_batch(learner, batch, execution.workers(learner), partial(run_tasks, execution=execution))
+    return {"loss": losses.mean().item(), learner.family.metric: scores.mean().item(), **learner.training_metrics()}
+
+
+def run_tasks(learner: FewShotLearner, batch: EpisodeBatch, execution: Execution) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the meta-gradient of the mean task loss of ``batch``; return per-task losses and scores. A learner
+    that adapts by gradient descent in training goes along its inner-loop path, any other task by task."""
+    if isinstance(learner, GradientLearner) and learner.inner_loop(True) is not None:
+        device = next(learner.parameters()).device
+        return meta_train_gradient_learner(learner, batch, execution.gradient_path(device), execution.checkpoint_inner)
+    return task_by_task(learner, batch)
+
+
+def task_by_task(learner: FewShotLearner, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back-propagate each task's loss as soon as it exists, so that one task's graph is alive at a time."""
+    losses, scores = [], []
+    for task in batch:
+        with phase("inner_loop"):
+            loss, score = learner.task_loss(task, training=True)
+        with phase("outer_backward"):
+            (loss / len(batch)).backward()
+        losses.append(loss.detach())
+        scores.append(score)
+    return torch.stack(losses), torch.stack(scores)

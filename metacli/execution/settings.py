@@ -1,0 +1,59 @@
+"""``execution.*``: how meta-batches run. No choice here changes what is computed beyond rounding (the order of
+sums); each is a matter of speed and memory on the device at hand."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metacli.algorithms.base import FewShotLearner, GradientLearner
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the runner meta-trains a batch of tasks.
+
+    Args:
+        vectorize: run the inner loops of a :class:`GradientLearner`'s meta-batch with ``torch.func.vmap``
+            (``true``), task by task (``false``), or whichever is faster on the device (``auto``: vmap on CUDA,
+            task by task on the CPU).
+        batch_first_step: task by task, but the first inner step (from shared weights) of all tasks at once.
+        checkpoint_inner: recompute each inner step in the outer backward instead of storing it (memory flat in
+            the inner steps, at the cost of one more forward and backward per step).
+        task_threads: split a meta-batch over this many worker threads (``auto``: one per CPU thread, one on
+            CUDA), for learners whose tasks may train in parallel (``FewShotLearner.parallel_tasks``). Results
+            change with it only at the level of rounding: it orders the gradient sums, and sizes the batch of the
+            shared first step.
+    """
+
+    vectorize: bool | str = "auto"
+    batch_first_step: bool = True
+    checkpoint_inner: bool = False
+    task_threads: int | str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.vectorize not in (True, False, "auto"):
+            raise ValueError(f"execution.vectorize must be true, false or auto, got {self.vectorize!r}")
+        threads = self.task_threads
+        if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+            raise ValueError(f"execution.task_threads must be auto or a positive integer, got {threads!r}")
+
+    def gradient_path(self, device: torch.device) -> str:
+        """The inner-loop path (one of :data:`metacli.execution.gradient_paths.PATHS`) of a :class:`GradientLearner` on ``device``; ``auto``
+        vectorises on CUDA only, where grouped kernels pay off (docs/performance.md)."""
+        vectorize = device.type == "cuda" if self.vectorize == "auto" else self.vectorize
+        if vectorize:
+            return "vmap"
+        return "batched_first" if self.batch_first_step else "serial"
+
+    def workers(self, learner: FewShotLearner) -> int:
+        """Worker threads for ``learner``'s meta-batches: one unless its tasks may train in parallel, apart and not
+        vectorised; else ``task_threads`` with ``auto`` one per intra-op thread on the CPU and one on CUDA, whose
+        kernels are launched asynchronously from one thread anyway."""
+        device = next(learner.parameters()).device
+        if not learner.parallel_tasks or learner.training_step != "per_task" or (
+                isinstance(learner, GradientLearner) and self.gradient_path(device) == "vmap"):
+            return 1
+        if self.task_threads == "auto":
+            return torch.get_num_threads() if device.type == "cpu" else 1
+        return self.task_threads
