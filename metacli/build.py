@@ -89,6 +89,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def build_dataset(cfg: DictConfig) -> FewShotDataset:
+    if cfg.get("env") is not None:  # the env group is where reinforcement-learning task families will come
+        raise ConfigError(f"env={cfg.env}: metacli ships no reinforcement-learning environments yet; train on a "
+                          "dataset instead (metacli list datasets)")
+    if cfg.dataset is None:
+        raise ConfigError("no dataset to train on: choose one with dataset=NAME (metacli list datasets)")
     return build(cfg.dataset, "dataset")
 
 

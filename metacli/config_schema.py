@@ -42,8 +42,8 @@ def algo_targets() -> dict[str, str]:
     return {name: targets[0] for name, targets in group_targets("algo").items()}
 
 
-# trainer.precision's values; metacli.execution.precision maps them to autocast contexts (kept here, free of torch, because
-# the CLI composes configs before it imports torch).
+# trainer.precision's values; metacli.execution.precision maps them to autocast contexts (kept here, free of torch,
+# because the CLI composes configs before it imports torch).
 PRECISIONS = ("fp32", "bf16")
 # Validation metrics a sweep may optimise; auto: the task family's (accuracy, or mse for regression).
 OBJECTIVES = ("auto", "val/accuracy", "val/mse")
@@ -116,6 +116,8 @@ class TrainSchema:
     execution: ExecutionSchema = field(default_factory=ExecutionSchema)
     algo: Any = None
     dataset: Any = None
+    # Reinforcement-learning task families come through the env group; an env option sets dataset to null.
+    env: Any = None
     backbone: Any = None
     device: Any = None
     logger: Any = None

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metacli.build import (build, build_dataset, build_execution, build_learner, build_partial, load_trained, resolve_device,
-                           seed_everything, training_batches)
+from metacli.build import (build, build_dataset, build_execution, build_learner, build_partial, load_trained,
+                           resolve_device, seed_everything, training_batches)
 from metacli.config_schema import check_ranges
 from metacli.errors import CheckpointError, ConfigError, TrainingError
 from metacli.evaluation import build_results, make_test_sampler, score
@@ -135,8 +135,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("resumed from %s at step %d", run_dir / LAST, start_step)
         if state.get("threads") not in (None, threads):  # None: a checkpoint older than this record
             log.warning("this run was meta-trained with %s and resumes with %s: its numbers will differ from an "
-                        "uninterrupted run's at rounding level; set execution.task_threads and OMP_NUM_THREADS as before "
-                        "to continue it exactly", state["threads"], threads)
+                        "uninterrupted run's at rounding level; set execution.task_threads and OMP_NUM_THREADS as "
+                        "before to continue it exactly", state["threads"], threads)
     elif cfg.trainer.resume:
         log.warning("trainer.resume=true but %s has no %s: starting from scratch", run_dir, LAST)
 

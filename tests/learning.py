@@ -36,7 +36,8 @@ def meta_train(learner: FewShotLearner, glyphs, steps: int, meta_batch: int, lr:
     before = score(learner, test, episodes=50, seed=0, batch_size=25)["accuracy"]
     optimizer = optimizer(learner.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
-    train = sampler(glyphs, "train") if learner.training_data == "episodes" else ImageBatchSampler(glyphs.split("train"), glyphs.normalize)
+    episodic = learner.training_data == "episodes"
+    train = sampler(glyphs, "train") if episodic else ImageBatchSampler(glyphs.split("train"), glyphs.normalize)
     for _ in range(steps):
         learner.train()
         optimizer.zero_grad(set_to_none=True)

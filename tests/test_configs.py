@@ -320,3 +320,19 @@ def test_preflight_checks_the_eval_command_too(capsys):
     assert info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("metacli: error:") and "eval.nope" in lines[0]
+
+
+def test_an_env_option_needs_no_dataset_null(tmp_path):
+    """Task families without a dataset (reinforcement learning) come through the env group: an option of it drops
+    the dataset by itself, so ``metacli train algo=NAME env=NAME`` needs no ``dataset=null``."""
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / "toy_env.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /dataset: null\nenv:\n  name: toy\n")
+    cfg = compose("env=toy_env", f"hydra.searchpath=[file://{tmp_path}]")
+    assert cfg.dataset is None and cfg.env.name == "toy"
+    default = compose()
+    assert default.env is None and default.dataset is not None
+    for cfg, problem in ((cfg, "no reinforcement-learning environments"), (compose("~dataset"), "no dataset")):
+        with pytest.raises(ConfigError, match=problem):  # one line, until environments ship
+            build_dataset(cfg)
+

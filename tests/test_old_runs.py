@@ -1,7 +1,8 @@
 """Run dirs written by an earlier metacli keep working. The fixture is a smoke run put back into the format of
-commit 407cb57 (before task families, ``timing.json``, the checkpoint's wall time and ``execution.*``): its results
-keep ``episode_accuracies``, it has no ``timing.json``, its checkpoints hold no ``wall_seconds``, its config spells
-the objective ``val/accuracy`` and keeps the meta-batch settings under ``algo`` (``algo.task_threads``). It must re-test to the same numbers, compare with a new result, resume, and load."""
+commit 407cb57 (before task families, ``timing.json``, the checkpoint's wall time and ``execution.*``): its
+results keep ``episode_accuracies``, it has no ``timing.json``, its checkpoints hold no ``wall_seconds``, its config
+spells the objective ``val/accuracy`` and keeps the meta-batch settings under ``algo`` (``algo.task_threads``). It
+must re-test to the same numbers, compare with a new result, resume, and load."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
-"""The max-pool Conv4's first block as one native kernel (metacli.models.kernels.pooled_product) computes what the native
-PyTorch kernels compute: values, running statistics, first and second derivatives, in every BatchNorm mode."""
+"""The max-pool Conv4's first block as one native kernel (metacli.models.kernels.pooled_product) computes what the
+native PyTorch kernels compute: values, running statistics, first and second derivatives, in every BatchNorm
+mode."""
 from __future__ import annotations
 
 import contextlib

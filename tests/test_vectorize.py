@@ -145,7 +145,8 @@ def test_plain_torch_batchnorm_is_right_on_every_path(first_order):
             meta_train_step(twin, batch, Execution(vectorize=False, task_threads=threads))
         runs.append((dict(twin.named_parameters()), dict(twin.named_buffers())))
     (params, buffers), (params_2, buffers_2) = runs
-    assert buffers["backbone.layers.4.num_batches_tracked"].item() == 2 * 3 * 3  # two steps, three tasks, three forwards
+    # Two meta-steps of three tasks, each with two support forwards and a query forward.
+    assert buffers["backbone.layers.4.num_batches_tracked"].item() == 2 * 3 * 3
     for name, p in params.items():
         torch.testing.assert_close(params_2[name].grad, p.grad, rtol=1e-8, atol=1e-11, msg=name)
     for name, b in buffers.items():

@@ -24,11 +24,13 @@ def meta_train_step(learner: FewShotLearner, batch, execution: Execution = Execu
         with phase("outer_backward"):
             losses.mean().backward()
     else:
-        losses, scores = split_meta_batch(learner, batch, execution.workers(learner), partial(run_tasks, execution=execution))
+        losses, scores = split_meta_batch(learner, batch, execution.workers(learner),
+                                          partial(run_tasks, execution=execution))
     return {"loss": losses.mean().item(), learner.family.metric: scores.mean().item(), **learner.training_metrics()}
 
 
-def run_tasks(learner: FewShotLearner, batch: EpisodeBatch, execution: Execution) -> tuple[torch.Tensor, torch.Tensor]:
+def run_tasks(learner: FewShotLearner, batch: EpisodeBatch, execution: Execution
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the meta-gradient of the mean task loss of ``batch``; return per-task losses and scores. A learner
     that adapts by gradient descent in training goes along its inner-loop path, any other task by task."""
     if isinstance(learner, GradientLearner) and learner.inner_loop(True) is not None:

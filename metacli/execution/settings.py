@@ -39,8 +39,9 @@ class Execution:
             raise ValueError(f"execution.task_threads must be auto or a positive integer, got {threads!r}")
 
     def gradient_path(self, device: torch.device) -> str:
-        """The inner-loop path (one of :data:`metacli.execution.gradient_paths.PATHS`) of a :class:`GradientLearner` on ``device``; ``auto``
-        vectorises on CUDA only, where grouped kernels pay off (docs/performance.md)."""
+        """The inner-loop path (one of :data:`metacli.execution.gradient_paths.PATHS`) of a
+        :class:`GradientLearner` on ``device``; ``auto`` vectorises on CUDA only, where grouped kernels pay off
+        (docs/performance.md)."""
         vectorize = device.type == "cuda" if self.vectorize == "auto" else self.vectorize
         if vectorize:
             return "vmap"

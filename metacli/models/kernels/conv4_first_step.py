@@ -18,8 +18,8 @@ differentiated by its closed-form backward; every elementwise operation sees cha
 contiguous ``[tasks, images * height * width, channels]`` views, so layouts never mix; the input gradients are
 transposed convolutions, and the conv weights' per-task gradients are one grouped convolution
 (:class:`_PerTaskWeightGrad`, whose backward is again native convolutions). Where
-:func:`metacli.models.kernels.patch_conv.applies` (Omniglot's one-channel images), the first block is instead one product
-over image patches with each task's statistics from its patch covariance (:class:`_PatchBlock`), which spares
+:func:`metacli.models.kernels.patch_conv.applies` (Omniglot's one-channel images), the first block is instead one
+product over image patches with each task's statistics from its patch covariance (:class:`_PatchBlock`), which spares
 the passes over the largest activation. Autograd differentiates all of it for second-order MAML. The per-task
 gradients, running statistics and meta-gradient are those of the vmapped step (``tests/test_vectorize.py`` checks
 them in float64, both poolings, first and second order).

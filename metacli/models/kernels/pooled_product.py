@@ -3,14 +3,15 @@
 Why: the first convolution of the max-pool Conv4 writes a 64x28x28 activation for each 28x28 Omniglot image, four
 times the pooled output. Even as :mod:`metacli.models.kernels.patch_conv`'s single product, writing it, pooling it
 (with int64 indices) and zero-filling and scattering its gradient took about a third of a ProtoNet episode's time
-on one CPU thread, for 2 % of its FLOPs (figures in docs/performance.md). Done window by window in C++, that activation is never stored, and only a
-byte per output (which of the four positions went through, or none past the ReLU) is kept for the backward.
+on one CPU thread, for 2 % of its FLOPs (figures in docs/performance.md). Done window by window in C++, that
+activation is never stored, and only a byte per output (which of the four positions went through, or none past the
+ReLU) is kept for the backward.
 
 The kernel gets BatchNorm folded into its weights and shift. Its backward (a second kernel) is differentiable in
 turn (a third kernel is that one's adjoint), so second-order MAML can take the block; the block kernel and its
 backward are C++ autograd functions. BatchNorm's statistics still come from the patches' covariance, as in
-:mod:`~metacli.models.kernels.patch_conv`, so every BatchNorm mode is handled as there: a fourth kernel sums the patches and
-their outer products in one pass, instead of building the patch matrix and its centred copy.
+:mod:`~metacli.models.kernels.patch_conv`, so every BatchNorm mode is handled as there: a fourth kernel sums the
+patches and their outer products in one pass, instead of building the patch matrix and its centred copy.
 The kernels let go of the GIL, so task threads run them side by side. They are compiled on first use with
 ``torch.utils.cpp_extension`` (cached in a private dir, see :func:`_build_dir`); where that fails (no C++
 compiler, no ninja), :func:`available` says so once and Conv4 keeps the patch product.
@@ -120,8 +121,8 @@ def disabled() -> Iterator[None]:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.kernels.patch_conv.applies` to: float32
-    or float64, even sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func``
+    """Whether :func:`pooled_product` can take a batch that :func:`~metacli.models.kernels.patch_conv.applies` to:
+    float32 or float64, even sides (2x2 windows tile the map), no gradient wanted for the images, and no ``torch.func``
     transform, which the kernels have no rules for."""
     return (x.dtype in (torch.float32, torch.float64) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
             and not x.requires_grad
