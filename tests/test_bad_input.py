@@ -69,6 +69,12 @@ CASES = {
     "validation episodes that cannot fit": (["trainer.val_episodes=1000000000"],
                                             "trainer.val_episodes=1000000000 needs at least"),
     "a read-only sweep dir": (["-m", "seed=0,1", "hydra.sweep.dir=/sys/metacli-sweep"], "cannot write into /sys"),
+    "an earlier metacli's execution key": (["algo=maml", "algo.task_threads=2"],
+                                           "algo.task_threads is now execution.task_threads"),
+    "zero task threads": (["execution.task_threads=0"], "execution.task_threads must be auto or a positive integer"),
+    "an unknown vectorize value": (["execution.vectorize=sometimes"], "execution.vectorize must be true, false or auto"),
+    "an environment (none ship yet)": (["env=point_nav"], "no reinforcement-learning environments yet"),
+    "no dataset": (["~dataset"], "no dataset to train on"),
 }
 
 
