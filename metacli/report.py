@@ -1,9 +1,9 @@
 """``metacli report PATH...``: every run under the paths in one table, runs that differ only in seed aggregated.
 
 A row is one protocol (algorithm, dataset, task, backbone, BatchNorm mode, steps, and the other overrides the run
-was started with, seed aside). Its score is the run's declared
-metric (``results["metric"]``, accuracy today) ± the run's 95 % CI over test episodes; over several seeds, the mean
-of the seeds' scores ± a 95 % t-interval over seeds, with each seed's score listed. The same table ends every
+was started with, seed aside). Its score is the run's declared metric (``results["metric"]``: accuracy, or MSE for
+regression) ± the run's 95 % CI over test episodes; over several seeds, the mean of the seeds' scores ± a 95 %
+t-interval over seeds, with each seed's score listed. The same table ends every
 multirun in the sweep dir (``summary.md``, ``summary.csv``, and with ``trainer.plots`` the sweep's pictures),
 written by :class:`SweepSummary`.
 """
