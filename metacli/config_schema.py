@@ -105,6 +105,8 @@ class EvalSchema:
     seed: int = 0
     batch_size: int = _at_least(1, 25)
     bn_mode: str = field(default="transductive", metadata={"choices": ("transductive", "running")})
+    # episodes: N-way K-shot over the split's classes; within_alphabet: Lake et al.'s one-shot protocol (Omniglot).
+    protocol: str = field(default="episodes", metadata={"choices": ("episodes", "within_alphabet")})
 
 
 @dataclass

@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
+from metacli.data.within_alphabet import WithinAlphabetSampler
+from metacli.errors import ConfigError
 from metacli.logging.progress import Progress
 
 
@@ -31,8 +33,19 @@ def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed:
             "episodes": episodes, "per_episode": values}
 
 
+def make_sampler(cfg: DictConfig, dataset: FewShotDataset, split: str, device: torch.device) -> EpisodeSampler:
+    """The fixed episodes of ``split`` that validation or the test score, as ``eval.protocol`` draws them."""
+    where = f"{split} split"
+    if cfg.eval.protocol == "within_alphabet":
+        if (cfg.task.k_shot, cfg.task.n_query) != (1, 1):
+            raise ConfigError(f"eval.protocol=within_alphabet is one-shot with one query a character: set "
+                              f"task.k_shot=1 task.n_query=1 (not {cfg.task.k_shot} and {cfg.task.n_query})")
+        return WithinAlphabetSampler(dataset.split(split), cfg.task.n_way, dataset.normalize, device, where=where)
+    return dataset.episodes(split, cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query, device, where=where)
+
+
 def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.device) -> EpisodeSampler:
-    return dataset.episodes("test", cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query, device, where="test split")
+    return make_sampler(cfg, dataset, "test", device)
 
 
 def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
@@ -40,7 +53,9 @@ def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
     for episode, so they can be compared pairwise (``metacli compare``)."""
     return {"dataset": dataset.describe(), "split": "test", "content_sha256": dataset.content_sha256("test"),
             "n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query,
-            "image_size": dataset.image_size, "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes}
+            "image_size": dataset.image_size, "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes,
+            # Only where it is not the default, so that earlier results keep their fingerprints.
+            **({"protocol": cfg.eval.protocol} if cfg.eval.protocol != "episodes" else {})}
 
 
 def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, sampler: EpisodeSampler,

@@ -18,7 +18,7 @@ from metacli.build import (build, build_dataset, build_execution, build_learner,
                            resolve_device, seed_everything, training_batches)
 from metacli.config_schema import check_ranges
 from metacli.errors import CheckpointError, ConfigError, TrainingError
-from metacli.evaluation import build_results, make_test_sampler, score
+from metacli.evaluation import build_results, make_sampler, make_test_sampler, score
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
@@ -110,8 +110,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     execution = build_execution(cfg)
     trained_on = origin(cfg, dataset)
     next_batch = training_batches(cfg, learner, dataset, device)
-    val_sampler = dataset.episodes("val", cfg.task.n_way, cfg.task.k_shot, cfg.task.n_query, device,
-                                   where="val split")
+    val_sampler = make_sampler(cfg, dataset, "val", device)
     test_sampler = make_test_sampler(cfg, dataset, device)
     optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
     scheduler = build_partial(cfg.trainer.scheduler, "trainer.scheduler", optimizer) if cfg.trainer.scheduler else None

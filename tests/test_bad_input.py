@@ -75,6 +75,10 @@ CASES = {
     "an unknown vectorize value": (["execution.vectorize=sometimes"], "execution.vectorize must be true, false or auto"),
     "an environment (none ship yet)": (["env=point_nav"], "no reinforcement-learning environments yet"),
     "no dataset": (["~dataset"], "no dataset to train on"),
+    "Lake's protocol with five shots": (["eval.protocol=within_alphabet", "task.k_shot=5"],
+                                        "set task.k_shot=1 task.n_query=1"),
+    "Lake's protocol on a dataset without alphabets": (["eval.protocol=within_alphabet", "task.n_query=1"],
+                                                       "no alphabet has 5 characters"),
 }
 
 

@@ -1,0 +1,59 @@
+"""Lake et al.'s within-alphabet one-shot episodes, on the real Omniglot evaluation alphabets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+from metacli.data.base import ClassImages
+from metacli.data.omniglot import Omniglot
+from metacli.data.within_alphabet import WithinAlphabetSampler, alphabets
+from metacli.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def evaluation(omniglot_root) -> tuple[Omniglot, ClassImages]:
+    data = Omniglot(root=str(omniglot_root), split="background_evaluation", rotations=4)
+    return data, data.split("test")
+
+
+def test_an_episode_is_one_alphabet_one_drawer_each_side(evaluation):
+    data, test = evaluation
+    sampler = WithinAlphabetSampler(test, 20, data.normalize)
+    classes, picks = sampler.draw(200, torch.Generator().manual_seed(0))
+    names = test.class_names
+    for episode, drawers in zip(classes.tolist(), picks):
+        assert len({names[c].split("/")[0] for c in episode}) == 1  # one alphabet
+        assert len(set(episode)) == 20 and all("/rot" not in names[c] for c in episode)  # drawn characters only
+        support, query = drawers[:, 0], drawers[:, 1]
+        assert len(set(support.tolist())) == 1 and len(set(query.tolist())) == 1 and support[0] != query[0]
+    batch = sampler.gather(classes[:2], picks[:2])
+    assert batch.support_x.shape == (2, 20, 1, 28, 28) and batch.query_x.shape == (2, 20, 1, 28, 28)
+    assert torch.equal(batch.query_y[0], torch.arange(20))
+    # Every evaluation alphabet with 20 characters takes part, and the draw is fixed by the seed.
+    assert {names[c].split("/")[0] for c in classes[:, 0].tolist()} <= set(alphabets(names))
+    again, _ = sampler.draw(200, torch.Generator().manual_seed(0))
+    assert torch.equal(again, classes)
+
+
+def test_a_way_no_alphabet_holds_is_one_line(evaluation):
+    data, test = evaluation
+    with pytest.raises(DataError, match="no alphabet has 60 characters"):
+        WithinAlphabetSampler(test, 60, data.normalize, where="test split")
+
+
+def test_a_run_validates_and_tests_within_alphabets(omniglot_root, tmp_path):
+    """``eval.protocol=within_alphabet`` draws validation episodes from the validation alphabets and test episodes
+    from the evaluation alphabets, and the results record the protocol with the episodes' fingerprint."""
+    run = tmp_path / "run"
+    done = run_cli("train", "dataset=omniglot", f"dataset.root={omniglot_root}", "dataset.split=background_evaluation",
+                   "backbone.hidden=8", "eval.protocol=within_alphabet", "task.n_way=20", "task.n_query=1",
+                   "trainer.steps=2", "trainer.val_every=2", "trainer.val_episodes=4", "eval.episodes=8",
+                   "trainer.plots=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_fingerprint"]["protocol"] == "within_alphabet" and len(results["episode_scores"]) == 8
+    assert all(abs(score * 20 - round(score * 20)) < 1e-4 for score in results["episode_scores"])  # 20 queries
