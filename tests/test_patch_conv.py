@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from metacli.algorithms.base import batch_statistics_only
 from metacli.algorithms.maml import MAML
 from metacli.models.kernels import patch_conv
-from metacli.models.batchnorm import recorded_statistics, throwaway_statistics
+from metacli.models.batchnorm import batch_statistics_only, recorded_statistics, throwaway_statistics
 from metacli.models.conv4 import Conv4
 from metacli.execution.meta_batch import meta_train_step
 from metacli.execution.settings import Execution

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from metacli.algorithms.base import batch_statistics_only
+from metacli.models.batchnorm import batch_statistics_only
 from metacli.algorithms.maml import MAML
 from metacli.models.kernels import patch_conv, pooled_product
 from metacli.models.conv4 import Conv4

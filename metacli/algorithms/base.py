@@ -21,6 +21,7 @@ from torch import nn
 
 from metacli.algorithms.inner_loop import InnerLoop, Params, adapt_to_support, functional_forward
 from metacli.data.episodes import Episode
+from metacli.models.batchnorm import batch_statistics_only
 from metacli.tasks import CLASSIFICATION, TaskFamily
 
 BN_MODES = ("transductive", "running")
@@ -154,21 +155,3 @@ class GradientLearner(FewShotLearner):
     def _adapt_embedded(self, task: Episode, training: bool) -> Params:
         return adapt_to_support(self.adapted_module(), self.adapted_parameters(), task, self.inner_loop(training),
                                 training, self.family)
-
-
-@contextmanager
-def batch_statistics_only(module: nn.Module) -> Iterator[None]:
-    """BatchNorm normalises with the batch's statistics and touches no buffer (not even the counter).
-
-    Used for transductive evaluation, and by vectorised inner loops, where an in-place running-average update
-    of a shared buffer from per-task batches is impossible.
-    """
-    batch_norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    tracking = [m.track_running_stats for m in batch_norms]
-    for m in batch_norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, track in zip(batch_norms, tracking):
-            m.track_running_stats = track

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metacli.algorithms.base import FewShotLearner, batch_statistics_only
+from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.inner_loop import Params, fine_tune, functional_forward, query_loss, support_loss
 from metacli.data.episodes import Episode
+from metacli.models.batchnorm import batch_statistics_only
 
 
 class Reptile(FewShotLearner):

@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from metacli.algorithms.base import FewShotLearner, GradientLearner
+from metacli.algorithms.base import FewShotLearner
 from metacli.data.episodes import EpisodeBatch
 from metacli.execution.gradient_paths import meta_train_gradient_learner
 from metacli.execution.settings import Execution
@@ -33,10 +33,10 @@ def run_tasks(learner: FewShotLearner, batch: EpisodeBatch, execution: Execution
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the meta-gradient of the mean task loss of ``batch``; return per-task losses and scores. A learner
     that adapts by gradient descent in training goes along its inner-loop path, any other task by task."""
-    if isinstance(learner, GradientLearner) and learner.inner_loop(True) is not None:
-        device = next(learner.parameters()).device
-        return meta_train_gradient_learner(learner, batch, execution.gradient_path(device), execution.checkpoint_inner)
-    return task_by_task(learner, batch)
+    path = execution.training_path(learner)
+    if path == "task_by_task":
+        return task_by_task(learner, batch)
+    return meta_train_gradient_learner(learner, batch, path, execution.checkpoint_inner)
 
 
 def task_by_task(learner: FewShotLearner, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:

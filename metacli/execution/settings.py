@@ -47,14 +47,19 @@ class Execution:
             return "vmap"
         return "batched_first" if self.batch_first_step else "serial"
 
+    def training_path(self, learner: FewShotLearner) -> str:
+        """The path of ``learner``'s meta-batches: its inner-loop path (:meth:`gradient_path`) for a
+        :class:`GradientLearner` that adapts by gradient descent in training, ``task_by_task`` for any other."""
+        if isinstance(learner, GradientLearner) and learner.inner_loop(True) is not None:
+            return self.gradient_path(next(learner.parameters()).device)
+        return "task_by_task"
+
     def workers(self, learner: FewShotLearner) -> int:
         """Worker threads for ``learner``'s meta-batches: one unless its tasks may train in parallel, apart and not
         vectorised; else ``task_threads`` with ``auto`` one per intra-op thread on the CPU and one on CUDA, whose
         kernels are launched asynchronously from one thread anyway."""
-        device = next(learner.parameters()).device
-        if not learner.parallel_tasks or learner.training_step != "per_task" or (
-                isinstance(learner, GradientLearner) and self.gradient_path(device) == "vmap"):
+        if not learner.parallel_tasks or learner.training_step != "per_task" or self.training_path(learner) == "vmap":
             return 1
         if self.task_threads == "auto":
-            return torch.get_num_threads() if device.type == "cpu" else 1
+            return torch.get_num_threads() if next(learner.parameters()).device.type == "cpu" else 1
         return self.task_threads

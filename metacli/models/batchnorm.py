@@ -12,6 +12,8 @@ below explicitly, for the modules and the span it names.
   of the buffers, which would otherwise count every batch twice.
 - :func:`own_statistics` and :func:`carry_over`: a task thread trains a replica whose buffers are its own, and the
   caller carries each replica's updates over to the shared layers in task order.
+- :func:`batch_statistics_only`: transductive evaluation and Reptile's inner loop normalise with the batch and
+  leave the buffers alone.
 """
 from __future__ import annotations
 
@@ -175,3 +177,21 @@ def carry_over(module: nn.Module, start: list[tuple[torch.Tensor, ...]], replica
                 current = getattr(norm, name)
                 current.copy_(getattr(twin, name) + decay * (current - first))
         norm.num_batches_tracked.add_(steps)
+
+
+@contextmanager
+def batch_statistics_only(module: nn.Module) -> Iterator[None]:
+    """BatchNorm normalises with the batch's statistics and touches no buffer (not even the counter).
+
+    Used for transductive evaluation, and by Reptile's inner loop, whose throwaway fast weights must not move
+    the shared running averages.
+    """
+    norms = batch_norms(module)
+    tracking = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, track in zip(norms, tracking):
+            m.track_running_stats = track
