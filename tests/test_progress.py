@@ -52,3 +52,14 @@ def test_a_failed_phase_writes_no_closing_line(caplog):
             progress.advance()
             raise RuntimeError("a broken file")
     assert lines(caplog) == []
+
+
+def test_a_resumed_phase_estimates_from_its_own_pace(caplog, monkeypatch):
+    """Resumed at 80 of 100 steps, 10 steps in 1 s leave about 1 s, not a quarter of a second."""
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(progress_module, "QUIET_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="metacli.progress")
+    with Progress("meta-train", total=100, unit="steps", completed=80) as progress:
+        progress.advance(10)
+    assert lines(caplog) == ["meta-train: 90/100 steps (90%), 0:00:01 elapsed, about 0:00:01 left"]

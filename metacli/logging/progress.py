@@ -32,6 +32,7 @@ class Progress:
                  completed: int = 0, status: str = "") -> None:
         self.description, self.total, self.unit, self.enabled = description, total, unit, enabled
         self.done, self.status = completed, status
+        self._started_at = completed  # a resumed phase's rate counts only what this process did
         self._bar: Bar | None = None
         self._task = None
         self._start = self._last_line = 0.0
@@ -85,8 +86,9 @@ class Progress:
             count = f"{self.done}" + (f"/{self.total}" if self.total else "") + (f" {self.unit}" if self.unit else "")
         share = f" ({100 * self.done // self.total}%)" if self.total else ""
         left = ""
-        if self.total and 0 < self.done < self.total:
-            left = f", about {_clock(elapsed * (self.total - self.done) / self.done)} left"
+        if self.total and elapsed > 0 and self._started_at < self.done < self.total:
+            rate = (self.done - self._started_at) / elapsed
+            left = f", about {_clock((self.total - self.done) / rate)} left"
         status = f" {self.status}" if self.status else ""
         log.info("%s: %s%s%s, %s elapsed%s", self.description, count, share, status, _clock(elapsed), left)
 
