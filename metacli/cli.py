@@ -31,7 +31,7 @@ COMMANDS = {
     "train": "meta-train an algorithm, validate, keep the best checkpoint, test on fixed episodes",
     "eval": "re-test a finished run: metacli eval checkpoint=RUN_DIR [eval.episodes=...]",
     "compare": "pair two runs over their shared test episodes: metacli compare RUN_A RUN_B",
-    "report": "one table of runs and sweeps, seeds aggregated: metacli report PATH... [--format md|csv|json]",
+    "report": "one table of runs and sweeps, seeds aggregated: metacli report PATH... [--format md|csv|json|results]",
     "list": "what a config group offers: metacli list [algos|datasets|backbones|devices|loggers|experiments|searches]",
 }
 #: What installs a Hydra sweeper or launcher that a command asked for.

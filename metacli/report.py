@@ -6,6 +6,10 @@ regression) ± the run's 95 % CI over test episodes; over several seeds, the mea
 t-interval over seeds, with each seed's score listed. The same table ends every
 multirun in the sweep dir (``summary.md``, ``summary.csv``, and with ``trainer.plots`` the sweep's pictures),
 written by :class:`SweepSummary`.
+
+``--format results`` writes the reproduced-results page (docs/results.md): each protocol's score beside the paper's
+with a verdict, its budget, wall time and the command that reruns it, the paper's sources and other anchors, and
+the runs still training (a checkpoint or metrics but no results.json yet) with the command that resumes them.
 """
 from __future__ import annotations
 
@@ -32,8 +36,9 @@ COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "over
            "metric", "test", "paper", "difference", "per seed", "wall time", "runs")
 
 
-def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
-    """``(run dir, results)`` for every ``results.json`` at or under ``paths``, in path order."""
+def find_results(paths: list[str | Path], required: bool = True) -> list[tuple[Path, dict]]:
+    """``(run dir, results)`` for every ``results.json`` at or under ``paths``, in path order; finding none is an
+    error only if ``required``."""
     found = []
     for path in map(Path, paths):
         if not path.exists():
@@ -45,7 +50,7 @@ def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ConfigError(f"{file} is not a readable results.json ({exc}): re-test that run with "
                                   "metacli eval, or leave it out") from None
-    if not found:
+    if required and not found:
         raise ConfigError(f"no results.json under {', '.join(map(str, paths))}: pass finished run or sweep dirs")
     return found
 
@@ -54,14 +59,27 @@ def find_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
 _NOT_PROTOCOL = ("seed", "hydra.", "trainer.resume", "trainer.progress", "logger", "trainer.plots")
 
 
+def read_saved(file: Path) -> object:
+    """A file the run saved, read as plain data (a saved file is never code); None if missing or unreadable."""
+    try:
+        return yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def saved_overrides(file: Path) -> list[str]:
+    given = read_saved(file)
+    return [str(o) for o in given] if isinstance(given, list) else []
+
+
+def override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def protocol_overrides(run: Path) -> list[str]:
     """The overrides a run was started with (``.hydra/overrides.yaml``, read as plain data), seed aside: runs that
     share them share a protocol, so a search's trials stay apart while a seed sweep's runs are pooled."""
-    try:
-        given = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
-    except (OSError, yaml.YAMLError):
-        return []
-    return sorted(str(o) for o in given if not str(o).lstrip("+~").split("=", 1)[0].startswith(_NOT_PROTOCOL))
+    return sorted(o for o in saved_overrides(run / ".hydra" / "overrides.yaml") if not override_key(o).startswith(_NOT_PROTOCOL))
 
 
 def _protocol(run: Path, results: dict) -> tuple:
@@ -104,7 +122,7 @@ def rows(found: list[tuple[Path, dict]]) -> list[dict]:
     return table
 
 
-def _cell(row: dict, column: str) -> str:
+def cell_text(row: dict, column: str) -> str:
     scale = 100 if row["metric"] == "accuracy" else 1
     unit = " %" if scale == 100 else ""
     if column == "test":
@@ -135,7 +153,7 @@ def _duration(seconds: float) -> str:
 
 def markdown(table: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row, c) for c in COLUMNS) + " |" for row in table]
+    lines += ["| " + " | ".join(cell_text(row, c) for c in COLUMNS) + " |" for row in table]
     return "\n".join(lines) + "\n"
 
 
@@ -157,26 +175,33 @@ def rich_table(table: list[dict]) -> Table:
     for column in COLUMNS:
         shown.add_column(column)
     for row in table:
-        shown.add_row(*(_cell(row, c) for c in COLUMNS))
+        shown.add_row(*(cell_text(row, c) for c in COLUMNS))
     return shown
 
 
 def arguments() -> ArgumentParser:
     parser = ArgumentParser("metacli report", __doc__)
     parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or folders holding them")
-    parser.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "md", "csv", "json", "results"), default="table",
+                        help="results: the reproduced-results page, with the runs still training")
     parser.add_argument("--out", help="write to this file instead of the terminal")
     return parser
 
 
 def main(argv: list[str]) -> None:
     args = arguments().parse_args(argv)
-    table = rows(find_results(args.paths))
-    if args.format == "table" and not args.out and console.is_terminal:
-        console.print(rich_table(table))
-        return  # elsewhere (a log, a pipe) the table is markdown: a box drawing squeezed to 80 columns is unreadable
-    text = {"md": markdown, "csv": csv_text, "json": lambda t: json.dumps(t, indent=2) + "\n",
-            "table": markdown}[args.format](table)
+    if args.format == "results":
+        from metacli.results_page import results_page  # it builds on this module's rows
+
+        text = results_page(args.paths, args.out)
+    else:
+        table = rows(find_results(args.paths))
+        if args.format == "table" and not args.out and console.is_terminal:
+            console.print(rich_table(table))
+            # Elsewhere (a log, a pipe) the table is markdown: a box drawing squeezed to 80 columns is unreadable.
+            return
+        text = {"md": markdown, "csv": csv_text, "json": lambda t: json.dumps(t, indent=2) + "\n",
+                "table": markdown}[args.format](table)
     if args.out:
         Path(args.out).write_text(text)
     else:
