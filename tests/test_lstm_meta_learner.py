@@ -63,6 +63,43 @@ def test_update_is_forget_times_cell_minus_input_times_gradient():
     torch.testing.assert_close(second, forget * first - input_ * grad)
 
 
+def test_update_computes_the_papers_cell_with_nn_lstm_cell():
+    """The coordinates-last update is nn.LSTMCell over [preprocessed ∇, preprocessed L] per coordinate, then the
+    gates over [h, θ, previous gate]: the same values and gradients over three steps (float64)."""
+    torch.manual_seed(0)
+    learner = LSTMMetaLearner(Conv4(hidden=4), 5, hidden_size=3).double()
+    cell, loss = torch.randn(40, dtype=torch.float64, requires_grad=True), torch.tensor(0.7, dtype=torch.float64)
+    grads = [torch.randn(40, dtype=torch.float64) for _ in range(3)]
+
+    def reference() -> torch.Tensor:
+        c, lstm_state = cell, None
+        forget = input_ = torch.zeros(40, 1, dtype=torch.float64)
+        for grad in grads:
+            lstm_state = learner.input_lstm(torch.cat([preprocess(grad), preprocess(loss).expand(40, 2)], dim=1),
+                                            lstm_state)
+            h, theta = lstm_state[0], c.unsqueeze(1)
+            forget = torch.sigmoid(learner.forget_gate(torch.cat([h, theta, forget], dim=1)))
+            input_ = torch.sigmoid(learner.input_gate(torch.cat([h, theta, input_], dim=1)))
+            c = forget.squeeze(1) * c - input_.squeeze(1) * grad
+        return c
+
+    def updated() -> torch.Tensor:
+        c, state = cell, None
+        for grad in grads:
+            c, state = learner.update(c, grad, loss, state)
+        return c
+
+    results = []
+    for run in (reference, updated):
+        learner.zero_grad()
+        cell.grad = None
+        value = run()
+        value.pow(2).sum().backward()
+        results.append([value, cell.grad, *(p.grad for p in learner.parameters() if p.grad is not None)])
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 def test_meta_gradient_reaches_the_initial_cell_state_and_the_lstm(glyphs):
     torch.manual_seed(0)
     learner = LSTMMetaLearner(Conv4(hidden=8), 5, inner_steps=3)

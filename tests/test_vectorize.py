@@ -10,6 +10,7 @@ from torch import nn
 
 from metacli.algorithms.anil import ANIL
 from metacli.algorithms.inner_loop import adapt_to_support, query_loss
+from metacli.algorithms.lstm_meta_learner import LSTMMetaLearner
 from metacli.algorithms.maml import MAML
 from metacli.algorithms.meta_sgd import MetaSGD
 from metacli.algorithms.protonet import ProtoNet
@@ -215,7 +216,7 @@ def test_vectorize_switch():
     # Reptile with SGD inside: Adam would turn the rounding-level gradients of the conv biases in front of
     # BatchNorm (which the normalisation cancels) into steps of their own, different for another summation order.
     (ProtoNet, {}, {}), (Reptile, {"inner_steps": 2, "inner_optimizer": "sgd", "inner_lr": 0.4}, {}),
-    (RelationNet, {}, {}), (SiameseNet, {}, {})])
+    (RelationNet, {}, {}), (SiameseNet, {}, {}), (LSTMMetaLearner, {"inner_steps": 2}, {})])
 def test_meta_batch_split_over_threads_changes_nothing(algorithm, options, execution):
     """Two worker threads on an uneven split (3 + 2 tasks), over two meta-iterations with an optimiser step in
     between: the same losses, meta-gradients and running statistics as one thread."""

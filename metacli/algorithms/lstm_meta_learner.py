@@ -63,6 +63,7 @@ class LSTMMetaLearner(FewShotLearner):
     """
 
     fixed_way = True
+    parallel_tasks = True
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", inner_steps: int = 12,
                  test_inner_steps: int | None = None, hidden_size: int = 20,
@@ -107,17 +108,36 @@ class LSTMMetaLearner(FewShotLearner):
         """One step ``c_t = f_t ⊙ c_{t-1} − i_t ⊙ ∇_t``: returns ``c_t`` and the recurrent state for the next one.
 
         ``state`` holds the first layer's ``(h, c)`` and the previous gates; ``None`` at the first step (zeros).
+        The state keeps the coordinates along its last dimension (``[hidden, n]``), so each gate's values are one
+        contiguous block: ``nn.LSTMCell`` applies its activations in place to strided column slices of a
+        ``[n, 4 * hidden]`` tensor, which the CPU runs unvectorised, several times slower. The maths is the cell's,
+        with its parameters.
         """
-        n = cell.shape[0]
+        lstm, n = self.input_lstm, cell.shape[0]
+        # The loss is one value for all coordinates: its input weights act as one more bias.
+        shared = lstm.weight_ih[:, 2:] @ preprocess(loss) + lstm.bias_ih + lstm.bias_hh
+        gates = torch.addmm(shared.unsqueeze(1), lstm.weight_ih[:, :2], preprocess(grad).T)
         if state is None:
-            zeros = cell.new_zeros(n, 1)
-            state = (None, zeros, zeros)
-        lstm_state, forget, input_ = state
-        h, c = self.input_lstm(torch.cat([preprocess(grad), preprocess(loss).expand(n, 2)], dim=1), lstm_state)
-        theta = cell.unsqueeze(1)
-        forget = torch.sigmoid(self.forget_gate(torch.cat([h, theta, forget], dim=1)))
-        input_ = torch.sigmoid(self.input_gate(torch.cat([h, theta, input_], dim=1)))
-        return forget.squeeze(1) * cell - input_.squeeze(1) * grad, ((h, c), forget, input_)
+            zeros = cell.new_zeros(1, n)
+            state = ((None, None), zeros, zeros)
+        (h, c), forget, input_ = state
+        if h is not None:
+            gates = torch.addmm(gates, lstm.weight_hh, h)
+        in_gate, forget_gate, candidate, out_gate = gates.chunk(4)
+        c = torch.sigmoid(in_gate) * torch.tanh(candidate) + (0 if c is None else torch.sigmoid(forget_gate) * c)
+        h = torch.sigmoid(out_gate) * torch.tanh(c)
+        theta = cell.unsqueeze(0)
+        forget = torch.sigmoid(self._gate(self.forget_gate, h, theta, forget))
+        input_ = torch.sigmoid(self._gate(self.input_gate, h, theta, input_))
+        return forget.squeeze(0) * cell - input_.squeeze(0) * grad, ((h, c), forget, input_)
+
+    @staticmethod
+    def _gate(gate: nn.Linear, h: torch.Tensor, theta: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """``gate([h, θ, previous])`` for ``[hidden, n]`` and ``[1, n]`` inputs, as ``[1, n]``."""
+        hidden = h.shape[0]
+        weight = gate.weight
+        return torch.addmm(gate.bias.unsqueeze(1) + weight[:, hidden:hidden + 1] * theta
+                           + weight[:, hidden + 1:] * previous, weight[:, :hidden], h)
 
     def adapt(self, episode: Episode, training: bool) -> Params:
         """The learner's parameters after the LSTM's updates on ``episode``'s support set."""
