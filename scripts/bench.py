@@ -33,6 +33,8 @@ TASK = ["task.n_way=5", "task.k_shot=1", "task.n_query=15"]
 SETUPS = {  # the shapes of the papers' protocols; meta-batch 32 on Omniglot as in MAML, 4 on mini-ImageNet
     "omniglot_conv4_stride": ["dataset=omniglot", "backbone=conv4_stride", "trainer.meta_batch=32"],
     "omniglot_conv4": ["dataset=omniglot", "backbone=conv4", "trainer.meta_batch=32"],
+    # Each algorithm's own defaults (meta-batch, steps) on Omniglot: what `metacli train algo=X` runs.
+    "omniglot_defaults": ["dataset=omniglot"],
     "miniimagenet_conv4_32": ["dataset=mini_imagenet", "backbone=conv4", "backbone.hidden=32",
                               "trainer.meta_batch=4"],
     "miniimagenet_resnet12": ["dataset=mini_imagenet", "backbone=resnet12", "trainer.meta_batch=4"],
@@ -160,6 +162,9 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     return {**case, "device": str(device_t), "episodes_from_split": split, "steps_timed": steps,
             "meta_batch" if episodic else "batch_size": per_step,
             "seconds_per_meta_iteration": seconds, f"{unit}_per_second": per_step / seconds,
+            # Meta-training alone, at this pace: validation and the test come on top.
+            "configured_steps": cfg.trainer.steps,
+            "training_minutes_at_configured_steps": cfg.trainer.steps * seconds / 60,
             "breakdown_seconds": {k: v / steps for k, v in sorted(phases.items())},
             "sampling_fraction": phases["sampling"] / sum(times),
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
@@ -23,6 +25,8 @@ def test_bench_writes_a_complete_json(omniglot_root, tmp_path):
         ("protonet", None), ("maml_second_order", "auto"), ("maml_second_order", "false")]
     for r in results:
         assert r["meta_batch"] == 2 and r["tasks_per_second"] > 0
+        assert r["configured_steps"] == 1000  # the default; the minutes follow from it at the measured pace
+        assert r["training_minutes_at_configured_steps"] == pytest.approx(1000 * r["seconds_per_meta_iteration"] / 60)
         assert set(r["breakdown_seconds"]) == {"sampling", "inner_loop", "outer_backward", "optimizer"}
         assert sum(r["breakdown_seconds"].values()) <= r["seconds_per_meta_iteration"] * 1.5
         assert 0 <= r["sampling_fraction"] < 1
