@@ -146,6 +146,20 @@ def test_each_step_sees_its_input_and_the_previous_label(glyphs):
     assert torch.allclose(inputs[-1], sequences[:, -1], atol=1e-6)
 
 
+def test_with_no_lag_each_support_step_shows_its_own_label_and_a_query_none(glyphs):
+    torch.manual_seed(0)
+    learner = small_mann(label_lag=0)
+    ep = episode(glyphs, seed=2, k_shot=2, n_query=1)
+    sequences, labels = full_sequences(learner, ep, training=True)
+    shown = sequences[..., -5:]
+    own = torch.cat([F.one_hot(labels, 5).float(), torch.zeros(1, 5)])  # y_0, ..., y_{S-1}, nothing
+    assert torch.equal(shown, own.expand_as(shown))
+    embeddings = learner.backbone(torch.cat([ep.support_x, ep.query_x]))
+    by_label = {label: embeddings[:10][ep.support_y == label] for label in range(5)}
+    for step, label in zip(sequences[0, :-1, :-5], labels.tolist()):
+        assert any(torch.allclose(step, candidate, atol=1e-5) for candidate in by_label[label])
+
+
 def test_running_the_support_once_equals_a_whole_sequence_per_query(glyphs):
     torch.manual_seed(0)
     learner = train_a_little(small_mann(), glyphs)
@@ -264,10 +278,13 @@ def test_evaluation_is_deterministic_and_leaves_no_trace(glyphs, bn_mode):
 
 @pytest.mark.parametrize("key,value", [("hidden_size", 0), ("memory_slots", 0), ("memory_width", 0), ("reads", 0),
                                        ("reads", 9), ("usage_decay", -0.1), ("usage_decay", 1.5),
-                                       ("key_strength", 0.0), ("support_loss_weight", -1.0)])
+                                       ("key_strength", 0.0), ("support_loss_weight", -1.0), ("label_lag", 2)])
 def test_invalid_settings_are_refused(key, value):
     with pytest.raises(ValueError, match=f"algo.{key}"):
         small_mann(**{key: value})
+    # With each label beside its image a support step has nothing to predict.
+    with pytest.raises(ValueError, match="algo.support_loss_weight=0"):
+        small_mann(label_lag=0, support_loss_weight=0.5)
 
 
 def test_the_config_builds_the_learner():
@@ -281,9 +298,10 @@ def test_the_config_builds_the_learner():
     assert learner.cell.controller.hidden_size == cfg.algo.hidden_size
     assert learner.cell.controller.input_size == 8 + 4 + 2 * cfg.algo.memory_width  # embedding, label, reads
     assert learner.output.out_features == 4
-    assert learner.support_loss_weight == cfg.algo.support_loss_weight == 1.0
-    # The paper's multi-instance sequences: training episodes show every class several times; tests keep k_shot.
-    assert (cfg.task.train_shot, cfg.task.train_query, cfg.task.k_shot) == (5, 1, 1)
+    # Labels beside their images, so no support loss; episodes of the task's shot with five queries a class, 16 a step.
+    assert (learner.label_lag, learner.support_loss_weight) == (cfg.algo.label_lag, cfg.algo.support_loss_weight)
+    assert (cfg.algo.label_lag, cfg.algo.support_loss_weight) == (0, 0)
+    assert (cfg.task.train_shot, cfg.task.train_query, cfg.trainer.meta_batch) == (None, 5, 16)
 
 
 # ---------------------------------------------------------------- learning
@@ -308,6 +326,16 @@ def test_mann_learns_synthetic_glyphs(glyphs):
     learner = MANN(PooledPixels(), 5, hidden_size=64, memory_slots=8, memory_width=16, reads=1,
                    support_loss_weight=0.0)
     before, after = meta_train(learner, glyphs, steps=1000, meta_batch=16, lr=1e-3)
+    assert_learned("MANN", before, after, at_least=0.35, gain=0.12)
+
+
+def test_mann_with_labels_beside_their_images_learns_synthetic_glyphs(glyphs):
+    # The default: a query is matched against support steps that carry their own labels, so there is no binding to
+    # learn first. Measured on CPU (1 thread), the same small network as above: 0.20 before, 0.43 after 300
+    # steps of 16 tasks, in about 7 s (seeds 1 and 2: 0.39 and 0.40).
+    torch.manual_seed(0)
+    learner = MANN(PooledPixels(), 5, hidden_size=64, memory_slots=8, memory_width=16, reads=1, label_lag=0)
+    before, after = meta_train(learner, glyphs, steps=300, meta_batch=16, lr=1e-3)
     assert_learned("MANN", before, after, at_least=0.35, gain=0.12)
 
 
