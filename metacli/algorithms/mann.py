@@ -19,8 +19,9 @@ An LSTM controller drives an external memory ``M`` (``slots x width``, zero at t
     w^lu_t = 1 on the ``reads`` smallest entries of w^u_t, else 0
 
 so a head either updates the slot it last read or fills a fresh one. The logits are a linear map of ``[h_t, r_t]``.
-The controller also receives the previous step's read vectors, as in the Neural Turing Machine. In meta-training
-all the tasks' sequences of a meta-batch run as one batch.
+The controller also receives the previous step's read vectors, as in the Neural Turing Machine, and the heads'
+keys, write vectors and gates are read from ``[h_t, x_t]``, the controller state beside the step's input. In
+meta-training all the tasks' sequences of a meta-batch run as one batch.
 
 Deliberate differences from the paper (measured on synthetic glyphs, 5-way 1-shot):
 
@@ -35,6 +36,12 @@ Deliberate differences from the paper (measured on synthetic glyphs, 5-way 1-sho
   the write binds the previous input to the label just revealed. On glyphs (fixed embedding, 16 tasks a step) this
   reached 0.5 training accuracy in 1000 steps (2 seeds); the tied write was at 0.23-0.26 after 1500, an
   independently initialised write vector at 0.20 and 0.36.
+* The heads read the step's input ``x_t`` (embedding and label) beside the controller state ``h_t``; the paper's
+  read only ``h_t``. Through the LSTM alone a key resembles the current image only once training has made it so,
+  and until then the network sits at chance for as long as that takes: on real Omniglot (defaults otherwise,
+  1,500 steps of 16 tasks) seeds 0 and 2 left chance by step 500 and 250 (87.79 ± 0.79 % and 91.46 ± 0.61 %),
+  seed 1 never did (20.22 ± 0.75 %, and still at chance after 750 steps with β=30 or a learning rate of 3e-3).
+  With the input beside the state, seed 1 validated at 89.7 % after 250 steps.
 * With several heads the paper gives every head the same ``reads`` least-used slots and erases one of them; here
   head ``i`` takes the ``i``-th least-used slot, and all of those are erased, so the heads fill distinct, empty
   slots instead of adding their vectors onto the same ones.
@@ -130,8 +137,8 @@ class MemoryAugmentedCell(nn.Module):
         self.slots, self.width, self.heads = slots, width, heads
         self.decay, self.key_strength = decay, key_strength
         self.controller = nn.LSTMCell(input_size + heads * width, hidden_size)
-        # Per head: read key k_t, write vector a_t, write gate α_t.
-        self.interface = nn.Linear(hidden_size, heads * (2 * width + 1))
+        # Per head: read key k_t, write vector a_t, write gate α_t, from the controller state and the step's input.
+        self.interface = nn.Linear(hidden_size + input_size, heads * (2 * width + 1))
         with torch.no_grad():
             # The write vector starts as the key's projection (the paper's tied write), so a step reads back what
             # it has just written; training then lets the two part.
@@ -151,8 +158,10 @@ class MemoryAugmentedCell(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
         h, c = self.controller(torch.cat([inputs, state.reads], dim=1), state.lstm)
-        keys, vectors, gate = self.interface(h).view(-1, self.heads, 2 * self.width + 1).split(
-            [self.width, self.width, 1], dim=-1)
+        # The step's input beside the controller state: a key can look the current image up from the first step.
+        interface = self.interface(torch.cat([h, inputs], dim=1))
+        keys, vectors, gate = interface.view(-1, self.heads, 2 * self.width + 1).split([self.width, self.width, 1],
+                                                                                       dim=-1)
         # tanh keeps what is stored bounded, whatever the controller's scale; the key's scale is irrelevant to cosine.
         memory, write_weights = lrua_write(state.memory, state.usage, state.read_weights, gate.squeeze(-1),
                                            torch.tanh(vectors))
