@@ -79,7 +79,8 @@ def override_key(override: str) -> str:
 def protocol_overrides(run: Path) -> list[str]:
     """The overrides a run was started with (``.hydra/overrides.yaml``, read as plain data), seed aside: runs that
     share them share a protocol, so a search's trials stay apart while a seed sweep's runs are pooled."""
-    return sorted(o for o in saved_overrides(run / ".hydra" / "overrides.yaml") if not override_key(o).startswith(_NOT_PROTOCOL))
+    given = saved_overrides(run / ".hydra" / "overrides.yaml")
+    return sorted(o for o in given if not override_key(o).startswith(_NOT_PROTOCOL))
 
 
 def _protocol(run: Path, results: dict) -> tuple:

@@ -53,14 +53,18 @@ def _trainer_int(run: Path, key: str) -> int | None:
 
 
 def _experiment(run: Path) -> str:
-    given = [o.split("=", 1)[1] for o in saved_overrides(_latest(run, "overrides.yaml")) if override_key(o) == "experiment"]
+    overrides = saved_overrides(_latest(run, "overrides.yaml"))
+    given = [o.split("=", 1)[1] for o in overrides if override_key(o) == "experiment"]
     return given[-1] if given else run.name
 
 
 def _command_overrides(run: Path) -> list[str]:
     """The overrides of the run's latest session that shape what it trains; seed 0 is the default and goes too."""
+    def default_seed(override: str) -> bool:
+        return override_key(override) == "seed" and override.split("=", 1)[1] == "0"
+
     return [o for o in saved_overrides(_latest(run, "overrides.yaml"))
-            if not override_key(o).startswith(_NOT_IN_COMMAND) and not (override_key(o) == "seed" and o.split("=", 1)[1] == "0")]
+            if not override_key(o).startswith(_NOT_IN_COMMAND) and not default_seed(o)]
 
 
 def train_command(runs: list[Path], seeds: list) -> str:
