@@ -194,11 +194,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                         log_row({f"val/{family.metric}": val[family.metric], "val/ci95": val["ci95"]}, step)
                         save(step, best=improved)
                         val_shown = f"{val[family.metric]:.3f}"
-                    elif step % cfg.trainer.checkpoint_every == 0 or preemption.received:
-                        save(step)
+                        saved = True
+                    else:
+                        saved = step % cfg.trainer.checkpoint_every == 0
+                        if saved:
+                            save(step)
                     progress.advance(status=f"loss {metrics['loss']:.3f}  {family.metric} "
                                             f"{metrics[family.metric]:.3f}  val {val_shown}")
-                    if step < steps:
+                    # The signal may arrive at any moment of the step: checkpoint here, just before stopping.
+                    if step < steps and preemption.received:
+                        if not saved:
+                            save(step)
                         preemption.stop_if_asked(f"stopped at step {step} with a checkpoint in {run_dir / LAST}; rerun "
                                                  "with trainer.resume=true to continue")
 
