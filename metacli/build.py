@@ -18,6 +18,7 @@ from metacli.config_schema import algo_targets
 from metacli.data.base import FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
+from metacli.data.within_alphabet import WithinAlphabetSampler
 from metacli.errors import CheckpointError, ConfigError, MetacliError
 from metacli.execution.settings import Execution
 from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
@@ -142,5 +143,9 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
     if learner.fixed_way and way != task.n_way:
         raise ConfigError(f"{type(learner).__name__} has an n_way-sized head, so task.train_way={way} must equal "
                           f"task.n_way={task.n_way}: drop the task.train_way override")
-    sampler = dataset.episodes(split, way, shot, query, device, where=where)
+    if task.train_protocol == "within_alphabet":
+        sampler = WithinAlphabetSampler(dataset.split(split), way, dataset.normalize, device, where, shot, query,
+                                        rotated=True)
+    else:
+        sampler = dataset.episodes(split, way, shot, query, device, where=where)
     return partial(sampler.sample, cfg.trainer.meta_batch)

@@ -63,6 +63,9 @@ class TaskSchema:
     train_way: Optional[int] = _at_least(2, None)
     train_shot: Optional[int] = _at_least(1, None)
     train_query: Optional[int] = _at_least(1, None)
+    # episodes: over all the split's classes; within_alphabet: each episode's characters from one alphabet (or one
+    # rotation of it), support and queries by different drawers, as Lake et al.'s test episodes (Omniglot).
+    train_protocol: str = field(default="episodes", metadata={"choices": ("episodes", "within_alphabet")})
 
 
 @dataclass

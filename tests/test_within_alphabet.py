@@ -39,6 +39,24 @@ def test_an_episode_is_one_alphabet_one_drawer_each_side(evaluation):
     assert torch.equal(again, classes)
 
 
+def test_training_episodes_keep_one_alphabet_rotation_and_separate_drawers(evaluation):
+    """``task.train_protocol=within_alphabet``: more shots and queries, each rotation of an alphabet its own group."""
+    data, test = evaluation
+    sampler = WithinAlphabetSampler(test, 20, data.normalize, k_shot=2, n_query=3, rotated=True)
+    classes, picks = sampler.draw(300, torch.Generator().manual_seed(1))
+    names = test.class_names
+    groups = set()
+    for episode, drawers in zip(classes.tolist(), picks):
+        parts = [names[c].split("/") for c in episode]
+        group = {"/".join(p[:1] + p[2:]) for p in parts}  # <alphabet> or <alphabet>/rotNNN
+        assert len(group) == 1 and len(set(episode)) == 20
+        groups |= group
+        assert (drawers == drawers[0]).all() and len(set(drawers[0].tolist())) == 5  # 2 support + 3 query drawers
+    assert any("/rot" in g for g in groups) and any("/rot" not in g for g in groups)
+    batch = sampler.gather(classes[:2], picks[:2])
+    assert batch.support_x.shape == (2, 40, 1, 28, 28) and batch.query_x.shape == (2, 60, 1, 28, 28)
+
+
 def test_a_way_no_alphabet_holds_is_one_line(evaluation):
     data, test = evaluation
     with pytest.raises(DataError, match="no alphabet has 60 characters"):
@@ -47,10 +65,12 @@ def test_a_way_no_alphabet_holds_is_one_line(evaluation):
 
 def test_a_run_validates_and_tests_within_alphabets(omniglot_root, tmp_path):
     """``eval.protocol=within_alphabet`` draws validation episodes from the validation alphabets and test episodes
-    from the evaluation alphabets, and the results record the protocol with the episodes' fingerprint."""
+    from the evaluation alphabets, and the results record the protocol with the episodes' fingerprint; training
+    episodes may be drawn the same way."""
     run = tmp_path / "run"
     done = run_cli("train", "dataset=omniglot", f"dataset.root={omniglot_root}", "dataset.split=background_evaluation",
                    "backbone.hidden=8", "eval.protocol=within_alphabet", "task.n_way=20", "task.n_query=1",
+                   "task.train_protocol=within_alphabet", "task.train_query=2",
                    "trainer.steps=2", "trainer.val_every=2", "trainer.val_episodes=4", "eval.episodes=8",
                    "trainer.plots=false", f"hydra.run.dir={run}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -4,8 +4,8 @@ one drawing of each as the support set (all by one drawer) and one drawing of ea
 drawer), so that telling the characters apart cannot lean on the alphabet or on a drawer's hand.
 
 Omniglot keeps a character's 20 drawings in drawer order (files ``<id>_01.png`` to ``<id>_20.png``), so a drawer is
-an image index. Rotated copies (class names ending in ``/rotNNN``) are not characters of the alphabet and are left
-out.
+an image index. Rotated copies (class names ending in ``/rotNNN``) are not characters of the alphabet: the protocol
+leaves them out; training episodes may use each rotation of an alphabet as an alphabet of its own.
 """
 from __future__ import annotations
 
@@ -18,28 +18,31 @@ from metacli.data.episodes import EpisodeSampler
 from metacli.errors import DataError
 
 
-def alphabets(class_names: list[str]) -> dict[str, list[int]]:
-    """The drawn (unrotated) characters of each alphabet, as class indices: ``<alphabet>/<character>`` names."""
+def alphabets(class_names: list[str], rotated: bool = False) -> dict[str, list[int]]:
+    """The characters of each alphabet, as class indices: ``<alphabet>/<character>`` names. With ``rotated``, each
+    rotation of an alphabet (``<alphabet>/<character>/rotNNN``) is one more alphabet, ``<alphabet>/rotNNN``."""
     groups: dict[str, list[int]] = {}
     for index, name in enumerate(class_names):
         parts = name.split("/")
-        if len(parts) == 2:
-            groups.setdefault(parts[0], []).append(index)
+        if len(parts) == 2 or (rotated and len(parts) == 3):
+            groups.setdefault("/".join(parts[:1] + parts[2:]), []).append(index)
     return groups
 
 
 class WithinAlphabetSampler(EpisodeSampler):
-    """``n_way``-way one-shot episodes within one alphabet, support and query drawn by two different drawers.
+    """``n_way``-way episodes within one alphabet, support and queries by different drawers.
 
     An episode's alphabet is drawn uniformly from those with at least ``n_way`` characters, then ``n_way`` of its
-    characters and an ordered pair of distinct drawers. Episodes depend on the CPU generator only, as
-    :class:`EpisodeSampler`'s do.
+    characters and ``k_shot + n_query`` distinct drawers: the first ``k_shot`` drew every support image, the others
+    the queries, one each. One shot and one query is Lake et al.'s protocol; more, with ``rotated``, are training
+    episodes of the same kind. Episodes depend on the CPU generator only, as :class:`EpisodeSampler`'s do.
     """
 
     def __init__(self, data: ClassImages, n_way: int, normalize: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device | str = "cpu", where: str = "episodes") -> None:
-        super().__init__(data, n_way, 1, 1, normalize, device, where)
-        self.alphabets = [torch.tensor(members) for members in alphabets(data.class_names).values()
+                 device: torch.device | str = "cpu", where: str = "episodes", k_shot: int = 1, n_query: int = 1,
+                 rotated: bool = False) -> None:
+        super().__init__(data, n_way, k_shot, n_query, normalize, device, where)
+        self.alphabets = [torch.tensor(members) for members in alphabets(data.class_names, rotated).values()
                           if len(members) >= n_way]
         if not self.alphabets:
             raise DataError(f"{where}: no alphabet has {n_way} characters for within-alphabet episodes; lower the "
@@ -51,5 +54,5 @@ class WithinAlphabetSampler(EpisodeSampler):
         classes = torch.stack([
             self.alphabets[a][torch.randperm(len(self.alphabets[a]), generator=generator)[: self.n_way]]
             for a in chosen.tolist()])
-        drawers = torch.rand(batch_size, per_class, generator=generator).argsort(dim=1)[:, :2]  # support, query
+        drawers = torch.rand(batch_size, per_class, generator=generator).argsort(dim=1)[:, : self.k_shot + self.n_query]
         return classes, drawers.unsqueeze(1).expand(-1, self.n_way, -1)
