@@ -96,7 +96,7 @@ data = SyntheticGlyphs()
 learner = ProtoNet(Conv4(), n_way=5).to("cuda")
 batch = EpisodeSampler(data.split("train"), 5, 1, 5, data.normalize, "cuda").sample(2, torch.Generator().manual_seed(0))
 meta_train_step(learner, batch)
-print(pooled_product._module is None and not pooled_product._failed)
+print(not pooled_product._kernels.tried)
 """
 
 

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metacli.models.batchnorm import batch_statistics_only
 from metacli.algorithms.maml import MAML
 from metacli.models.kernels import patch_conv, pooled_product
+from metacli.models.kernels.native import NativeKernels
 from metacli.models.conv4 import Conv4
 from metacli.execution.meta_batch import meta_train_step
 from metacli.execution.settings import Execution
@@ -52,11 +53,11 @@ def test_the_kernel_builds_here():
 
 
 def test_a_failed_build_leaves_the_patch_product(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(pooled_product, "_module", None)
-    monkeypatch.setattr(pooled_product, "_failed", False)
-    monkeypatch.setattr(pooled_product, "_SOURCE", tmp_path / "missing.cpp")
+    kernels = pooled_product._kernels
+    monkeypatch.setattr(pooled_product, "_kernels", NativeKernels(tmp_path / "missing.cpp", kernels.what,
+                                                                   kernels.first_use, kernels.fallback))
     x = images(1)
-    with caplog.at_level(logging.WARNING, logger="metacli.models.kernels.pooled_product"):
+    with caplog.at_level(logging.WARNING, logger="metacli.models.kernels.native"):
         assert not pooled_product.applies(x)
     assert "did not build" in caplog.text and "patch product" in caplog.text
     torch.manual_seed(0)
@@ -186,7 +187,7 @@ from metacli.models.kernels import pooled_product
 from metacli.models.conv4 import Conv4
 from metacli.models.resnet12 import ResNet12
 Conv4(), Conv4(pool="stride"), ResNet12()
-print(pooled_product._module is None and not pooled_product._failed)
+print(not pooled_product._kernels.tried)
 """
 
 
@@ -201,7 +202,7 @@ FIRST_BUILD = """
 import logging
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from metacli.models.kernels import pooled_product
-print(pooled_product._extension() is None)
+print(pooled_product._kernels.module() is None)
 """
 
 
