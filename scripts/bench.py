@@ -92,7 +92,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     from metacli.execution.settings import Execution
     from metacli.execution.task_threads import thread_layout
     from metacli.execution.timing import timed_phases
-    from metacli.models.kernels import pooled_product
+    from metacli.models.kernels import coordinate_lstm, pooled_product
     from metacli.reliability.host_memory import retain_freed_memory
 
     register()
@@ -152,9 +152,9 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     # Count in this thread, the only one the counter sees, and on the serial path: the same arithmetic, no vmap
     # under the counter.
     serial = Execution(vectorize=False, batch_first_step=False, task_threads=1)
-    # The native first block of the max-pool Conv4 is invisible to the counter: count its native twin instead.
+    # The native kernels are invisible to the counter: count their PyTorch twins instead.
     with FlopCounterMode(display=False) as counter, training_precision(cfg.trainer.precision, device_t), \
-            pooled_product.disabled():
+            pooled_product.disabled(), coordinate_lstm.disabled():
         meta_train_step(learner, next_batch(generator), serial)
     seconds = statistics.median(times)
     flops = counter.get_total_flops()

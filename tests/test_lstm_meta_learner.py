@@ -16,6 +16,7 @@ from metacli.algorithms.base import BN_MODES
 from metacli.algorithms.inner_loop import functional_forward
 from metacli.algorithms.lstm_meta_learner import LSTMMetaLearner, preprocess
 from metacli.models.conv4 import Conv4
+from metacli.models.kernels import coordinate_lstm
 from metacli.execution.meta_batch import meta_train_step
 
 from learning import assert_learned, batch, episode, meta_train
@@ -98,6 +99,39 @@ def test_update_computes_the_papers_cell_with_nn_lstm_cell():
         results.append([value, cell.grad, *(p.grad for p in learner.parameters() if p.grad is not None)])
     for expected, got in zip(*results, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_the_native_update_matches_the_pytorch_operations():
+    """The fused kernel (float32, CPU) against the learner's PyTorch operations: values of every output and the
+    gradients of the initial cell and of every LSTM and gate parameter, over three updates of coordinates that fill
+    two blocks and part of a third."""
+    assert coordinate_lstm.applies(torch.zeros(1))  # it builds here
+    torch.manual_seed(0)
+    learner = LSTMMetaLearner(Conv4(hidden=4), 5, hidden_size=6)
+    with torch.no_grad():  # gates that depend on their inputs, not only on their biases
+        for gate in (learner.forget_gate, learner.input_gate):
+            gate.weight.normal_(0, 0.5)
+    n = 1300
+    cell = torch.randn(n, requires_grad=True)
+    grads = [torch.randn(n) * torch.randn(n).mul(3).exp() for _ in range(3)]  # the preprocessing's both branches
+    weights = torch.rand(2 * 6 * n + 2 * n)  # h and c of the first layer, then the two gates
+
+    def run() -> list[torch.Tensor]:
+        c, state = cell, None
+        for grad in grads:
+            c, state = learner.update(c, grad, torch.tensor(0.8), state)
+        (h, c1), forget, input_ = state
+        outputs = torch.cat([c, h.flatten(), c1.flatten(), forget.flatten(), input_.flatten()])
+        parameters = [cell, *learner.input_lstm.parameters(), *learner.forget_gate.parameters(),
+                      *learner.input_gate.parameters()]
+        return [outputs, *torch.autograd.grad((outputs[n:] * weights).sum() + c.square().sum(), parameters)]
+
+    native = run()
+    with coordinate_lstm.disabled():
+        assert not coordinate_lstm.applies(torch.zeros(1))
+        reference = run()
+    for got, expected in zip(native, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_meta_gradient_reaches_the_initial_cell_state_and_the_lstm(glyphs):

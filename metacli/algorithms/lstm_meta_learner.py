@@ -26,6 +26,7 @@ from torch import nn
 from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.inner_loop import Params, functional_forward, support_loss
 from metacli.data.episodes import Episode
+from metacli.models.kernels import coordinate_lstm
 
 #: Preprocessing constant of Andrychowicz et al. (2016), as the paper uses it.
 P = 10.0
@@ -116,11 +117,17 @@ class LSTMMetaLearner(FewShotLearner):
         lstm, n = self.input_lstm, cell.shape[0]
         # The loss is one value for all coordinates: its input weights act as one more bias.
         shared = lstm.weight_ih[:, 2:] @ preprocess(loss) + lstm.bias_ih + lstm.bias_hh
-        gates = torch.addmm(shared.unsqueeze(1), lstm.weight_ih[:, :2], preprocess(grad).T)
         if state is None:
             zeros = cell.new_zeros(1, n)
             state = ((None, None), zeros, zeros)
         (h, c), forget, input_ = state
+        if coordinate_lstm.applies(cell, grad, shared):
+            cell, h, c, forget, input_ = coordinate_lstm.update(
+                preprocess(grad).T, grad, cell, h, c, forget.view(-1), input_.view(-1), shared,
+                lstm.weight_ih[:, :2], lstm.weight_hh, self.forget_gate.weight.view(-1), self.forget_gate.bias,
+                self.input_gate.weight.view(-1), self.input_gate.bias)
+            return cell, ((h, c), forget.unsqueeze(0), input_.unsqueeze(0))
+        gates = torch.addmm(shared.unsqueeze(1), lstm.weight_ih[:, :2], preprocess(grad).T)
         if h is not None:
             gates = torch.addmm(gates, lstm.weight_hh, h)
         in_gate, forget_gate, candidate, out_gate = gates.chunk(4)
