@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.config_schema import algo_targets
+from metacli.data.augment import augmented
 from metacli.data.base import FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
@@ -133,7 +134,13 @@ def build_execution(cfg: DictConfig) -> Execution:
 def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
                      split: str = "train") -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
-    episodes, or a mini-batch of labelled images for a non-episodic learner."""
+    episodes, or a mini-batch of labelled images for a non-episodic learner, distorted by ``augment`` if set."""
+    draw = _training_draw(cfg, learner, dataset, device, split)
+    return augmented(draw, build(cfg.augment, "augment")) if cfg.get("augment") else draw
+
+
+def _training_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
+                   split: str) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
     where = f"{split} split"
     if learner.training_data == "labelled":
         return partial(ImageBatchSampler(dataset.split(split), dataset.normalize, device, where=where).sample,

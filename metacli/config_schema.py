@@ -126,6 +126,8 @@ class TrainSchema:
     backbone: Any = None
     device: Any = None
     logger: Any = None
+    # Random distortions of the training images (conf/augment/), or null; never applied to val or test.
+    augment: Any = None
     # The paper's number for an experiment's protocol ({metric: value, ci95, source}), shown by `metacli report`.
     expected: Any = None
 
