@@ -30,6 +30,7 @@ from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import console
 from metacli.metrics import task_label
+from metacli.published import published
 from metacli.reliability.run_dir import RESULTS, TIMING
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
@@ -118,7 +119,9 @@ def rows(found: list[tuple[Path, dict]]) -> list[dict]:
                       "best val step": ", ".join(str(r.get("best_val_step", "-")) for _, r in runs),
                       "seeds": ", ".join(str(r.get("seed", "?")) for _, r in runs), "metric": metric,
                       "test": mean, "ci95": half, "per seed": scores, "runs": [str(run) for run, _ in runs],
-                      "expected": runs[0][1].get("expected"),
+                      # A run without a paper protocol of its own (a default run) gets the published number.
+                      "expected": (runs[0][1].get("expected")
+                                   or published(runs[0][1], protocol_overrides(runs[0][0]))),
                       "wall time": [_wall_seconds(run) for run, _ in runs]})
     return table
 

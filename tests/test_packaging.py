@@ -15,11 +15,12 @@ def test_wheel_install_finds_configs_and_splits(tmp_path):
                     str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, text=True)
     wheel = next((tmp_path / "dist").glob("metacli-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for group in ("algo", "dataset", "backbone", "device", "logger", "experiment"):
+    for group in ("algo", "dataset", "backbone", "device", "logger", "experiment", "augment"):
         for path in (REPO / "conf" / group).glob("*.yaml"):
             assert f"metacli/conf/{group}/{path.name}" in names
     assert {"metacli/conf/train.yaml", "metacli/conf/eval.yaml", "metacli/data/splits/omniglot/contents.json",
-            "metacli/data/splits/omniglot/vinyals/test.txt", "metacli/data/splits/mini_imagenet/ravi/val.txt"} <= names
+            "metacli/data/splits/omniglot/vinyals/test.txt", "metacli/data/splits/mini_imagenet/ravi/val.txt",
+            "metacli/published.yaml", "metacli/models/kernels/coordinate_lstm.cpp"} <= names
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

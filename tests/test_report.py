@@ -209,3 +209,41 @@ def test_every_paper_protocol_carries_the_papers_number():
         value = expected[metric]
         assert (value is None or 0 < value < (1 if metric == "accuracy" else 10)) and "et al." in expected["source"], \
             path.name
+
+
+def test_published_numbers_name_real_algorithms_datasets_and_sources():
+    from metacli.config_schema import algo_targets
+    from metacli.published import _table
+
+    datasets = {"omniglot", "mini-imagenet"}
+    for dataset, shapes in _table().items():
+        assert dataset in datasets
+        for shape, entries in shapes.items():
+            assert shape in {"5w1s", "5w5s", "20w1s", "20w5s"}
+            for algo, entry in entries.items():
+                assert algo in {*algo_targets(), "maml_first_order"}, algo
+                assert 0 < entry["accuracy"] < 1 and ("et al." in entry["source"] or "&" in entry["source"])
+
+
+def test_a_default_run_gets_the_published_number(seeds_and_algorithms, tmp_path):
+    """A run whose config names no ``expected:`` (an algorithm's default run) is set beside the paper that reports
+    its dataset, shape and algorithm; first-order MAML by its override; nothing for another protocol."""
+    from metacli.published import published
+
+    maml = {"algo": "metacli.algorithms.maml.MAML", "dataset": {"name": "omniglot"}, "task": {"n_way": 5, "k_shot": 1}}
+    assert published(maml, [])["accuracy"] == 0.987
+    assert published(maml, ["algo.first_order=true"])["accuracy"] == 0.983
+    assert published({**maml, "test_fingerprint": {"protocol": "within_alphabet"}}, []) is None
+    assert published({**maml, "algo": "metacli.algorithms.leo.LEO"}, []) is None
+
+    run = next(r.parent for r in sorted(seeds_and_algorithms.rglob("results.json"))
+               if json.loads(r.read_text())["algorithm"] == "ProtoNet")
+    copy = tmp_path / "papers" / "default" / "protonet"
+    shutil.copytree(run, copy)
+    results = json.loads((copy / "results.json").read_text())
+    results.update(expected=None, dataset={**results["dataset"], "name": "omniglot"})
+    (copy / "results.json").write_text(json.dumps(results))
+    done = run_cli("report", str(tmp_path / "papers"), "--format", "results", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    row = page_tables(done.stdout)[" ".join(RESULTS_COLUMNS)][0]
+    assert row["paper"] == "98.80 %" and "Snell et al. 2017" in done.stdout
