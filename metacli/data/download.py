@@ -9,20 +9,14 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from torchvision.datasets.utils import calculate_md5
+
 from metacli.errors import DataError
 from metacli.logging.progress import Progress
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-
-
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_url(url: str, path: Path | str, md5: str, timeout: float = 60.0) -> Path:
@@ -38,14 +32,12 @@ def download_url(url: str, path: Path | str, md5: str, timeout: float = 60.0) ->
         raise DataError(f"cannot create {path.parent} to download {path.name} ({exc}); "
                         "set dataset.root to a writable folder") from None
     log.info("downloading %s to %s", url, path)
-    digest = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
             size = response.headers.get("Content-Length")
             with Progress(f"download {path.name}", total=int(size) if size and size.isdigit() else None,
                           unit="bytes") as progress:
                 for block in iter(lambda: response.read(CHUNK), b""):
-                    digest.update(block)
                     out.write(block)
                     progress.advance(len(block))
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -55,9 +47,10 @@ def download_url(url: str, path: Path | str, md5: str, timeout: float = 60.0) ->
     except BaseException:
         part.unlink(missing_ok=True)  # Ctrl-C must not leave a half file that looks like progress
         raise
-    if digest.hexdigest() != md5.lower():
+    digest = calculate_md5(part)  # torchvision's own check, on the complete file
+    if digest != md5.lower():
         part.unlink(missing_ok=True)
-        raise DataError(f"download of {url} has md5 {digest.hexdigest()}, expected {md5}; "
+        raise DataError(f"download of {url} has md5 {digest}, expected {md5}; "
                         f"the server sent a different file: retry later or put the official file at {path}")
     os.replace(part, path)
     return path
