@@ -7,9 +7,11 @@ import torch
 from torchvision.transforms import Compose, Normalize, Resize, ToTensor
 
 from metacli.data.omniglot import Omniglot as OmniglotData
+from metacli.data.mini_imagenet import pinned_wnids
 from metacli.data.omniglot import pinned_characters
+from metacli.errors import DataError
 from metacli.torchmeta.datasets import Omniglot
-from metacli.torchmeta.datasets.helpers import omniglot
+from metacli.torchmeta.datasets.helpers import miniimagenet, omniglot
 from metacli.torchmeta.transforms import Categorical, ClassSplitter, Rotation
 from metacli.torchmeta.utils.data import BatchMetaDataLoader, collate_tasks
 
@@ -87,3 +89,13 @@ def test_other_transforms_go_image_by_image(omniglot_root):
     torch.testing.assert_close(each["train"][0], batch["train"][0] * 2 - 1)
     with pytest.raises(ValueError, match="multiples of 90"):
         Rotation([45])
+
+
+def test_miniimagenet_on_the_ravi_split(mini_imagenet_root, tmp_path):
+    dataset = miniimagenet(str(mini_imagenet_root), ways=5, shots=1, test_shots=15, meta_val=True, download=True)
+    assert dataset.base_names == pinned_wnids("val") and dataset.num_classes == 16
+    batch = first_batch(dataset, 0, 2)
+    assert batch["train"][0].shape == (2, 5, 3, 84, 84) and batch["test"][0].shape == (2, 75, 3, 84, 84)
+    with pytest.raises(DataError, match="no official download exists") as missing:
+        miniimagenet(str(tmp_path), ways=5, shots=1, meta_test=True, download=True)
+    assert str(tmp_path / "mini-imagenet") in str(missing.value) and "\n" not in str(missing.value)

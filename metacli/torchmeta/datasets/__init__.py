@@ -1,14 +1,19 @@
-"""torchmeta's ``Omniglot``, served from metacli's pinned splits and verified data (``metacli.data``)."""
+"""torchmeta's ``Omniglot`` and ``MiniImagenet``, served from metacli's pinned splits and verified data (``metacli.data``)."""
 from __future__ import annotations
 
 from typing import Callable
 
+from pathlib import Path
+
+from metacli.data.mini_imagenet import MiniImageNet, find_source, not_found_message
 from metacli.data.omniglot import Omniglot as OmniglotData
+from metacli.errors import DataError
 from metacli.torchmeta.meta_dataset import CombinationMetaDataset, resize_size, resolve_split
 from metacli.torchmeta.transforms import Rotation
 
-#: The side Omniglot is decoded at when the transform does not begin with a Resize: the drawings' own.
-OMNIGLOT_SIDE = 105
+#: The sides images are decoded at when the transform does not begin with a Resize: Omniglot's drawings' own, and
+#: mini-ImageNet's.
+OMNIGLOT_SIDE, MINI_IMAGENET_SIDE = 105, 84
 
 
 class Omniglot(CombinationMetaDataset):
@@ -35,4 +40,23 @@ class Omniglot(CombinationMetaDataset):
                          class_augmentations, invert=True)
 
 
-__all__ = ["Omniglot"]
+class MiniImagenet(CombinationMetaDataset):
+    """mini-ImageNet (Vinyals et al. 2016) with torchmeta's arguments, on metacli's pinned Ravi & Larochelle split
+    (64 / 16 / 20 classes of 600 images for ``meta_train`` / ``meta_val`` / ``meta_test``), decoded at 84 pixels
+    or at the side of a leading ``Resize``. There is no official download: ``download=True`` is a no-op where the
+    data is in ``<root>/mini-imagenet``, and says where to put it where it is not."""
+
+    def __init__(self, root: str, num_classes_per_task: int | None = None, meta_train: bool = False,
+                 meta_val: bool = False, meta_test: bool = False, meta_split: str | None = None,
+                 transform: Callable | None = None, target_transform: Callable | None = None,
+                 dataset_transform: Callable | None = None, class_augmentations: list[Rotation] | None = None,
+                 download: bool = False) -> None:
+        split = resolve_split(meta_train, meta_val, meta_test, meta_split)
+        source = MiniImageNet(root=root, image_size=resize_size(transform) or MINI_IMAGENET_SIDE)
+        if download and find_source(source.base, split) is None:
+            raise DataError(not_found_message(Path(source.base)))
+        super().__init__(source, root, num_classes_per_task, split, transform, target_transform, dataset_transform,
+                         class_augmentations)
+
+
+__all__ = ["MiniImagenet", "Omniglot"]
