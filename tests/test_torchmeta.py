@@ -2,6 +2,10 @@
 seeds, rotations as class augmentations, and one data path with metacli's own sampler."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.transforms import Compose, Normalize, Resize, ToTensor
@@ -99,3 +103,26 @@ def test_miniimagenet_on_the_ravi_split(mini_imagenet_root, tmp_path):
     with pytest.raises(DataError, match="no official download exists") as missing:
         miniimagenet(str(tmp_path), ways=5, shots=1, meta_test=True, download=True)
     assert str(tmp_path / "mini-imagenet") in str(missing.value) and "\n" not in str(missing.value)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "torchmeta"
+
+
+def test_the_readme_example_script_prints_torchmetas_shapes(omniglot_root):
+    done = subprocess.run([sys.executable, str(EXAMPLES / "omniglot_loader.py"), str(omniglot_root)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["Train inputs shape: torch.Size([16, 25, 1, 28, 28])",
+                                        "Train targets shape: torch.Size([16, 25])",
+                                        "Test inputs shape: torch.Size([16, 75, 1, 28, 28])",
+                                        "Test targets shape: torch.Size([16, 75])"]
+
+
+def test_a_torchmeta_style_maml_loop_learns_omniglot(omniglot_root):
+    """The example MAML loop, 60 batches of 4 tasks: the held-out characters' 5-way 1-shot tasks well above the
+    20 % of chance."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / "maml.py"), str(omniglot_root), "--num-batches", "60",
+                           "--batch-size", "4", "--hidden-size", "32"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    accuracy = float(done.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
+    assert accuracy > 0.4, done.stdout
