@@ -7,6 +7,7 @@
     python scripts/bench.py --device cuda --vectorize true false --out bench-results/
     python scripts/bench.py --memory-sweep                    # MAML 2nd order at 1/5/10/20 inner steps, +- checkpointing
     python scripts/bench.py --peer-python /path/to/venv/bin/python   # learn2learn on the same shapes, same run
+    python scripts/bench.py --loaders --steps 20                # metacli.torchmeta's loader against a per-image one
 
 Each measurement runs in its own subprocess, so its peak memory is its own: on CUDA the peak allocated during the
 timed steps, on CPU the growth of max RSS over the process's size before the first step. Episodes come from the
@@ -275,6 +276,50 @@ def summary_line(r: dict) -> str:
             f"faults/step {r['minor_page_faults_per_step']:.0f}{peer}")
 
 
+def measure_loaders(batches: int, rounds: int) -> dict:
+    """Episodes a second of metacli.torchmeta's BatchMetaDataLoader (one gather a batch) against the loader
+    torchmeta itself runs (a DataLoader calling ``dataset[task]``, each image through the PIL transforms), both at
+    ``num_workers=0`` on torchmeta's README tasks (Omniglot 5-way 5-shot, 15 test images, 16 a batch), drawing the
+    same episodes from the same seeds; the median of ``rounds`` alternating rounds."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from metacli.torchmeta.datasets.helpers import omniglot
+    from metacli.torchmeta.utils.data import BatchMetaDataLoader, CombinationRandomSampler, collate_tasks
+
+    dataset = omniglot(None, ways=5, shots=5, test_shots=15, meta_train=True, seed=0)
+
+    class PerImage(torch.utils.data.Dataset):  # the same tasks without the batched fetch
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, task):
+            return dataset[task]
+
+    def gathered():
+        return BatchMetaDataLoader(dataset, batch_size=16, generator=torch.Generator().manual_seed(0))
+
+    def per_image():
+        sampler = CombinationRandomSampler(dataset, torch.Generator().manual_seed(0))
+        return DataLoader(PerImage(), batch_size=16, sampler=sampler, collate_fn=collate_tasks)
+
+    def episodes_per_second(loader) -> float:
+        start = time.perf_counter()
+        for _, _batch in zip(range(batches), loader):
+            pass
+        return 16 * batches / (time.perf_counter() - start)
+
+    first, second = next(iter(gathered())), next(iter(per_image()))
+    same = all(torch.equal(first[k][i], second[k][i]) for k in ("train", "test") for i in (0, 1))
+    timings = [(episodes_per_second(gathered()), episodes_per_second(per_image())) for _ in range(rounds)]
+    ours = sorted(t[0] for t in timings)[len(timings) // 2]
+    peer = sorted(t[1] for t in timings)[len(timings) // 2]
+    return {"task": "Omniglot 5-way 5-shot, 15 test images a class, 16 tasks a batch, num_workers=0",
+            "batches_timed": batches, "rounds": [list(t) for t in timings], "same_episodes": same,
+            "batch_meta_data_loader_episodes_per_second": ours, "per_image_loader_episodes_per_second": peer,
+            "speedup": ours / peer}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=["omniglot_conv4_stride"], choices=list(SETUPS))
@@ -295,6 +340,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile one more meta-iteration and add its N costliest operators to the JSON")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON file")
+    parser.add_argument("--loaders", action="store_true",
+                        help="metacli.torchmeta's BatchMetaDataLoader against a per-image torchmeta-style loader")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
     args = parser.parse_args()
     if args.one:
@@ -306,6 +353,12 @@ def main() -> None:
         except MetacliError as error:  # bad input (no CUDA, a missing dataset): its one line, no traceback
             sys.exit(f"bench.py: error: {error}")
         return
+    if args.loaders:
+        report = measure_loaders(args.steps, args.rounds)
+        print(f"BatchMetaDataLoader {report['batch_meta_data_loader_episodes_per_second']:.0f} episodes/s, per-image "
+              f"loader {report['per_image_loader_episodes_per_second']:.0f} ({report['speedup']:.1f}x; same episodes: "
+              f"{report['same_episodes']})")
+        return write_report(report, args.out, "loaders", args.device)
     results = []
     for case in cases(args):
         with_peer = (args.peer_python and case["setup"] == "omniglot_conv4_stride" and case["algo"] in VECTORIZABLE
@@ -344,10 +397,14 @@ def main() -> None:
     report = {"task": "5-way 1-shot, 15 queries", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "platform": platform.platform(),
               "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     kind = "memory" if args.memory_sweep else "-".join(args.setups) if len(args.setups) < 3 else "suite"
-    path = out / f"bench-{kind}-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_report(report, args.out, kind, args.device)
+
+
+def write_report(report: dict, folder: str, kind: str, device: str) -> None:
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{kind}-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -50,3 +50,14 @@ def test_bench_reports_bad_input_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     assert "bench.py: error: Omniglot not found" in done.stderr and "dataset.download=true" in done.stderr
     assert not list(tmp_path.glob("bench-*.json"))
+
+
+def test_the_loader_bench_times_both_loaders_on_the_same_episodes(omniglot_root, tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--loaders", "--steps", "2", "--rounds", "1", "--out",
+                           str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "METACLI_DATA": str(omniglot_root)})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(next(tmp_path.glob("bench-loaders-*.json")).read_text())
+    assert report["same_episodes"] is True and report["batches_timed"] == 2 and len(report["rounds"]) == 1
+    assert report["speedup"] == (report["batch_meta_data_loader_episodes_per_second"]
+                                 / report["per_image_loader_episodes_per_second"])
