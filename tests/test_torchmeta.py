@@ -74,6 +74,9 @@ def test_episodes_are_fixed_by_the_seeds(omniglot_root):
     first, again = first_batch(dataset, 0, 4), first_batch(dataset, 0, 4)
     assert torch.equal(first["train"][0], again["train"][0]) and torch.equal(first["test"][0], again["test"][0])
     assert not torch.equal(first["test"][0], first_batch(dataset, 1, 4)["test"][0])  # another loader seed
+    workers = next(iter(BatchMetaDataLoader(dataset, batch_size=4, num_workers=2,
+                                            generator=torch.Generator().manual_seed(0))))
+    assert torch.equal(workers["test"][0], first["test"][0])  # worker processes draw the same episodes
     dataset.seed(2)  # the same tasks, their images drawn otherwise
     assert not torch.equal(first["test"][0], first_batch(dataset, 0, 4)["test"][0])
 
