@@ -30,9 +30,9 @@ _SCHEDULERS = ("ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts",
 
 
 def _shipped_targets() -> list[str]:
-    """Every ``_target_`` of the shipped learner, backbone, dataset and logger configs: an algorithm added as one
-    file and one YAML is loadable from its saved runs with no edit here."""
-    return [target for group in ("algo", "backbone", "dataset", "logger")
+    """Every ``_target_`` of the shipped learner, backbone, dataset, augmentation and logger configs: an algorithm
+    added as one file and one YAML is loadable from its saved runs with no edit here."""
+    return [target for group in ("algo", "backbone", "dataset", "augment", "logger")
             for targets in group_targets(group).values() for target in targets]
 
 
