@@ -103,10 +103,6 @@ class CombinationMetaDataset(VisionDataset):
         if isinstance(self.dataset_transform, ClassSplitter):
             self.dataset_transform.seed = 0 if seed is None else seed
 
-    def class_name(self, index: int) -> str:
-        base, turn = index % len(self.base_names), self.turns[index // len(self.base_names)]
-        return self.base_names[base] + (f"/rot{90 * turn:03d}" if turn else "")
-
     def pil_image(self, index: int, image: int) -> Image.Image:
         pixels = self.images[index % len(self.base_names), image]
         pixels = 255 - pixels if self.invert else pixels
