@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from metacli.data.batches import LabelledBatch
-from metacli.data.episodes import EpisodeBatch
+from metacli.data.episodes import EpisodeBatch, channels_last_images
 from metacli.errors import ConfigError
 
 Batch = TypeVar("Batch", EpisodeBatch, LabelledBatch)
@@ -61,9 +61,7 @@ class RandomAffine:
         theta = self.matrices(flat.shape[0], generator).to(device=x.device, dtype=x.dtype)
         grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
         out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        if x.dim() == 4:
-            return out.contiguous(memory_format=torch.channels_last)
-        return out.reshape(x.shape).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        return channels_last_images(out.reshape(x.shape))
 
     def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
         if isinstance(batch, LabelledBatch):

@@ -57,6 +57,12 @@ def check_episode_shape(data: ClassImages, n_way: int, k_shot: int, n_query: int
                         f"lower task.k_shot or task.n_query so that they sum to at most {data.per_class}")
 
 
+def channels_last_images(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[..., C, H, W]`` with every image channels-last (NHWC strides; same values): the layout the backbones'
+    fast kernels want, set where batches are made because a vmapped forward cannot change a layout."""
+    return x.movedim(-3, -1).contiguous().movedim(-1, -3)
+
+
 class EpisodeSampler:
     """Samples meta-batches of N-way K-shot tasks with Q queries per class.
 
@@ -86,10 +92,8 @@ class EpisodeSampler:
         n, k, q = self.n_way, self.k_shot, self.n_query
         batch_size = classes.shape[0]
         classes, picks = classes.to(self.device), picks.to(self.device)
-        images = self.normalize(self.images[classes.unsqueeze(-1), picks])  # [B, N, K+Q, C, H, W]
-        # Channels-last per image (NHWC strides; same values): the layout the backbones' fast kernels want, set
-        # here because a vmapped forward cannot change a layout.
-        images = images.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
+        # [B, N, K+Q, C, H, W]
+        images = channels_last_images(self.normalize(self.images[classes.unsqueeze(-1), picks]))
         shape = images.shape[3:]
         labels = torch.arange(n, device=self.device)
         return EpisodeBatch(

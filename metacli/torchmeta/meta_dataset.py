@@ -89,7 +89,8 @@ class CombinationMetaDataset(VisionDataset):
         data = source.split(split)
         self.images = data.images  # uint8 [classes, images a class, C, H, W]
         self.base_names = data.class_names
-        self.turns = [0] + [turns for augmentation in class_augmentations or [] for turns in augmentation.quarter_turns()]
+        self.turns = [0] + [turns for augmentation in class_augmentations or []
+                            for turns in augmentation.quarter_turns()]
         self.num_classes = data.n_classes * len(self.turns)
         if num_classes_per_task > self.num_classes:
             raise ValueError(f"num_classes_per_task={num_classes_per_task}, but the {split} split has only "

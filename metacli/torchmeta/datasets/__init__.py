@@ -1,4 +1,5 @@
-"""torchmeta's ``Omniglot`` and ``MiniImagenet``, served from metacli's pinned splits and verified data (``metacli.data``)."""
+"""torchmeta's ``Omniglot`` and ``MiniImagenet``, served from metacli's pinned splits and verified data
+(``metacli.data``)."""
 from __future__ import annotations
 
 from typing import Callable
