@@ -1,6 +1,7 @@
 """Turn a composed config into objects: device, dataset, learner, optimiser. Shared by train, eval and the API."""
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from functools import partial
@@ -14,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import FewShotLearner
+from metacli.algorithms.meta_rl import MetaRLLearner
 from metacli.config_schema import algo_targets
 from metacli.data.augment import augmented
 from metacli.data.base import FewShotDataset
@@ -23,7 +25,9 @@ from metacli.data.within_alphabet import WithinAlphabetSampler
 from metacli.errors import CheckpointError, ConfigError, MetacliError
 from metacli.execution.settings import Execution
 from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
+from metacli.rl.task_envs import TaskFamilyEnv
 from metacli.saved_config import run_file
+from metacli.tasks import REINFORCEMENT
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -90,12 +94,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_dataset(cfg: DictConfig) -> FewShotDataset:
-    if cfg.get("env") is not None:  # the env group is where reinforcement-learning task families will come
-        raise ConfigError(f"env={cfg.env}: metacli ships no reinforcement-learning environments yet; train on a "
-                          "dataset instead (metacli list datasets)")
+def build_dataset(cfg: DictConfig) -> FewShotDataset | TaskFamilyEnv:
+    """The run's tasks: a dataset, or (``env=``) a family of reinforcement-learning environments."""
+    if cfg.get("env") is not None:
+        return build(cfg.env, "env")
     if cfg.dataset is None:
-        raise ConfigError("no dataset to train on: choose one with dataset=NAME (metacli list datasets)")
+        raise ConfigError("no dataset to train on: choose one with dataset=NAME, or env=NAME for reinforcement "
+                          "learning (metacli list datasets)")
     return build(cfg.dataset, "dataset")
 
 
@@ -106,14 +111,17 @@ def check_family(cfg: DictConfig, dataset: FewShotDataset) -> None:
     if family.name in get_class(cfg.algo._target_).families:
         return
     able = [name for name, target in algo_targets().items() if family.name in get_class(target).families]
+    source = "env" if family is REINFORCEMENT else "dataset"
     raise ConfigError(f"{get_class(cfg.algo._target_).__name__} cannot learn {family.name} tasks "
-                      f"(dataset={dataset.name}): use one of algo={', algo='.join(able)}")
+                      f"({source}={dataset.name}): use one of algo={', algo='.join(able)}")
 
 
 def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     """Backbone sized for the dataset's inputs, wrapped by the configured algorithm, given the dataset's task
     family (its output size, loss and metric)."""
     check_family(cfg, dataset)
+    if dataset.family is REINFORCEMENT:
+        return _build_rl_learner(cfg, dataset)
     backbone = build(cfg.backbone, "backbone", in_channels=dataset.channels, image_size=dataset.image_size)
     # A classifier over all training classes (non-episodic learners) is sized by the data, not by the user.
     sized = {"n_classes": dataset.split("train").n_classes} if "n_classes" in cfg.algo else {}
@@ -121,6 +129,17 @@ def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
                     bn_mode=cfg.eval.bn_mode, **sized)
     learner.family = dataset.family
     return learner
+
+
+def _build_rl_learner(cfg: DictConfig, env: TaskFamilyEnv) -> MetaRLLearner:
+    """A meta-RL learner for ``env``'s spaces; a feed-forward policy's body is the backbone (an MLP) sized for the
+    observations, a recurrent policy (RL²) is its own."""
+    spaces = {"observation_space": env.observation_space, "action_space": env.action_space}
+    if "backbone" in inspect.signature(get_class(cfg.algo._target_)).parameters:
+        if cfg.get("backbone") is None or not getattr(get_class(cfg.backbone._target_), "vector_inputs", False):
+            raise ConfigError("a meta-RL policy's body takes observation vectors, not images: use backbone=mlp")
+        spaces["backbone"] = build(cfg.backbone, "backbone", in_channels=int(env.observation_space.shape[0]))
+    return build(cfg.algo, "algo", **spaces)
 
 
 def build_execution(cfg: DictConfig) -> Execution:
@@ -135,6 +154,8 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
                      split: str = "train") -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
     episodes, or a mini-batch of labelled images for a non-episodic learner, distorted by ``augment`` if set."""
+    if dataset.family is REINFORCEMENT:
+        return partial(dataset.training_tasks, cfg.trainer.meta_batch)
     draw = _training_draw(cfg, learner, dataset, device, split)
     return augmented(draw, build(cfg.augment, "augment")) if cfg.get("augment") else draw
 

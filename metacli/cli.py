@@ -32,7 +32,7 @@ COMMANDS = {
     "eval": "re-test a finished run: metacli eval checkpoint=RUN_DIR [eval.episodes=...]",
     "compare": "pair two runs over their shared test episodes: metacli compare RUN_A RUN_B",
     "report": "one table of runs and sweeps, seeds aggregated: metacli report PATH... [--format md|csv|json|results]",
-    "list": "what a config group offers: metacli list [algos|datasets|backbones|devices|loggers|experiments|searches]",
+    "list": "what a config group offers: metacli list [algos|datasets|envs|backbones|devices|loggers|experiments|searches]",
 }
 #: What installs a Hydra sweeper or launcher that a command asked for.
 PLUGINS = {"optuna": 'pip install -e ".[sweep]" (metacli\'s sweep extra)',
@@ -40,7 +40,7 @@ PLUGINS = {"optuna": 'pip install -e ".[sweep]" (metacli\'s sweep extra)',
            "submitit_local": "pip install hydra-submitit-launcher",
            "submitit_slurm": "pip install hydra-submitit-launcher"}
 #: ``metacli list`` names (plural) of the config groups.
-LISTABLE = {"algos": "algo", "datasets": "dataset", "backbones": "backbone", "devices": "device", "loggers": "logger",
+LISTABLE = {"algos": "algo", "datasets": "dataset", "envs": "env", "backbones": "backbone", "devices": "device", "loggers": "logger",
             "experiments": "experiment", "searches": "hparams_search"}
 USAGE = """usage: metacli <command> [overrides] [hydra flags]
        metacli --version

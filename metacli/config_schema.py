@@ -45,8 +45,8 @@ def algo_targets() -> dict[str, str]:
 # trainer.precision's values; metacli.execution.precision maps them to autocast contexts (kept here, free of torch,
 # because the CLI composes configs before it imports torch).
 PRECISIONS = ("fp32", "bf16")
-# Validation metrics a sweep may optimise; auto: the task family's (accuracy, or mse for regression).
-OBJECTIVES = ("auto", "val/accuracy", "val/mse")
+# Validation metrics a sweep may optimise; auto: the task family's (accuracy; mse for regression; return for RL).
+OBJECTIVES = ("auto", "val/accuracy", "val/mse", "val/return")
 
 
 def _at_least(low, default):

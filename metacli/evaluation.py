@@ -8,11 +8,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metacli.algorithms.base import FewShotLearner
+from metacli.algorithms.meta_rl import MetaRLLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
 from metacli.data.within_alphabet import WithinAlphabetSampler
 from metacli.errors import ConfigError
 from metacli.logging.progress import Progress
+from metacli.rl.task_envs import FixedTasks
+from metacli.tasks import REINFORCEMENT
 
 
 def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed: int, batch_size: int,
@@ -24,13 +27,18 @@ def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed:
     for batch in sampler.fixed(episodes, seed, batch_size):
         if between_batches is not None:
             between_batches()
-        values += [learner.evaluate_episode(episode) for episode in batch]
+        values += learner.evaluate_batch(batch)
         if progress is not None:
             progress.advance(len(batch), status=f"{metric} {sum(values) / len(values):.3f}")
+    return {**summarize(values, metric), "episodes": episodes, "per_episode": values}
+
+
+def summarize(values: list[float], metric: str) -> dict:
+    """The mean of per-episode (per-task) values under the metric's name, their sample std and 1.96 * std /
+    sqrt(n)."""
     per_episode = torch.tensor(values, dtype=torch.float64)
-    std = per_episode.std().item() if episodes > 1 else 0.0
-    return {metric: per_episode.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(episodes),
-            "episodes": episodes, "per_episode": values}
+    std = per_episode.std().item() if len(values) > 1 else 0.0
+    return {metric: per_episode.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(len(values))}
 
 
 def make_sampler(cfg: DictConfig, dataset: FewShotDataset, split: str, device: torch.device) -> EpisodeSampler:
@@ -51,6 +59,9 @@ def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.de
 def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
     """What fixes the test episodes: two results with the same fingerprint were scored on the same tasks, episode
     for episode, so they can be compared pairwise (``metacli compare``)."""
+    if dataset.family is REINFORCEMENT:  # tasks and environment seeds; the seeds are drawn a batch of tasks
+        return {"env": dataset.describe(), "split": "test", "content_sha256": dataset.content_sha256("test"),
+                "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes, "batch_size": cfg.eval.batch_size}
     return {"dataset": dataset.describe(), "split": "test", "content_sha256": dataset.content_sha256("test"),
             "n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query,
             "image_size": dataset.image_size, "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes,
@@ -62,9 +73,14 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
                   checkpoint: dict | None, weights: str, between_batches: Callable[[], None] | None = None) -> dict:
     """Score ``learner`` on the test episodes and describe the protocol: the content of results.json.
     ``weights`` says what was tested: the ``best`` or ``last`` checkpoint, or the ``initialisation``."""
-    with Progress("test", total=cfg.eval.episodes, unit="episodes") as progress:
-        scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches,
-                       progress)
+    if dataset.family is REINFORCEMENT:
+        scored, extra = stage_scores(cfg, learner, sampler, between_batches)
+    else:
+        with Progress("test", total=cfg.eval.episodes, unit="episodes") as progress:
+            scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches,
+                           progress)
+        extra = {"task": {"n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query},
+                 "bn_mode": cfg.eval.bn_mode}
     per_episode, metric = scored.pop("per_episode"), learner.family.metric
     return {
         "algorithm": type(learner).__name__,
@@ -72,11 +88,10 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         "seed": cfg.seed,
         "steps": cfg.trainer.steps,
         "algo": cfg.algo._target_,
-        "backbone": cfg.backbone._target_,
+        "backbone": cfg.backbone._target_ if cfg.get("backbone") else None,
         "dataset": dataset.describe(),
-        "task": {"n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query},
+        **extra,
         "eval_seed": cfg.eval.seed,
-        "bn_mode": cfg.eval.bn_mode,
         "weights": weights,
         "checkpoint_step": None if checkpoint is None else checkpoint["step"],
         f"best_val_{metric}": None if checkpoint is None else checkpoint["best_val"],
@@ -88,3 +103,32 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         "test_fingerprint": episodes_fingerprint(cfg, dataset),
         "episode_scores": per_episode,
     }
+
+
+def stage_scores(cfg: DictConfig, learner: MetaRLLearner, tasks: FixedTasks,
+                 between_batches: Callable[[], None] | None = None) -> tuple[dict, dict]:
+    """A meta-RL learner on the fixed test tasks: the return (and the family's own metrics) at each adaptation
+    stage ± 95 % CI over tasks, the final stage as the score, and the family's reference policies on the same tasks
+    and seeds (Thompson sampling on bandits). Returns the score and the record's RL-specific part."""
+    per_stage: dict[str, dict[str, list[float]]] = {}
+    references: dict[str, list[float]] = {}
+    with Progress("test", total=cfg.eval.episodes, unit="tasks") as progress:
+        for batch in tasks.fixed(cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size):
+            if between_batches is not None:
+                between_batches()
+            for stage, metrics in learner.stages(batch).items():
+                for name, values in metrics.items():
+                    per_stage.setdefault(stage, {}).setdefault(name, []).extend(values.tolist())
+            for name, values in tasks.family.references(batch).items():
+                references.setdefault(name, []).extend(values.tolist())
+            final = list(per_stage.values())[-1]["return"]
+            progress.advance(len(batch), status=f"return {sum(final) / len(final):.3f}")
+    final = list(per_stage.values())[-1]
+    scored = {**summarize(final["return"], "return"), "episodes": cfg.eval.episodes, "per_episode": final["return"]}
+    family = tasks.family
+    extra = {"task": {"env": family.name, "trajectories": family.trajectories, "horizon": family.horizon},
+             "stages": {stage: {name: summarize(values, name) for name, values in metrics.items()}
+                        for stage, metrics in per_stage.items()},
+             "stage_scores": per_stage,
+             "references": {name: summarize(values, "regret") for name, values in references.items()}}
+    return scored, extra

@@ -2,8 +2,9 @@
 way is better, and how a value is shown."""
 from __future__ import annotations
 
-#: Each metric's direction: accuracy (classification) up, mean squared error (regression) down.
-HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
+#: Each metric's direction: accuracy (classification) and return (reinforcement learning) up, mean squared error
+#: (regression) and regret down.
+HIGHER_IS_BETTER = {"accuracy": True, "mse": False, "return": True, "regret": False, "success": True}
 
 
 def show(metric: str, value: float, ci95: float | None = None, signed: bool = False) -> str:
@@ -20,4 +21,6 @@ def task_label(results: dict) -> str:
     task = results.get("task", {})
     if results.get("metric", "accuracy") == "accuracy":
         return f"{task.get('n_way', '?')}w{task.get('k_shot', '?')}s"
+    if results.get("metric") == "return":
+        return f"{task.get('trajectories', '?')} traj. × {task.get('horizon', '?')} steps"
     return f"{task.get('k_shot', '?')}-shot"

@@ -5,6 +5,7 @@
   wrong predictions framed in red;
 - ``episode.png`` of a regression run: one test task's support points, the true curve, and the learner's
   prediction after adapting to them;
+- ``adaptation.png`` of a meta-RL run: the mean return on the test tasks (± its 95 % CI) at each adaptation stage;
 - for a sweep, in its dir: ``sweep_curves.png``, every job's validation metric against the step, and
   ``sweep_scores.png``, the test score (± its CI) and the best validation score against the swept value, when
   the sweep varies one setting besides the seed.
@@ -26,7 +27,7 @@ from metacli.data.episodes import EpisodeSampler
 from metacli.reliability.run_dir import METRICS
 from metacli.report import protocol_overrides
 
-CURVES, EPISODE = "curves.png", "episode.png"
+CURVES, EPISODE, ADAPTATION = "curves.png", "episode.png", "adaptation.png"
 SWEEP_CURVES, SWEEP_SCORES = "sweep_curves.png", "sweep_scores.png"
 
 
@@ -196,3 +197,23 @@ def sweep_figures(found: list[tuple[Path, dict]], table: list[dict]) -> dict[str
                            sum(vals) / len(vals) if vals else float("nan")))
         figures[SWEEP_SCORES] = sweep_scores_figure(key, points, metric)
     return figures
+
+
+def adaptation_figure(results: dict, title: str) -> Figure:
+    """A meta-RL run's test return (± 95 % CI over tasks) at each stage of adaptation, and its regret where the
+    family measures one, beside the reference policies' (bandits)."""
+    stages = results["stages"]
+    panels = [name for name in ("return", "regret", "success") if name in next(iter(stages.values()))]
+    figure = Figure(figsize=(5 * len(panels), 3.8), layout="constrained")
+    for axes, name in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        labels = list(stages)
+        axes.errorbar(range(len(labels)), [stages[s][name][name] for s in labels],
+                      yerr=[stages[s][name]["ci95"] for s in labels], marker="o", capsize=3, label=results["algorithm"])
+        if name == "regret":
+            for reference, scored in results.get("references", {}).items():
+                axes.axhline(scored["regret"], linestyle="--", color="gray")
+                axes.annotate(f"{reference} {scored['regret']:.2f}", (0, scored["regret"]), fontsize=8)
+        axes.set_xticks(range(len(labels)), labels, rotation=20)
+        axes.set(ylabel=f"test {name}", title=f"{name} on {results['episodes']} test tasks")
+    figure.suptitle(title)
+    return figure

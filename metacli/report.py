@@ -86,9 +86,10 @@ def protocol_overrides(run: Path) -> list[str]:
 
 def _protocol(run: Path, results: dict) -> tuple:
     data = results.get("dataset", {})
-    return (results.get("algorithm", "?"), f"{data.get('name', '?')}/{data.get('split', '-')}",
+    where = data.get("name", "?") if "stages" in results else f"{data.get('name', '?')}/{data.get('split', '-')}"
+    return (results.get("algorithm", "?"), where,
             task_label(results), str(results.get("backbone", "?")).rsplit(".", 1)[-1],
-            results.get("bn_mode", "?"), results.get("steps", "?"), " ".join(protocol_overrides(run)))
+            results.get("bn_mode", "-" if "stages" in results else "?"), results.get("steps", "?"), " ".join(protocol_overrides(run)))
 
 
 def _wall_seconds(run: Path) -> float | None:

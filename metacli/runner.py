@@ -86,7 +86,8 @@ def _load_state(state: dict, expected_origin: dict, where: Path, learner, optimi
                                                     "this run a new hydra.run.dir")
     try:
         learner.load_state_dict(state["learner"])
-        optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{where} does not fit the {type(learner).__name__} built from this config (another "
                               f"way, width or optimiser?): {str(exc).splitlines()[0]}; resume with the run's own "
@@ -112,8 +113,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     next_batch = training_batches(cfg, learner, dataset, device)
     val_sampler = make_sampler(cfg, dataset, "val", device)
     test_sampler = make_test_sampler(cfg, dataset, device)
-    optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
-    scheduler = build_partial(cfg.trainer.scheduler, "trainer.scheduler", optimizer) if cfg.trainer.scheduler else None
+    # A learner with nothing to train (the random policy) has no optimiser.
+    trainable = list(learner.parameters())
+    optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", trainable) if trainable else None
+    scheduler = (build_partial(cfg.trainer.scheduler, "trainer.scheduler", optimizer)
+                 if cfg.trainer.scheduler and optimizer is not None else None)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     family = dataset.family
@@ -142,7 +146,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     loggers = _build_loggers(cfg, run_dir, start_step if cfg.trainer.resume else None)
 
     def save(step: int, best: bool = False) -> None:
-        state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
                  "origin": trained_on, "rng": capture_rng(generator), "threads": threads,
@@ -154,6 +158,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             logger.log(row, step)
 
     steps = cfg.trainer.steps
+    if optimizer is None and steps > 0:
+        log.warning("%s has nothing to train: testing it as it is", type(learner).__name__)
+        steps = 0
     if steps == 0:
         log.warning("trainer.steps=0: no meta-training; testing the initialisation")
     try:
@@ -165,10 +172,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     learner.train()
                     optimizer.zero_grad(set_to_none=True)
                     with training_precision(cfg.trainer.precision, device):
-                        metrics = meta_train_step(learner, next_batch(generator), execution)
+                        if getattr(learner, "updates_itself", False):  # meta-RL: sampling and its own update
+                            metrics = learner.meta_update(next_batch(generator), optimizer)
+                        else:
+                            metrics = meta_train_step(learner, next_batch(generator), execution)
                     fault = _nonfinite(metrics["loss"], learner)
                     if fault is None:
-                        optimizer.step()
+                        if not getattr(learner, "updates_itself", False):
+                            optimizer.step()
                     elif cfg.trainer.on_nonfinite == "skip":
                         skipped += 1
                         log.warning("%s at step %d: meta-batch skipped (%d so far)", fault, step, skipped)
@@ -183,7 +194,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                         row = {f"train/{key}": value for key, value in metrics.items()}
                         if cfg.trainer.on_nonfinite == "skip":
                             row["train/skipped_batches"] = skipped
-                        log_row({**row, "lr": optimizer.param_groups[0]["lr"]}, step)
+                        log_row({**row, "lr": optimizer.param_groups[0].get("lr")}, step)
                     # Rows are logged before the checkpoint of their step: a resume keeps exactly the rows up to it.
                     if step % cfg.trainer.val_every == 0 or step == steps:
                         val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,
@@ -220,7 +231,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         for logger in loggers:
             logger.log_results(results)
         if cfg.trainer.plots:
-            images = _plot(cfg, run_dir, learner, test_sampler, dataset)
+            images = _plot(cfg, run_dir, learner, test_sampler, dataset, results)
             for logger in loggers:
                 logger.log_images(images)
     finally:
@@ -228,7 +239,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             logger.close()
     print_results(results)
     console.print(f"outputs in {run_dir}: results.json, metrics.jsonl, best.pt"
-                  f"{', curves.png, episode.png' if cfg.trainer.plots else ''}\n"
+                  f"{', ' + ', '.join(Path(p).name for p in images.values()) if cfg.trainer.plots else ''}\n"
                   f"re-test: metacli eval checkpoint={run_dir}  |  continue with more steps: the same command with "
                   f"trainer.resume=true trainer.steps=N hydra.run.dir={run_dir}\n"
                   f"compare with another run on the same episodes: metacli compare {run_dir} OTHER_RUN_DIR",
@@ -236,16 +247,21 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset) -> dict[str, Path]:
-    """``curves.png`` (when metrics were logged to metrics.jsonl) and ``episode.png``, by their W&B keys."""
+def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset, results: dict) -> dict[str, Path]:
+    """``curves.png`` (when metrics were logged to metrics.jsonl) and ``episode.png`` (``adaptation.png`` for
+    meta-RL: the return at each adaptation stage), by their W&B keys."""
     from metacli import plots  # matplotlib is imported only by runs that draw
 
-    classifies = learner.family.name == "classification"
-    shape = f"{cfg.task.n_way}-way {cfg.task.k_shot}-shot" if classifies else f"{cfg.task.k_shot}-shot"
+    family = learner.family.name
+    shape = {"classification": f"{cfg.task.n_way}-way {cfg.task.k_shot}-shot", "regression": f"{cfg.task.k_shot}-shot",
+             "reinforcement": f"{dataset.trajectories} trajectories a task"}[family]
     title = f"{type(learner).__name__} on {dataset.name}, {shape}"
-    episode = (plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed) if classifies
-               else plots.regression_figure(learner, test_sampler, cfg.eval.seed))
-    images = {"plots/episode": plots.save(episode, run_dir / plots.EPISODE)}
+    if family == "reinforcement":
+        images = {"plots/adaptation": plots.save(plots.adaptation_figure(results, title), run_dir / plots.ADAPTATION)}
+    else:
+        episode = (plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed) if family == "classification"
+                   else plots.regression_figure(learner, test_sampler, cfg.eval.seed))
+        images = {"plots/episode": plots.save(episode, run_dir / plots.EPISODE)}
     metrics = run_dir / METRICS
     if metrics.exists():
         images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title, learner.family.metric),

@@ -30,9 +30,9 @@ _SCHEDULERS = ("ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts",
 
 
 def _shipped_targets() -> list[str]:
-    """Every ``_target_`` of the shipped learner, backbone, dataset, augmentation and logger configs: an algorithm
+    """Every ``_target_`` of the shipped learner, backbone, dataset, environment, augmentation and logger configs: an algorithm
     added as one file and one YAML is loadable from its saved runs with no edit here."""
-    return [target for group in ("algo", "backbone", "dataset", "augment", "logger")
+    return [target for group in ("algo", "backbone", "dataset", "env", "augment", "logger")
             for targets in group_targets(group).values() for target in targets]
 
 
@@ -42,8 +42,10 @@ BUILDABLE = frozenset(_shipped_targets() + [f"torch.optim.{name}" for name in _O
 
 #: A reference to another key of the same config, absolute or relative, and nothing else.
 _PLAIN_REFERENCE = re.compile(r"\$\{\.*[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\}")
-#: Sections a run's config always has, each a mapping (``seed`` aside).
-_SECTIONS = ("algo", "backbone", "dataset", "device", "task", "trainer", "eval")
+#: Sections a run's config always has, each a mapping (``seed`` aside); a meta-RL run has an env for its dataset
+#: (and a recurrent policy no backbone).
+_SECTIONS = ("algo", "device", "task", "trainer", "eval")
+_SECTIONS_OF_DATA = ("backbone", "dataset")
 #: A saved config is a few kilobytes; far more is not one, and is not parsed.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -118,7 +120,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
         raise CheckpointError(f"{config_file} is a {type(cfg).__name__}, not a run's config; {restore}")
     check_saved_config(cfg, config_file)
     _move_execution_keys(cfg)
-    missing = [s for s in _SECTIONS if not isinstance(cfg._get_node(s), DictConfig)]
+    rl = isinstance(cfg._get_node("env"), DictConfig)
+    missing = [s for s in _SECTIONS + (() if rl else _SECTIONS_OF_DATA) if not isinstance(cfg._get_node(s), DictConfig)]
     if missing:
         raise CheckpointError(f"{config_file} is not a run's config (no {', '.join(missing)} section): it is empty, "
                               f"truncated or something else; {restore}")

@@ -27,8 +27,8 @@ class TaskFamily:
 
     name: str
     metric: str
-    loss: Metric
-    score: Metric
+    loss: Metric | None
+    score: Metric | None
     outputs_per_query: int | None
 
     @property
@@ -59,3 +59,6 @@ def _mse(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 CLASSIFICATION = TaskFamily("classification", "accuracy", F.cross_entropy, _accuracy, None)
 #: Scalar regression: one value per query, trained and judged by the mean squared error.
 REGRESSION = TaskFamily("regression", "mse", F.mse_loss, _mse, 1)
+#: Reinforcement learning (``env=``): a learner samples its own trajectories; it is judged by the mean undiscounted
+#: return on held-out tasks, so it has no loss or score of given targets.
+REINFORCEMENT = TaskFamily("reinforcement", "return", None, None, None)

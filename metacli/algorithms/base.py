@@ -93,6 +93,10 @@ class FewShotLearner(nn.Module, ABC):
             _, score = self.task_loss(episode, training=False)
         return score.item()
 
+    def evaluate_batch(self, batch) -> list[float]:
+        """The metric of each episode of a batch (what validation and the test average)."""
+        return [self.evaluate_episode(episode) for episode in batch]
+
     @contextmanager
     def evaluation_mode(self) -> Iterator[None]:
         """Put BatchNorm in the ``bn_mode`` behaviour for evaluation, and restore training mode afterwards."""

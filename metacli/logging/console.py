@@ -26,6 +26,15 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 def print_results(results: dict) -> None:
     task, metric = results["task"], results["metric"]
+    if "stages" in results:  # meta-RL: one row an adaptation stage, then the family's reference policies
+        rows = [[results["algorithm"], stage, *(show(name, s[name], s["ci95"]) for name, s in sorted(scores.items()))]
+                for stage, scores in results["stages"].items()]
+        names = sorted(next(iter(results["stages"].values())))
+        rows += [[name, "reference", *("-" if n != "regret" else show(n, r["regret"], r["ci95"]) for n in names)]
+                 for name, r in results.get("references", {}).items()]
+        print_table(f"metacli test results: {results['dataset']['name']}, {results['episodes']} test tasks, "
+                    f"{task['trajectories']} trajectories a task", ["algorithm", "stage", *names], rows)
+        return
     shape = (f"{task['n_way']}-way {task['k_shot']}-shot" if metric == "accuracy"
              else f"{task['k_shot']}-shot, {task['n_query']} queries")
     print_table("metacli test results", ["algorithm", "dataset", "split", "episodes", "bn mode", f"{metric} (95% CI)"],

@@ -13,6 +13,9 @@ class MLP(nn.Module):
         hidden: the width of each hidden layer.
     """
 
+    #: Takes vectors (a sinusoid's x, an agent's observations), not images.
+    vector_inputs = True
+
     def __init__(self, in_channels: int = 1, image_size: int | None = None, hidden: list[int] | tuple[int, ...] = (40, 40)
                  ) -> None:
         super().__init__()
