@@ -127,8 +127,9 @@ def stage_scores(cfg: DictConfig, learner: MetaRLLearner, tasks: FixedTasks,
     scored = {**summarize(final["return"], "return"), "episodes": cfg.eval.episodes, "per_episode": final["return"]}
     family = tasks.family
     extra = {"task": {"env": family.name, "trajectories": family.trajectories, "horizon": family.horizon},
-             "stages": {stage: {name: summarize(values, name) for name, values in metrics.items()}
-                        for stage, metrics in per_stage.items()},
+             # A list, as results.json's keys are written sorted: the stages in the order of adaptation.
+             "stages": [{"stage": stage, **{name: summarize(values, name) for name, values in metrics.items()}}
+                        for stage, metrics in per_stage.items()],
              "stage_scores": per_stage,
              "references": {name: summarize(values, "regret") for name, values in references.items()}}
     return scored, extra

@@ -1,6 +1,7 @@
 """Pictures of a run, written next to its results (``trainer.plots``) and logged to W&B as images:
 
-- ``curves.png``: the training loss and the validation metric (accuracy, MSE; ± its 95 % CI) against the step;
+- ``curves.png``: the training loss (a meta-RL run's sampled returns) and the validation metric (accuracy, MSE,
+  return; ± its 95 % CI) against the step;
 - ``episode.png``: the first test episode, its support images by class, and its queries with the predicted class,
   wrong predictions framed in red;
 - ``episode.png`` of a regression run: one test task's support points, the true curve, and the learner's
@@ -51,11 +52,18 @@ def curves_figure(rows: list[dict], title: str, metric: str = "accuracy") -> Fig
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     loss_axes, val_axes = figure.subplots(1, 2)
     scale, label = _scale(metric)
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     val = [(r["step"], scale * r[f"val/{metric}"], scale * r["val/ci95"]) for r in rows if f"val/{metric}" in r]
-    if train:
-        loss_axes.plot(*zip(*train), color="tab:blue")
-    loss_axes.set(xlabel="meta-training step", ylabel="training loss", title="training loss")
+    # Meta-RL's losses are surrogates (TRPO's is zero where it is taken): its training curve is the sampled return.
+    shown = sorted({key for r in rows for key in r if key.startswith("train/return")}) if metric == "return" \
+        else ["train/loss"]
+    for key in shown:
+        train = [(r["step"], r[key]) for r in rows if key in r]
+        if train:
+            loss_axes.plot(*zip(*train), label=key.removeprefix("train/").replace("_", " "))
+    if len(shown) > 1:
+        loss_axes.legend(fontsize=8)
+    name = "training return" if metric == "return" else "training loss"
+    loss_axes.set(xlabel="meta-training step", ylabel=name, title=name)
     if val:
         steps, values, ci = zip(*val)
         val_axes.errorbar(steps, values, yerr=ci, marker="o", capsize=3, color="tab:green")
@@ -203,12 +211,12 @@ def adaptation_figure(results: dict, title: str) -> Figure:
     """A meta-RL run's test return (± 95 % CI over tasks) at each stage of adaptation, and its regret where the
     family measures one, beside the reference policies' (bandits)."""
     stages = results["stages"]
-    panels = [name for name in ("return", "regret", "success") if name in next(iter(stages.values()))]
+    panels = [name for name in ("return", "regret", "success") if name in stages[0]]
     figure = Figure(figsize=(5 * len(panels), 3.8), layout="constrained")
     for axes, name in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
-        labels = list(stages)
-        axes.errorbar(range(len(labels)), [stages[s][name][name] for s in labels],
-                      yerr=[stages[s][name]["ci95"] for s in labels], marker="o", capsize=3, label=results["algorithm"])
+        labels = [stage["stage"] for stage in stages]
+        axes.errorbar(range(len(labels)), [stage[name][name] for stage in stages],
+                      yerr=[stage[name]["ci95"] for stage in stages], marker="o", capsize=3, label=results["algorithm"])
         if name == "regret":
             for reference, scored in results.get("references", {}).items():
                 axes.axhline(scored["regret"], linestyle="--", color="gray")

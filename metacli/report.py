@@ -88,7 +88,7 @@ def _protocol(run: Path, results: dict) -> tuple:
     data = results.get("dataset", {})
     where = data.get("name", "?") if "stages" in results else f"{data.get('name', '?')}/{data.get('split', '-')}"
     return (results.get("algorithm", "?"), where,
-            task_label(results), str(results.get("backbone", "?")).rsplit(".", 1)[-1],
+            task_label(results), str(results.get("backbone", "?") or "-").rsplit(".", 1)[-1],
             results.get("bn_mode", "-" if "stages" in results else "?"), results.get("steps", "?"), " ".join(protocol_overrides(run)))
 
 
@@ -131,7 +131,8 @@ def cell_text(row: dict, column: str) -> str:
     scale = 100 if row["metric"] == "accuracy" else 1
     unit = " %" if scale == 100 else ""
     if column == "test":
-        spread = "t-interval over seeds" if len(row["per seed"]) > 1 else "CI over episodes"
+        over = "test tasks" if row["metric"] == "return" else "episodes"
+        spread = "t-interval over seeds" if len(row["per seed"]) > 1 else f"CI over {over}"
         return f"{scale * row['test']:.2f} ± {scale * row['ci95']:.2f}{unit} ({spread})"
     if column in ("paper", "difference"):
         expected = row["expected"] or {}

@@ -113,9 +113,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     next_batch = training_batches(cfg, learner, dataset, device)
     val_sampler = make_sampler(cfg, dataset, "val", device)
     test_sampler = make_test_sampler(cfg, dataset, device)
-    # A learner with nothing to train (the random policy) has no optimiser.
+    # A learner with nothing to train (the random policy) has no optimiser, nor has one whose outer step is its own
+    # (MAML-RL's trust-region step).
     trainable = list(learner.parameters())
-    optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", trainable) if trainable else None
+    optimizer = (build_partial(cfg.trainer.optimizer, "trainer.optimizer", trainable)
+                 if trainable and getattr(learner, "uses_optimizer", True) else None)
     scheduler = (build_partial(cfg.trainer.scheduler, "trainer.scheduler", optimizer)
                  if cfg.trainer.scheduler and optimizer is not None else None)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -158,7 +160,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             logger.log(row, step)
 
     steps = cfg.trainer.steps
-    if optimizer is None and steps > 0:
+    if not trainable and steps > 0:
         log.warning("%s has nothing to train: testing it as it is", type(learner).__name__)
         steps = 0
     if steps == 0:
@@ -170,7 +172,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                 val_shown = "-"
                 for step in range(start_step + 1, steps + 1):
                     learner.train()
-                    optimizer.zero_grad(set_to_none=True)
+                    if optimizer is not None:
+                        optimizer.zero_grad(set_to_none=True)
                     with training_precision(cfg.trainer.precision, device):
                         if getattr(learner, "updates_itself", False):  # meta-RL: sampling and its own update
                             metrics = learner.meta_update(next_batch(generator), optimizer)
@@ -194,7 +197,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                         row = {f"train/{key}": value for key, value in metrics.items()}
                         if cfg.trainer.on_nonfinite == "skip":
                             row["train/skipped_batches"] = skipped
-                        log_row({**row, "lr": optimizer.param_groups[0].get("lr")}, step)
+                        log_row({**row, **({"lr": optimizer.param_groups[0]["lr"]} if optimizer else {})}, step)
                     # Rows are logged before the checkpoint of their step: a resume keeps exactly the rows up to it.
                     if step % cfg.trainer.val_every == 0 or step == steps:
                         val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,

@@ -8,6 +8,7 @@
     python scripts/bench.py --memory-sweep                    # MAML 2nd order at 1/5/10/20 inner steps, +- checkpointing
     python scripts/bench.py --peer-python /path/to/venv/bin/python   # learn2learn on the same shapes, same run
     python scripts/bench.py --loaders --steps 20                # metacli.torchmeta's loader against a per-image one
+    python scripts/bench.py --meta-rl --steps 5                 # MAML-RL (both curvatures) and RL² at the papers' batches
 
 Each measurement runs in its own subprocess, so its peak memory is its own: on CUDA the peak allocated during the
 timed steps, on CPU the growth of max RSS over the process's size before the first step. Episodes come from the
@@ -320,6 +321,77 @@ def measure_loaders(batches: int, rounds: int) -> dict:
             "speedup": ours / peer}
 
 
+META_RL = {  # the papers' batches: MAML's 20 tasks x 20 trajectories x 100 steps, RL²'s 250 bandits x 100 pulls
+    "maml_rl_point_nav": ["experiment=maml_rl_point_nav"],
+    "maml_rl_point_nav_inner_loop_curvature": ["experiment=maml_rl_point_nav", "algo.curvature=inner_loop"],
+    "pretrained_rl_point_nav": ["experiment=maml_rl_point_nav", "algo=pretrained_rl"],
+    "rl2_bandit_k5_n100": ["experiment=rl2_bandit_k5_n100"],
+}
+
+
+def measure_meta_rl(name: str, steps: int, warmup: int) -> dict:
+    """Meta-iterations a second of a meta-RL protocol, and where the time goes: the simulator (the vector
+    environment's ``step``), the policy (the rest of the rollouts: acting and sampling) and the learner (everything
+    else: advantages, adaptation, the outer update)."""
+    import hydra
+    import torch
+
+    import metacli.algorithms.meta_rl as meta_rl
+    import metacli.algorithms.rl2 as rl2
+    from metacli.build import build_dataset, build_learner, build_partial, training_batches
+    from metacli.config_schema import config_dir, register
+
+    register()
+    with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra.compose("train", overrides=[*META_RL[name], "device=cpu"])
+    torch.manual_seed(0)
+    family = build_dataset(cfg)
+    learner = build_learner(cfg, family)
+    optimizer = (build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
+                 if learner.uses_optimizer else None)
+    next_batch = training_batches(cfg, learner, family, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    seconds = {"simulator": 0.0, "rollouts": 0.0}
+    env_class = type(family.vector_env(1))
+    original_step = env_class.step
+
+    def timed_step(env, actions):
+        start = time.perf_counter()
+        try:
+            return original_step(env, actions)
+        finally:
+            seconds["simulator"] += time.perf_counter() - start
+
+    def timed_rollout(original):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds["rollouts"] += time.perf_counter() - start
+        return run
+
+    env_class.step = timed_step
+    for module in (meta_rl, rl2):  # where the learners call rollout()
+        module.rollout = timed_rollout(module.rollout)
+    for _ in range(warmup):
+        learner.meta_update(next_batch(generator), optimizer)
+    seconds.update(simulator=0.0, rollouts=0.0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        learner.meta_update(next_batch(generator), optimizer)
+    total = time.perf_counter() - start
+    split = {"simulator": seconds["simulator"] / total, "policy": (seconds["rollouts"] - seconds["simulator"]) / total,
+             "learner": 1 - seconds["rollouts"] / total}
+    env_steps = cfg.trainer.meta_batch * family.trajectories * family.horizon * getattr(learner, "inner_steps", 0) + \
+        cfg.trainer.meta_batch * family.trajectories * family.horizon * getattr(learner, "episodes_per_trial", 1)
+    return {"protocol": name, "overrides": META_RL[name], "meta_batch": cfg.trainer.meta_batch,
+            "trajectories_per_task": family.trajectories, "horizon": family.horizon, "steps_timed": steps,
+            "seconds_per_meta_iteration": total / steps, "meta_iterations_per_second": steps / total,
+            "environment_steps_per_meta_iteration": env_steps, "time_split": split,
+            "minutes_for_500_meta_iterations": 500 * total / steps / 60}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=["omniglot_conv4_stride"], choices=list(SETUPS))
@@ -342,6 +414,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results", help="folder for the JSON file")
     parser.add_argument("--loaders", action="store_true",
                         help="metacli.torchmeta's BatchMetaDataLoader against a per-image torchmeta-style loader")
+    parser.add_argument("--meta-rl", nargs="*", choices=list(META_RL), metavar="PROTOCOL",
+                        help=f"meta-RL protocols at the papers' batches (all when none is named): {', '.join(META_RL)}")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
     args = parser.parse_args()
     if args.one:
@@ -353,6 +427,20 @@ def main() -> None:
         except MetacliError as error:  # bad input (no CUDA, a missing dataset): its one line, no traceback
             sys.exit(f"bench.py: error: {error}")
         return
+    if args.meta_rl is not None:
+        import torch
+
+        report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+                  "results": []}
+        for name in args.meta_rl or list(META_RL):
+            result = measure_meta_rl(name, args.steps, args.warmup)
+            split = result["time_split"]
+            print(f"{name:45s} {result['meta_iterations_per_second']:6.2f} meta-iterations/s "
+                  f"(500 in {result['minutes_for_500_meta_iterations']:.1f} min): simulator "
+                  f"{100 * split['simulator']:.0f} %, policy {100 * split['policy']:.0f} %, learner "
+                  f"{100 * split['learner']:.0f} %", flush=True)
+            report["results"].append(result)
+        return write_report(report, args.out, "meta-rl", args.device)
     if args.loaders:
         report = measure_loaders(args.steps, args.rounds)
         print(f"BatchMetaDataLoader {report['batch_meta_data_loader_episodes_per_second']:.0f} episodes/s, per-image "

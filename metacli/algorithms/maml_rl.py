@@ -17,7 +17,9 @@ from metacli.rl.trpo import kl_hessian_product, trpo_step
 
 
 class MAMLRL(PolicyGradientLearner):
-    """Args (beyond :class:`PolicyGradientLearner`'s):
+    """Its TRPO step moves the parameters itself: ``trainer.optimizer`` is not used.
+
+    Args (beyond :class:`PolicyGradientLearner`'s):
         inner_steps: adaptation steps in meta-training (the paper: 1); 0 trains one policy on all tasks.
         first_order: drop the second-order terms of the meta-gradient.
         max_kl, damping, cg_iterations, backtrack_ratio, max_backtracks: the TRPO outer step.
@@ -26,6 +28,8 @@ class MAMLRL(PolicyGradientLearner):
             taken as the identity: several times cheaper a conjugate-gradient iteration. Either way the gradient
             is the exact meta-gradient and the line search checks the exact KL.
     """
+
+    uses_optimizer = False
 
     def __init__(self, backbone: nn.Module, observation_space: gymnasium.Space, action_space: gymnasium.Space,
                  inner_lr: float = 0.1, inner_steps: int = 1, test_inner_steps: int = 3, first_order: bool = False,

@@ -31,6 +31,8 @@ class MetaRLLearner(nn.Module, ABC):
     families: tuple[str, ...] = ("reinforcement",)
     family: TaskFamily = REINFORCEMENT
     updates_itself = True
+    #: Whether the update steps the run's ``trainer.optimizer`` (PPO's Adam) or needs none (a trust-region step).
+    uses_optimizer = True
     #: Sampling draws random numbers in order: a meta-batch runs on one thread (batched over its tasks instead).
     parallel_tasks = False
 

@@ -80,6 +80,9 @@ class RL2(MetaRLLearner):
             _, values, _ = self.policy(inputs)
         advantages = generalized_advantages(rewards, values, sampled.gamma, self.gae_lambda)
         targets = advantages + values
+        # Returns of a trial run to tens or hundreds: the value error is measured in units of their spread, so that
+        # it does not drown the policy's gradient in the shared GRU (both pass one gradient clip).
+        target_scale = targets.std() + 1e-8
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         size = max(1, count // self.minibatches)
         losses = []
@@ -91,7 +94,7 @@ class RL2(MetaRLLearner):
                 ratio = torch.exp(distribution.log_prob(actions[chosen]) - old_log_probs[chosen])
                 clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
                 policy_loss = -torch.min(ratio * advantages[chosen], clipped * advantages[chosen]).mean()
-                loss = (policy_loss + self.value_coef * (value - targets[chosen]).pow(2).mean()
+                loss = (policy_loss + self.value_coef * ((value - targets[chosen]) / target_scale).pow(2).mean()
                         - self.entropy_coef * distribution.entropy().mean())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -27,9 +27,9 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 def print_results(results: dict) -> None:
     task, metric = results["task"], results["metric"]
     if "stages" in results:  # meta-RL: one row an adaptation stage, then the family's reference policies
-        rows = [[results["algorithm"], stage, *(show(name, s[name], s["ci95"]) for name, s in sorted(scores.items()))]
-                for stage, scores in results["stages"].items()]
-        names = sorted(next(iter(results["stages"].values())))
+        names = sorted(name for name in results["stages"][0] if name != "stage")
+        rows = [[results["algorithm"], stage["stage"], *(show(name, stage[name][name], stage[name]["ci95"]) for name in names)]
+                for stage in results["stages"]]
         rows += [[name, "reference", *("-" if n != "regret" else show(n, r["regret"], r["ci95"]) for n in names)]
                  for name, r in results.get("references", {}).items()]
         print_table(f"metacli test results: {results['dataset']['name']}, {results['episodes']} test tasks, "

@@ -16,14 +16,15 @@ _IN_NAME = ("algo", "dataset", "seed", "task.n_way", "task.k_shot", "hydra.", "t
 def _choices(cfg: DictConfig) -> tuple[str, str]:
     if HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices
-        return choices.get("algo"), choices.get("dataset")
-    return cfg.algo._target_.rsplit(".", 1)[-1].lower(), cfg.dataset._target_.rsplit(".", 1)[-1].lower()
+        return choices.get("algo"), choices.get("env") or choices.get("dataset")
+    tasks = cfg.get("env") or cfg.dataset  # a meta-RL run's environments stand where a dataset would
+    return cfg.algo._target_.rsplit(".", 1)[-1].lower(), tasks._target_.rsplit(".", 1)[-1].lower()
 
 
 def run_identity(cfg: DictConfig) -> dict:
     """``name``, ``group`` (the sweep dir of a multirun job, else None) and ``tags`` of the run ``cfg`` composes."""
     algo, dataset = _choices(cfg)
-    shape = f"{cfg.task.n_way}w{cfg.task.k_shot}s"
+    shape = f"{cfg.env.trajectories}traj" if cfg.get("env") else f"{cfg.task.n_way}w{cfg.task.k_shot}s"
     name, group = f"{algo}-{dataset}-{shape}-seed{cfg.seed}", None
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
@@ -34,4 +35,5 @@ def run_identity(cfg: DictConfig) -> dict:
                 key, _, value = override.lstrip("+~").partition("=")
                 if not key.startswith(_IN_NAME):
                     name += f"-{key.rsplit('.', 1)[-1]}={value}"
-    return {"name": name, "group": group, "tags": [algo, dataset, shape, cfg.backbone._target_.rsplit(".", 1)[-1]]}
+    network = [cfg.backbone._target_.rsplit(".", 1)[-1]] if cfg.get("backbone") else []
+    return {"name": name, "group": group, "tags": [algo, dataset, shape, *network]}

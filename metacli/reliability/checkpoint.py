@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "metacli-checkpoint-1"
 #: What a payload holds, and of which type: a file that differs is refused before any of it is used.
-PAYLOAD = {"learner": dict, "optimizer": dict, "scheduler": (dict, type(None)), "step": int, "best_val": float,
-           "best_step": (int, type(None)), "skipped": int, "rng": dict, "origin": dict}
-ORIGIN = {"algo": str, "backbone": str, "dataset": dict, "task": dict}
+# No optimiser state where the learner has no optimiser (a random policy, MAML-RL's own trust-region step).
+PAYLOAD = {"learner": dict, "optimizer": (dict, type(None)), "scheduler": (dict, type(None)), "step": int,
+           "best_val": float, "best_step": (int, type(None)), "skipped": int, "rng": dict, "origin": dict}
+ORIGIN = {"algo": str, "backbone": (str, type(None)), "dataset": dict, "task": dict}
 
 
 def save_checkpoint(payload: dict, *paths: Path) -> None:
@@ -133,7 +134,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 def origin(cfg, dataset) -> dict:
     """What a checkpoint was trained on: algorithm, backbone, dataset and task shape (``cfg`` composed for
     ``dataset``)."""
-    return {"algo": cfg.algo._target_, "backbone": cfg.backbone._target_, "dataset": dataset.describe(),
+    return {"algo": cfg.algo._target_, "backbone": cfg.backbone._target_ if cfg.get("backbone") else None,
+            "dataset": dataset.describe(),
             "task": {key: cfg.task[key] for key in cfg.task}}
 
 
