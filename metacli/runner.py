@@ -256,8 +256,10 @@ def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset, result
     from metacli import plots  # matplotlib is imported only by runs that draw
 
     family = learner.family.name
-    shape = {"classification": f"{cfg.task.n_way}-way {cfg.task.k_shot}-shot", "regression": f"{cfg.task.k_shot}-shot",
-             "reinforcement": f"{dataset.trajectories} trajectories a task"}[family]
+    if family == "reinforcement":
+        shape = f"{dataset.trajectories} trajectories a task"
+    else:
+        shape = f"{cfg.task.n_way}-way {cfg.task.k_shot}-shot" if family == "classification" else f"{cfg.task.k_shot}-shot"
     title = f"{type(learner).__name__} on {dataset.name}, {shape}"
     if family == "reinforcement":
         images = {"plots/adaptation": plots.save(plots.adaptation_figure(results, title), run_dir / plots.ADAPTATION)}

@@ -42,9 +42,9 @@ BUILDABLE = frozenset(_shipped_targets() + [f"torch.optim.{name}" for name in _O
 
 #: A reference to another key of the same config, absolute or relative, and nothing else.
 _PLAIN_REFERENCE = re.compile(r"\$\{\.*[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\}")
-#: Sections a run's config always has, each a mapping (``seed`` aside); a meta-RL run has an env for its dataset
-#: (and a recurrent policy no backbone).
-_SECTIONS = ("algo", "device", "task", "trainer", "eval")
+#: Sections a run's config always has, each a mapping (``seed`` aside), but those of the data: a meta-RL run has an
+#: env for its dataset (and a recurrent policy no backbone).
+_SECTIONS = ("algo", "backbone", "dataset", "device", "task", "trainer", "eval")
 _SECTIONS_OF_DATA = ("backbone", "dataset")
 #: A saved config is a few kilobytes; far more is not one, and is not parsed.
 MAX_CONFIG_BYTES = 1 << 20
@@ -121,7 +121,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
     check_saved_config(cfg, config_file)
     _move_execution_keys(cfg)
     rl = isinstance(cfg._get_node("env"), DictConfig)
-    missing = [s for s in _SECTIONS + (() if rl else _SECTIONS_OF_DATA) if not isinstance(cfg._get_node(s), DictConfig)]
+    missing = [s for s in _SECTIONS if not isinstance(cfg._get_node(s), DictConfig)
+               and not (rl and s in _SECTIONS_OF_DATA)]
     if missing:
         raise CheckpointError(f"{config_file} is not a run's config (no {', '.join(missing)} section): it is empty, "
                               f"truncated or something else; {restore}")

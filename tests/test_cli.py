@@ -167,7 +167,7 @@ def test_list_and_version(tmp_path):
         f"algos: {', '.join(options('algo'))}", f"datasets: {', '.join(options('dataset'))}"]
     everything = run_cli("list", cwd=tmp_path)
     assert [line.split(":")[0] for line in everything.stdout.splitlines()] == [
-        "algos", "datasets", "backbones", "devices", "loggers", "experiments", "searches"]
+        "algos", "datasets", "envs", "backbones", "devices", "loggers", "experiments", "searches"]
     assert "metacli: error: metacli list knows no 'algoz'" in run_cli("list", "algoz", cwd=tmp_path).stderr
     shown = run_cli("--version", cwd=tmp_path)
     assert shown.returncode == 0 and shown.stdout.startswith("metacli ") and shown.stdout.strip() != "metacli"

@@ -20,7 +20,6 @@ from metacli.models.mlp import MLP
 from metacli.rl.advantages import discounted_returns, generalized_advantages, linear_feature_baseline
 from metacli.rl.bandit import BernoulliBandits
 from metacli.rl.point_nav import PointNavigation
-from metacli.rl.rollout import rollout
 from metacli.rl.task_envs import FixedTasks, TaskBatch
 from metacli.rl.trpo import conjugate_gradient
 

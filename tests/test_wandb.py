@@ -79,3 +79,17 @@ def test_the_summary_holds_the_best_validation_and_the_test(sweep):
         assert logged["artifacts"] == ["model"]
         offline = next((folder / job / "wandb").glob("offline-run-*"))
         assert f"upload it with: wandb sync {offline}" in output
+
+
+def test_a_meta_rl_run_logs_its_stages_and_references(tmp_path):
+    run = tmp_path / "run"
+    done = run_cli("train", "experiment=rl2_bandit_k5_n100", "env.horizon=10", "trainer.steps=2", "trainer.meta_batch=8",
+                   "trainer.val_every=2", "trainer.val_episodes=8", "eval.episodes=16", "eval.batch_size=8",
+                   "logger=wandb", f"hydra.run.dir={run}", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr
+    results, logged = json.loads((run / "results.json").read_text()), run_file(run)
+    assert logged["run"].display_name == "rl2-bandit-1traj-seed0" and list(logged["run"].tags) == ["rl2", "bandit", "1traj"]
+    summary = logged["summary"]
+    assert summary["test/return"] == results["return"] and summary["val/best_return"] == results["best_val_return"]
+    assert summary["test/episode 1/regret"] == results["stages"][0]["regret"]["regret"]
+    assert summary["test/reference/thompson_sampling/regret"] == results["references"]["thompson_sampling"]["regret"]

@@ -74,7 +74,15 @@ class WandbLogger:
     def log_results(self, results: dict) -> None:
         metric = results["metric"]
         for key in (metric, "ci95", "episodes", "bn_mode"):
-            self.run.summary[f"test/{key}"] = results[key]
+            if key in results:  # a meta-RL run has no BatchNorm mode
+                self.run.summary[f"test/{key}"] = results[key]
+        # A meta-RL run: each adaptation stage's test numbers, and the family's reference policies (bandits).
+        for stage in results.get("stages", []):
+            for name in (key for key in stage if key != "stage"):
+                self.run.summary[f"test/{stage['stage']}/{name}"] = stage[name][name]
+                self.run.summary[f"test/{stage['stage']}/{name}_ci95"] = stage[name]["ci95"]
+        for reference, scored in results.get("references", {}).items():
+            self.run.summary[f"test/reference/{reference}/regret"] = scored["regret"]
         self.run.summary[f"val/best_{metric}"] = results[f"best_val_{metric}"]
         self.run.summary["val/best_step"] = results["best_val_step"]
         best = self.run_dir / "best.pt"

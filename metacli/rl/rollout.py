@@ -80,9 +80,8 @@ def rollout(batch: TaskBatch, act: Act, per_task: int, generator: torch.Generato
                 actions.append(action)
                 rewards.append(reward)
                 behaviour.append(distribution.detach())
-                for key in ("success",):
-                    if key in step_info:
-                        info.setdefault(key, []).append(_tensor(step_info[key]).view(count, per_task))
+                if "success" in step_info:  # Meta-World's per-step success flag
+                    info.setdefault("success", []).append(_tensor(step_info["success"]).view(count, per_task))
                 previous, obs = (action, reward, first), next_obs
             if previous is not None:
                 previous = (previous[0], previous[1], torch.ones(count, per_task, dtype=torch.bool))

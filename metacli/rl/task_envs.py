@@ -84,7 +84,8 @@ class TaskFamilyEnv(ABC):
         return TaskBatch(self, tasks, _draw_seed(generator))
 
     def references(self, batch: "TaskBatch") -> dict[str, torch.Tensor]:
-        """Per-task returns of hand-made policies that bound a table (Thompson sampling on bandits); none here."""
+        """Per-task regrets of hand-made policies simulated on ``batch``'s tasks and seeds, the references a table
+        shows beside a learner (Thompson sampling on bandits); none here."""
         return {}
 
     def extra_metrics(self, rollout) -> dict[str, torch.Tensor]:
