@@ -11,7 +11,7 @@ def show(metric: str, value: float, ci95: float | None = None, signed: bool = Fa
     """A metric's value as people read it: accuracy in percent, others as numbers; with its ± CI if given, and
     its sign if ``signed`` (a difference)."""
     sign = "+" if signed else ""
-    if metric == "accuracy":
+    if metric in ("accuracy", "success"):  # rates, shown in percent
         return f"{100 * value:{sign}.2f}" + ("" if ci95 is None else f" ± {100 * ci95:.2f}") + " %"
     return f"{value:{sign}.4g}" + ("" if ci95 is None else f" ± {ci95:.2g}")
 

@@ -44,7 +44,7 @@ def save(figure: Figure, path: Path) -> Path:
 
 def _scale(metric: str) -> tuple[float, str]:
     """How a metric is drawn: accuracy in percent, anything else as it is."""
-    return (100.0, f"{metric} (%)") if metric == "accuracy" else (1.0, metric)
+    return (100.0, f"{metric} (%)") if metric in ("accuracy", "success") else (1.0, metric)
 
 
 def curves_figure(rows: list[dict], title: str, metric: str = "accuracy") -> Figure:
@@ -215,13 +215,14 @@ def adaptation_figure(results: dict, title: str) -> Figure:
     figure = Figure(figsize=(5 * len(panels), 3.8), layout="constrained")
     for axes, name in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         labels = [stage["stage"] for stage in stages]
-        axes.errorbar(range(len(labels)), [stage[name][name] for stage in stages],
-                      yerr=[stage[name]["ci95"] for stage in stages], marker="o", capsize=3, label=results["algorithm"])
+        scale, label = _scale(name)
+        axes.errorbar(range(len(labels)), [scale * stage[name][name] for stage in stages],
+                      yerr=[scale * stage[name]["ci95"] for stage in stages], marker="o", capsize=3)
         if name == "regret":
             for reference, scored in results.get("references", {}).items():
                 axes.axhline(scored["regret"], linestyle="--", color="gray")
                 axes.annotate(f"{reference} {scored['regret']:.2f}", (0, scored["regret"]), fontsize=8)
         axes.set_xticks(range(len(labels)), labels, rotation=20)
-        axes.set(ylabel=f"test {name}", title=f"{name} on {results['episodes']} test tasks")
+        axes.set(ylabel=f"test {label}", title=f"{name} on {results['episodes']} test tasks")
     figure.suptitle(title)
     return figure

@@ -61,3 +61,19 @@ def test_the_loader_bench_times_both_loaders_on_the_same_episodes(omniglot_root,
     assert report["same_episodes"] is True and report["batches_timed"] == 2 and len(report["rounds"]) == 1
     assert report["speedup"] == (report["batch_meta_data_loader_episodes_per_second"]
                                  / report["per_image_loader_episodes_per_second"])
+
+
+def test_the_meta_rl_bench_splits_an_iteration_between_simulator_policy_and_learner(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--meta-rl", "pretrained_rl_point_nav", "rl2_bandit_k5_n100",
+                           "--steps", "1", "--warmup", "0", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(next(tmp_path.glob("bench-meta-rl-*.json")).read_text())
+    point_nav, bandit = report["results"]
+    # The papers' batches: 20 goals x 20 trajectories x 100 steps; 250 bandits x 100 pulls.
+    assert point_nav["environment_steps_per_meta_iteration"] == 40_000
+    assert bandit["environment_steps_per_meta_iteration"] == 25_000
+    for result in report["results"]:
+        split = result["time_split"]
+        assert all(0 < share < 1 for share in split.values()) and abs(sum(split.values()) - 1) < 1e-9
+        assert result["meta_iterations_per_second"] > 0

@@ -4,7 +4,8 @@ pretrained baseline share.
 A meta-RL learner never sees a dataset: it is given a :class:`~metacli.rl.task_envs.TaskBatch` (tasks, the
 vector environment that steps them, a seed) and samples its own trajectories. Its outer update needs more than one
 gradient (a trust-region search, PPO's epochs), so it steps itself (``updates_itself``): the runner hands it the
-optimiser and reads back the step's numbers, a non-finite ``loss`` meaning the update was not applied.
+optimiser and reads back the step's numbers. A non-finite ``loss`` says the update stopped before applying a
+non-finite step (TRPO applies nothing then; PPO keeps its earlier minibatches' steps).
 """
 from __future__ import annotations
 
