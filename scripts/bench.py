@@ -437,8 +437,8 @@ def main() -> None:
             split = result["time_split"]
             print(f"{name:45s} {result['meta_iterations_per_second']:6.2f} meta-iterations/s "
                   f"(500 in {result['minutes_for_500_meta_iterations']:.1f} min): simulator "
-                  f"{100 * split['simulator']:.0f} %, policy {100 * split['policy']:.0f} %, learner "
-                  f"{100 * split['learner']:.0f} %", flush=True)
+                  f"{100 * split['simulator']:.1f} %, policy {100 * split['policy']:.1f} %, learner "
+                  f"{100 * split['learner']:.1f} %", flush=True)
             report["results"].append(result)
         return write_report(report, args.out, "meta-rl", args.device)
     if args.loaders:
