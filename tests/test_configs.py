@@ -127,9 +127,14 @@ def test_every_backbone_instantiates(option, in_channels, image_size):
     assert out.shape == (2, backbone.out_dim)
 
 
+def classifiers() -> list[str]:
+    """The ``algo=`` options that learn classification tasks (the meta-RL learners act in environments)."""
+    return [name for name in options("algo")
+            if "classification" in get_class(compose(f"algo={name}").algo._target_).families]
+
+
 @pytest.mark.parametrize("backbone", sorted(SMALL))
-@pytest.mark.parametrize("algo", [name for name in options("algo")
-                                  if "classification" in get_class(compose(f"algo={name}").algo._target_).families])
+@pytest.mark.parametrize("algo", classifiers())
 def test_every_algo_builds_a_working_learner(algo, backbone):
     cfg = compose(f"algo={algo}", f"backbone={backbone}", *SMALL[backbone], "dataset=synthetic", "task.n_way=4")
     dataset = build_dataset(cfg)

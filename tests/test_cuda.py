@@ -19,7 +19,7 @@ from metacli.data.episodes import EpisodeBatch
 from metacli.models.conv4 import Conv4
 from metacli.execution.precision import training_precision
 from metacli.execution.meta_batch import meta_train_step
-from test_configs import compose, options
+from test_configs import classifiers, compose
 from test_reliability import outputs, resume, rows, start, wait_for
 from test_vectorize import assert_paths_agree, random_batch
 
@@ -67,7 +67,7 @@ def test_vectorised_meta_gradient_equals_the_serial_one_on_cuda():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("algo", options("algo"))
+@pytest.mark.parametrize("algo", classifiers())
 def test_every_algo_takes_a_cuda_step(algo, precision):
     cfg = compose(f"algo={algo}", "backbone.hidden=8", "dataset=synthetic", "trainer.meta_batch=2",
                   "trainer.batch_size=20", "device=cuda", f"trainer.precision={precision}")

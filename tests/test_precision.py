@@ -19,7 +19,7 @@ from metacli.build import build_dataset, build_learner, training_batches
 from metacli.models.conv4 import Conv4
 from metacli.execution.precision import training_precision
 from metacli.execution.meta_batch import meta_train_step
-from test_configs import compose, options
+from test_configs import classifiers, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -33,7 +33,7 @@ def step(learner, batch, precision: str) -> tuple[float, dict]:
     return loss, {name: p.grad for name, p in learner.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("algo", options("algo"))
+@pytest.mark.parametrize("algo", classifiers())
 def test_every_algo_takes_a_bf16_step(algo):
     cfg = compose(f"algo={algo}", "backbone.hidden=8", "dataset=synthetic", "trainer.meta_batch=2",
                   "trainer.batch_size=20", "trainer.precision=bf16")
