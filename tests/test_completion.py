@@ -56,7 +56,7 @@ def test_commands_and_list_names(bash_session):
 
 def test_train_overrides_come_from_hydra(bash_session):
     _, _, replies = bash_session
-    assert replies["metacli train algo=ma"] == ["algo=maml", "algo=mann", "algo=matching_net"]
+    assert replies["metacli train algo=ma"] == ["algo=maml", "algo=maml_rl", "algo=mann", "algo=matching_net"]
     assert replies["metacli train dataset="] == [f"dataset={p.stem}" for p in sorted((config_dir() / "dataset").glob("*.yaml"))]
 
 
