@@ -85,11 +85,12 @@ def protocol_overrides(run: Path) -> list[str]:
 
 
 def _protocol(run: Path, results: dict) -> tuple:
-    data = results.get("dataset", {})
-    where = data.get("name", "?") if "stages" in results else f"{data.get('name', '?')}/{data.get('split', '-')}"
+    data, meta_rl = results.get("dataset", {}), "stages" in results  # environments have no split or BatchNorm mode
+    where = data.get("name", "?") if meta_rl else f"{data.get('name', '?')}/{data.get('split', '-')}"
     return (results.get("algorithm", "?"), where,
             task_label(results), str(results.get("backbone", "?") or "-").rsplit(".", 1)[-1],
-            results.get("bn_mode", "-" if "stages" in results else "?"), results.get("steps", "?"), " ".join(protocol_overrides(run)))
+            results.get("bn_mode", "-" if meta_rl else "?"), results.get("steps", "?"),
+            " ".join(protocol_overrides(run)))
 
 
 def _wall_seconds(run: Path) -> float | None:

@@ -75,9 +75,8 @@ class MAMLRL(PolicyGradientLearner):
             return -(ratio * advantages).mean(), query.behaviour.kl(distribution).mean()
 
         def adapted_curvature():
-            """The KL's Hessian in each task's adapted parameters, a vector spread to every task and the products
-            summed back, as the KL averages over tasks."""
-            adapted, _ = self._adapted(self.policy.parameters_dict(), support, differentiable=False)
+            """The KL's Hessian in each task's adapted parameters (those the query trajectories were sampled with),
+            a vector spread to every task and the products summed back, as the KL averages over tasks."""
             leaves = [v.detach().requires_grad_() for v in adapted.values()]
             distribution = self.policy.distribution(dict(zip(adapted, leaves)), query.observations, per_task=True)
             sizes = [p.numel() for p in self.policy.parameters()]
