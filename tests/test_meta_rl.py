@@ -74,6 +74,7 @@ def test_returns_baseline_and_advantages():
     # The linear feature baseline explains more than half the variance of point navigation's returns (random policy).
     family = PointNavigation()
     batch = TaskBatch(family, family.sample_tasks(8, torch.Generator().manual_seed(1)), seed=3)
+    torch.manual_seed(0)  # the policy's initialisation: the same trajectories every run
     learner = MAMLRL(MLP(2, None, [16]), family.observation_space, family.action_space)
     sampled = learner.sample(batch, learner.policy.parameters_dict(), False, torch.Generator().manual_seed(0))
     returns = discounted_returns(sampled.rewards, family.gamma)
