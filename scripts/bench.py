@@ -326,6 +326,7 @@ META_RL = {  # the papers' batches: MAML's 20 tasks x 20 trajectories x 100 step
     "maml_rl_point_nav_inner_loop_curvature": ["experiment=maml_rl_point_nav", "algo.curvature=inner_loop"],
     "pretrained_rl_point_nav": ["experiment=maml_rl_point_nav", "algo=pretrained_rl"],
     "rl2_bandit_k5_n100": ["experiment=rl2_bandit_k5_n100"],
+    "maml_rl_half_cheetah_vel": ["experiment=maml_rl_half_cheetah_vel"],  # 40 x 20 x 200, MuJoCo in 2 processes
 }
 
 

@@ -80,6 +80,8 @@ CASES = {
     "an image backbone for a policy": (["env=point_nav", "backbone=conv4"], "use backbone=mlp"),
     "an unknown environment": (["env=cartpole"], "unknown env 'cartpole': choose one of"),
     "an empty episode": (["env=point_nav", "env.horizon=0"], "cannot build env: horizon=0"),
+    "an unknown locomotion task": (["env=half_cheetah", "env.kind=sideways"], "choose velocity"),
+    "an unknown activation": (["env=point_nav", "backbone.activation=sigmoid"], "choose one of relu, tanh"),
     "no dataset": (["~dataset"], "no dataset to train on"),
     "Lake's protocol with five shots": (["eval.protocol=within_alphabet", "task.k_shot=5"],
                                         "set task.k_shot=1 task.n_query=1"),

@@ -245,3 +245,49 @@ def test_a_missing_rl_extra_is_one_line(tmp_path):
     done = subprocess.run([str(Path(metacli_command()).with_name("python")), "-c", code], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert_one_line_error(done, 'pip install -e ".[rl]"')
+
+
+def test_metaworld_ml10_holds_out_skills_and_switches_a_slot_between_them():
+    from metacli.rl.metaworld_ml10 import MetaWorldML10
+    family = MetaWorldML10(horizon=10, trajectories=1, workers=2)
+    train, val, test = (family.split_tasks[s] for s in ("train", "val", "test"))
+    assert [len(train), len(val), len(test)] == [450, 50, 250]
+    train_skills = {t.env_name for t in train}
+    assert len(train_skills) == 10 and {t.env_name for t in val} == train_skills
+    assert not train_skills & {t.env_name for t in test}
+    # Held-out tasks take each skill in turn: the first five test tasks are the five test skills.
+    assert len({t.env_name for t in test[:5]}) == 5
+    env = family.vector_env(2)
+    for split in ("train", "test"):  # each sub-environment meets a new skill
+        tasks = family.sample_tasks(2, torch.Generator().manual_seed(3), split)
+        observations, _ = env.reset(seed=1, options={"tasks": tasks})
+        observations, rewards, *_, info = env.step(torch.zeros(2, 4))
+        assert observations.shape == (2, 39) and rewards.shape == (2,) and info["success"].shape == (2,)
+
+
+def test_half_cheetah_rewards_its_target_and_repeats_with_its_seed():
+    from metacli.rl.half_cheetah import HalfCheetah, _make_cheetah
+    action = torch.full((6,), 0.5).numpy()
+    for kind, target in (("velocity", 1.5), ("direction", -1.0)):
+        env = _make_cheetah(kind, 0.05)
+        env.set_task(target)
+        env.reset(seed=0)
+        _, reward, *_, info = env.step(action)
+        velocity = info["x_velocity"]
+        progress = -abs(velocity - target) if kind == "velocity" else target * velocity
+        assert reward == pytest.approx(progress - 0.05 * 6 * 0.25)
+        assert env.observation_space.shape == (17,)  # the x position, which would reveal the speed, is left out
+    family = HalfCheetah(horizon=5, trajectories=2, workers=2)
+    velocities = family.sample_tasks(2000, torch.Generator().manual_seed(0))
+    assert velocities.min() >= 0 and velocities.max() <= 2 and velocities.min() < 0.01 and velocities.max() > 1.99
+    directions = HalfCheetah(kind="direction").sample_tasks(200, torch.Generator().manual_seed(0))
+    assert set(directions.view(-1).tolist()) == {-1.0, 1.0}
+    tasks = velocities[:3].repeat_interleave(2, dim=0)
+    steps = []
+    for workers in (2, 3):  # the same seed and tasks: the same transitions, however the processes split them
+        env = HalfCheetah(horizon=5, trajectories=2, workers=workers).vector_env(6)
+        first, _ = env.reset(seed=7, options={"tasks": tasks})
+        steps.append((first, *env.step(torch.full((6, 6), 0.3))[:2]))
+        env.close()
+    assert all((a == b).all() for a, b in zip(*steps))
+    assert steps[0][2].shape == (6,) and len(set(steps[0][2].tolist())) > 1

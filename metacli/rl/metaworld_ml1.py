@@ -1,67 +1,65 @@
 """Meta-World ML1 (Yu et al. 2019; the v3 package, "Meta-World+", 2025): one manipulation skill (``reach-v3``,
 ``push-v3``, ...) whose tasks are goal and object positions hidden from the observation; 50 training and 50 test
-tasks fixed by the benchmark's seed. Here the last ``val_tasks`` training tasks are held out for validation.
+tasks fixed by the benchmark's seed. Here the last ``val_tasks`` training tasks of each skill are held out for
+validation. ML10 (:mod:`metacli.rl.metaworld_ml10`) is the same family over ten training and five test skills.
 
-The simulator runs in ``workers`` processes behind Gymnasium's ``AsyncVectorEnv``; each process steps a slice of
-the sub-environments, and :class:`MetaWorldVectorEnv` presents them as one vector environment. Success is Meta-World's
-own flag; an episode succeeds if the flag was raised at any step. Needs the ``rl`` extra: ``pip install -e ".[rl]"``.
+The simulator runs in worker processes (:mod:`metacli.rl.process_vector_env`). Success is Meta-World's own flag;
+an episode succeeds if the flag was raised at any step. Needs the ``rl`` extra: ``pip install -e ".[rl]"``.
 """
 from __future__ import annotations
 
-import atexit
-import importlib
+import functools
+import itertools
 
 import gymnasium
-import numpy as np
 import torch
-from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
 from metacli.errors import ConfigError
-from metacli.rl.task_envs import TaskFamilyEnv
+from metacli.rl.process_vector_env import ProcessTaskFamily, require
 
-INSTALL = 'pip install -e ".[rl]"'
-
-
-def _metaworld():
-    try:
-        return importlib.import_module("metaworld")
-    except ImportError:
-        raise ConfigError(f"env=metaworld_ml1 needs Meta-World, which is not installed: run {INSTALL} (metacli's rl "
-                          "extra: metaworld 3.1.1 with mujoco 3.3.0)") from None
+#: Held-out task codes are ``split_index * CODE_STRIDE + position`` in the split's list.
+CODE_STRIDE = 1000
 
 
-class MetaWorldML1(TaskFamilyEnv):
+class MetaWorldML1(ProcessTaskFamily):
     """Args:
         task_name: the ML1 skill, e.g. ``reach-v3``.
-        benchmark_seed: the seed Meta-World draws its 50 + 50 task variations with.
-        val_tasks: training tasks held out for validation.
+        benchmark_seed: the seed Meta-World draws its task variations with.
+        val_tasks: training tasks of each skill held out for validation.
         reward_version: Meta-World's reward function, ``v2`` (the v3 package's default) or ``v1``.
         workers: simulator processes.
     """
 
     name = "metaworld_ml1"
+    info_keys = ("success",)
 
     def __init__(self, task_name: str = "reach-v3", horizon: int = 150, trajectories: int = 10, gamma: float = 0.99,
                  benchmark_seed: int = 0, val_tasks: int = 10, reward_version: str = "v2", workers: int = 2) -> None:
-        super().__init__(horizon, trajectories, gamma)
-        metaworld = _metaworld()
-        try:
-            benchmark = metaworld.ML1(task_name, seed=benchmark_seed)
-        except (KeyError, ValueError):
-            raise ConfigError(f"env.task_name={task_name} is not a Meta-World v3 skill: give one such as reach-v3, "
-                              "push-v3 or pick-place-v3") from None
-        if not 0 < val_tasks < len(benchmark.train_tasks):
-            raise ValueError(f"val_tasks={val_tasks}: hold out between 1 and {len(benchmark.train_tasks) - 1}")
+        super().__init__(horizon, trajectories, gamma, workers)
         if reward_version not in ("v1", "v2"):
             raise ValueError(f"reward_version={reward_version!r}: choose v1 or v2")
         self.task_name, self.benchmark_seed, self.reward_version = task_name, benchmark_seed, reward_version
-        self.workers = max(1, workers)
-        self.split_tasks = {"train": benchmark.train_tasks[:-val_tasks], "val": benchmark.train_tasks[-val_tasks:],
-                            "test": benchmark.test_tasks}
-        probe = benchmark.train_classes[task_name]()
+        benchmark = self._benchmark(require("metaworld", self.name))
+        self.skills = list(benchmark.train_classes) + [s for s in benchmark.test_classes
+                                                        if s not in benchmark.train_classes]
+        by_skill = {skill: [t for t in benchmark.train_tasks if t.env_name == skill] for skill in benchmark.train_classes}
+        smallest = min(len(tasks) for tasks in by_skill.values())
+        if not 0 < val_tasks < smallest:
+            raise ValueError(f"val_tasks={val_tasks}: hold out between 1 and {smallest - 1} tasks of each skill")
+        self.split_tasks = {"train": [t for tasks in by_skill.values() for t in tasks[:-val_tasks]],
+                            "val": _interleave([tasks[-val_tasks:] for tasks in by_skill.values()]),
+                            "test": _interleave([[t for t in benchmark.test_tasks if t.env_name == skill]
+                                                 for skill in benchmark.test_classes])}
+        probe = benchmark.train_classes[self.skills[0]]()
         self._observation_space, self._action_space = probe.observation_space, probe.action_space
         probe.close()
-        self._envs: dict[tuple, MetaWorldVectorEnv] = {}
+
+    def _benchmark(self, metaworld):
+        try:
+            return metaworld.ML1(self.task_name, seed=self.benchmark_seed)
+        except (KeyError, ValueError):
+            raise ConfigError(f"env.task_name={self.task_name} is not a Meta-World v3 skill: give one such as "
+                              "reach-v3, push-v3 or pick-place-v3") from None
 
     @property
     def observation_space(self) -> gymnasium.Space:
@@ -76,24 +74,21 @@ class MetaWorldML1(TaskFamilyEnv):
                 "reward_version": self.reward_version, "val_tasks": len(self.split_tasks["val"])}
 
     def sample_tasks(self, count: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
-        """Indices into the split's tasks (offset by split, so that a batch knows which list they index):
-        training draws with replacement, held-out splits go through their tasks in order, as often as needed."""
+        """Codes of the split's tasks (offset by split, so that a batch knows which list they index): training draws
+        with replacement, held-out splits go through their tasks in order (each skill in turn), as often as needed."""
         size = len(self.split_tasks[split])
         if split == "train":
             index = torch.randint(0, size, (count,), generator=generator)
         else:
             index = torch.arange(count) % size
-        return (index + 1000 * list(self.split_tasks).index(split)).view(-1, 1)
+        return (index + CODE_STRIDE * list(self.split_tasks).index(split)).view(-1, 1)
 
-    def task(self, code: int):
-        split = list(self.split_tasks)[code // 1000]
-        return self.split_tasks[split][code % 1000]
+    def task(self, code: torch.Tensor):
+        split, position = divmod(int(code), CODE_STRIDE)
+        return self.split_tasks[list(self.split_tasks)[split]][position]
 
-    def vector_env(self, num_envs: int) -> "MetaWorldVectorEnv":
-        """One set of worker processes a size, kept for the run (starting MuJoCo in a process takes seconds)."""
-        if num_envs not in self._envs:
-            self._envs[num_envs] = MetaWorldVectorEnv(self, num_envs)
-        return self._envs[num_envs]
+    def env_factory(self):
+        return functools.partial(_SkillSlot, tuple(self.skills), self.reward_version)
 
     def extra_metrics(self, rollout) -> dict[str, torch.Tensor]:
         """Each task's success rate: the share of its episodes in which Meta-World's success flag was raised."""
@@ -101,77 +96,34 @@ class MetaWorldML1(TaskFamilyEnv):
         return {"success": (flags.amax(dim=2) > 0).float().mean(dim=1)}
 
 
-class _EnvSlice(gymnasium.Env):
-    """One worker's share of the sub-environments: ``count`` Meta-World environments stepped in turn. Its
-    observation is their stacked observations; rewards and success flags travel in ``info``, since a Gymnasium
-    environment's reward is a single number."""
+def _interleave(groups: list[list]) -> list:
+    """One of each group in turn, so that the first few held-out tasks cover every skill."""
+    return [item for row in itertools.zip_longest(*groups) for item in row if item is not None]
 
-    def __init__(self, task_name: str, count: int, first: int, reward_version: str) -> None:
-        environments = _metaworld().env_dict.ALL_V3_ENVIRONMENTS
-        self.envs = [environments[task_name](reward_function_version=reward_version) for _ in range(count)]
-        for env in self.envs:
+
+class _SkillSlot(gymnasium.Env):
+    """One sub-environment: the Meta-World environment of its current task's skill, each skill's built on first use
+    (a slot of ML10 meets several skills; building MuJoCo scenes again for every task would dominate)."""
+
+    def __init__(self, skills: tuple[str, ...], reward_version: str) -> None:
+        self.reward_version, self.envs = reward_version, {}
+        self.env = self._skill(skills[0])
+        self.observation_space, self.action_space = self.env.observation_space, self.env.action_space
+
+    def _skill(self, name: str):
+        if name not in self.envs:
+            env = require("metaworld", "metaworld").env_dict.ALL_V3_ENVIRONMENTS[name](
+                reward_function_version=self.reward_version)
             env._partially_observable = True  # the goal is what a task hides
-        self.first = first
-        single = self.envs[0]
-        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (count, single.observation_space.shape[0]),
-                                                      np.float64)
-        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (count, single.action_space.shape[0]), np.float32)
+            self.envs[name] = env
+        return self.envs[name]
+
+    def set_task(self, task) -> None:
+        self.env = self._skill(task.env_name)
+        self.env.set_task(task)
 
     def reset(self, *, seed=None, options=None):
-        if options and "tasks" in options:
-            for index, env in enumerate(self.envs):
-                env.set_task(options["tasks"][self.first + index])
-        observations = [env.reset(seed=None if seed is None else seed + index)[0] for index, env in enumerate(self.envs)]
-        return np.stack(observations), {}
+        return self.env.reset(seed=seed)
 
-    def step(self, actions):
-        results = [env.step(action) for env, action in zip(self.envs, actions)]
-        observations = np.stack([r[0] for r in results])
-        info = {"rewards": np.array([r[1] for r in results], dtype=np.float32),
-                "success": np.array([float(r[4].get("success", 0.0)) for r in results], dtype=np.float32)}
-        return observations, 0.0, False, False, info
-
-
-class MetaWorldVectorEnv(gymnasium.vector.VectorEnv):
-    """``num_envs`` Meta-World sub-environments spread over the family's worker processes."""
-
-    metadata = {"autoreset_mode": AutoresetMode.DISABLED}
-
-    def __init__(self, family: MetaWorldML1, num_envs: int) -> None:
-        self.family, self.num_envs = family, num_envs
-        workers = min(family.workers, num_envs)
-        sizes = [num_envs // workers + (i < num_envs % workers) for i in range(workers)]
-        starts = np.cumsum([0] + sizes[:-1]).tolist()
-        self.sizes = sizes
-        self.single_observation_space, self.single_action_space = family.observation_space, family.action_space
-        self.observation_space = gymnasium.vector.utils.batch_space(family.observation_space, num_envs)
-        self.action_space = gymnasium.vector.utils.batch_space(family.action_space, num_envs)
-        self.workers = AsyncVectorEnv(
-            [lambda n=n, s=s: _EnvSlice(family.task_name, n, s, family.reward_version) for n, s in zip(sizes, starts)],
-            shared_memory=False, autoreset_mode=AutoresetMode.DISABLED, observation_mode="different")
-        atexit.register(self.close)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        if options and "tasks" in options:
-            options = {"tasks": [self.family.task(int(code)) for code in torch.as_tensor(options["tasks"]).view(-1)]}
-        # Worker i reseeds its environments from seed * 1000 + offset: every sub-environment gets its own seed.
-        seeds = None if seed is None else [seed * 1000 + start for start in np.cumsum([0] + self.sizes[:-1])]
-        observations, _ = self.workers.reset(seed=seeds, options=options)
-        return self._join(observations), {}
-
-    def step(self, actions):
-        actions = np.asarray(torch.as_tensor(actions).clamp(-1, 1), dtype=np.float32)
-        parts = np.split(actions, np.cumsum(self.sizes)[:-1])
-        observations, _, _, _, info = self.workers.step(tuple(parts))
-        rewards = np.concatenate(list(info["rewards"]))
-        success = np.concatenate(list(info["success"]))
-        never = np.zeros(self.num_envs, dtype=bool)
-        return self._join(observations), rewards, never, never, {"success": success}
-
-    def _join(self, observations) -> np.ndarray:
-        return np.concatenate(list(observations)).astype(np.float32)
-
-    def close(self, **kwargs) -> None:
-        if not self.closed:
-            self.workers.close()
-            self.closed = True
+    def step(self, action):
+        return self.env.step(action)
