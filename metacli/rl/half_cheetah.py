@@ -38,17 +38,7 @@ class HalfCheetah(ProcessTaskFamily):
                              "velocity_low < velocity_high and ctrl_cost >= 0")
         require("mujoco", self.name)
         self.kind, self.velocity_low, self.velocity_high, self.ctrl_cost = kind, velocity_low, velocity_high, ctrl_cost
-        probe = _make_cheetah(kind, ctrl_cost)
-        self._observation_space, self._action_space = probe.observation_space, probe.action_space
-        probe.close()
-
-    @property
-    def observation_space(self) -> gymnasium.Space:
-        return self._observation_space
-
-    @property
-    def action_space(self) -> gymnasium.Space:
-        return self._action_space
+        self._take_spaces(_make_cheetah(kind, ctrl_cost))
 
     def settings(self) -> dict:
         return {"kind": self.kind, "velocity": [self.velocity_low, self.velocity_high], "ctrl_cost": self.ctrl_cost}

@@ -50,9 +50,7 @@ class MetaWorldML1(ProcessTaskFamily):
                             "val": _interleave([tasks[-val_tasks:] for tasks in by_skill.values()]),
                             "test": _interleave([[t for t in benchmark.test_tasks if t.env_name == skill]
                                                  for skill in benchmark.test_classes])}
-        probe = benchmark.train_classes[self.skills[0]]()
-        self._observation_space, self._action_space = probe.observation_space, probe.action_space
-        probe.close()
+        self._take_spaces(benchmark.train_classes[self.skills[0]]())
 
     def _benchmark(self, metaworld):
         try:
@@ -60,14 +58,6 @@ class MetaWorldML1(ProcessTaskFamily):
         except (KeyError, ValueError):
             raise ConfigError(f"env.task_name={self.task_name} is not a Meta-World v3 skill: give one such as "
                               "reach-v3, push-v3 or pick-place-v3") from None
-
-    @property
-    def observation_space(self) -> gymnasium.Space:
-        return self._observation_space
-
-    @property
-    def action_space(self) -> gymnasium.Space:
-        return self._action_space
 
     def settings(self) -> dict:
         return {"task_name": self.task_name, "benchmark_seed": self.benchmark_seed,

@@ -40,6 +40,19 @@ class ProcessTaskFamily(TaskFamilyEnv):
         self.workers = max(1, workers)
         self._envs: dict[int, ProcessVectorEnv] = {}
 
+    def _take_spaces(self, probe: gymnasium.Env) -> None:
+        """Take a sub-environment's spaces from ``probe``, one built in this process, and close it."""
+        self._observation_space, self._action_space = probe.observation_space, probe.action_space
+        probe.close()
+
+    @property
+    def observation_space(self) -> gymnasium.Space:
+        return self._observation_space
+
+    @property
+    def action_space(self) -> gymnasium.Space:
+        return self._action_space
+
     @abstractmethod
     def env_factory(self) -> Callable[[], gymnasium.Env]:
         """A picklable callable that builds one sub-environment in a worker process."""
