@@ -92,24 +92,25 @@ def _interleave(groups: list[list]) -> list:
 
 
 class _SkillSlot(gymnasium.Env):
-    """One sub-environment: the Meta-World environment of its current task's skill, each skill's built on first use
-    (a slot of ML10 meets several skills; building MuJoCo scenes again for every task would dominate)."""
+    """One sub-environment: the Meta-World environment of its current task's skill, built again when a task of
+    another skill comes (an ML10 slot meets fifteen skills; keeping each one's MuJoCo scene, tens of megabytes, for every
+    slot would fill the memory)."""
 
     def __init__(self, skills: tuple[str, ...], reward_version: str) -> None:
-        self.reward_version, self.envs = reward_version, {}
-        self.env = self._skill(skills[0])
+        self.reward_version, self.skill = reward_version, skills[0]
+        self.env = self._build(self.skill)
         self.observation_space, self.action_space = self.env.observation_space, self.env.action_space
 
-    def _skill(self, name: str):
-        if name not in self.envs:
-            env = require("metaworld", "metaworld").env_dict.ALL_V3_ENVIRONMENTS[name](
-                reward_function_version=self.reward_version)
-            env._partially_observable = True  # the goal is what a task hides
-            self.envs[name] = env
-        return self.envs[name]
+    def _build(self, name: str):
+        env = require("metaworld", "metaworld").env_dict.ALL_V3_ENVIRONMENTS[name](
+            reward_function_version=self.reward_version)
+        env._partially_observable = True  # the goal is what a task hides
+        return env
 
     def set_task(self, task) -> None:
-        self.env = self._skill(task.env_name)
+        if task.env_name != self.skill:
+            self.env.close()
+            self.skill, self.env = task.env_name, self._build(task.env_name)
         self.env.set_task(task)
 
     def reset(self, *, seed=None, options=None):
