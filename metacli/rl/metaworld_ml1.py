@@ -93,8 +93,8 @@ def _interleave(groups: list[list]) -> list:
 
 class _SkillSlot(gymnasium.Env):
     """One sub-environment: the Meta-World environment of its current task's skill, built again when a task of
-    another skill comes (an ML10 slot meets fifteen skills; keeping each one's MuJoCo scene, tens of megabytes, for every
-    slot would fill the memory)."""
+    another skill comes (an ML10 slot meets fifteen skills; keeping each one's MuJoCo scene, tens of megabytes, for
+    every slot would fill the memory)."""
 
     def __init__(self, skills: tuple[str, ...], reward_version: str) -> None:
         self.reward_version, self.skill = reward_version, skills[0]
