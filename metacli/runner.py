@@ -162,7 +162,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     steps = cfg.trainer.steps
     if not trainable and steps > 0:
         log.warning("%s has nothing to train: testing it as it is", type(learner).__name__)
-        steps = 0
+        steps = cfg.trainer.steps = 0  # results.json and the report say what was trained, not what was asked
     if steps == 0:
         log.warning("trainer.steps=0: no meta-training; testing the initialisation")
     try:
