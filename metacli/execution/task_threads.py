@@ -21,7 +21,7 @@ from torch import nn
 
 from metacli.execution.timing import parallel_phases
 from metacli.data.episodes import EpisodeBatch
-from metacli.models.batchnorm import carry_over, own_statistics, snapshot
+from metacli.models.batchnorm import fold_statistics, own_statistics, snapshot
 from metacli.execution.precision import current_autocast
 from metacli.execution.settings import Execution
 
@@ -92,7 +92,7 @@ def split_meta_batch(learner: nn.Module, batch: EpisodeBatch, workers: int, run:
     with parallel_phases():
         results = list(_pool(len(chunks)).map(work, chunks))
     for chunk, (_, _, twin) in zip(chunks, results):
-        carry_over(learner, start, twin)
+        fold_statistics(learner, start, snapshot(twin))
         share = len(chunk) / len(batch)  # each chunk averaged its own tasks' losses
         for p, q in zip(learner.parameters(), twin.parameters()):
             if q.grad is not None:

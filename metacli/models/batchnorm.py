@@ -10,7 +10,7 @@ below explicitly, for the modules and the span it names.
   ops have exact batching rules; and a transform may not update a buffer in place.
 - :class:`throwaway_statistics`: forwards that gradient checkpointing recomputes during the backward update copies
   of the buffers, which would otherwise count every batch twice.
-- :func:`own_statistics` and :func:`carry_over`: a task thread trains a replica whose buffers are its own, and the
+- :func:`own_statistics` and :func:`fold_statistics`: a task thread trains a replica whose buffers are its own, and the
   caller carries each replica's updates over to the shared layers in task order.
 - :func:`batch_statistics_only`: transductive evaluation and Reptile's inner loop normalise with the batch and
   leave the buffers alone.
@@ -158,25 +158,35 @@ def snapshot(module: nn.Module) -> list[tuple[torch.Tensor, ...]]:
 
 
 @torch.no_grad()
-def carry_over(module: nn.Module, start: list[tuple[torch.Tensor, ...]], replica: nn.Module) -> None:
-    """Fold into ``module``'s layers the updates that ``replica`` (which started from ``start``) made to its own, as
-    if they had been made after ``module``'s so far. A running average is affine in its starting value: the
-    replica's result, moved by the same decay applied to how far ``module`` has moved since ``start``."""
-    for norm, twin, (mean0, var0, count0) in zip(batch_norms(module), batch_norms(replica), start):
-        steps = int(twin.num_batches_tracked - count0)
+def fold_statistics(module: nn.Module, start: list[tuple[torch.Tensor, ...]],
+                    ended: list[tuple[torch.Tensor, ...]]) -> None:
+    """Fold into ``module``'s layers the updates that another copy, which started from ``start`` and ended at
+    ``ended`` (both from :func:`snapshot`), made to its own, as if they had been made after ``module``'s so far. A
+    running average is affine in its starting value: the copy's result, moved by the same decay applied to how far
+    ``module`` has moved since ``start``."""
+    for norm, (mean1, var1, count1), (mean0, var0, count0) in zip(batch_norms(module), ended, start):
+        steps = int(count1 - count0)
         if steps == 0:
             continue
         if norm.momentum is None:  # a cumulative average: weights by counts
             before, total = float(norm.num_batches_tracked), float(count0) + steps
-            for name, first in (("running_mean", mean0), ("running_var", var0)):
-                added = getattr(twin, name) * total - first * float(count0)  # the replica's batches' sum
+            for name, first, last in (("running_mean", mean0, mean1), ("running_var", var0, var1)):
+                added = last * total - first * float(count0)  # the copy's batches' sum
                 getattr(norm, name).mul_(before).add_(added).div_(before + steps)
         else:
             decay = (1.0 - norm.momentum) ** steps
-            for name, first in (("running_mean", mean0), ("running_var", var0)):
+            for name, first, last in (("running_mean", mean0, mean1), ("running_var", var0, var1)):
                 current = getattr(norm, name)
-                current.copy_(getattr(twin, name) + decay * (current - first))
+                current.copy_(last + decay * (current - first))
         norm.num_batches_tracked.add_(steps)
+
+
+@torch.no_grad()
+def restore(module: nn.Module, saved: list[tuple[torch.Tensor, ...]]) -> None:
+    """Put ``module``'s BatchNorm running buffers back to a :func:`snapshot`."""
+    for norm, values in zip(batch_norms(module), saved):
+        for name, value in zip(_BUFFERS, values):
+            getattr(norm, name).copy_(value)
 
 
 @contextmanager
