@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metacli.config_schema import config_dir, register
-from metacli.errors import MetacliError, Preempted
+from metacli.errors import MetacliError, Preempted, ProcessesLost
+from metacli.execution.ranks import from_environment
 from metacli.reliability.preemption import INTERRUPT_EXIT_CODE, exit_code
-from metacli.reliability.run_dir import SWEEP_START, discard_if_empty
+from metacli.reliability.run_dir import SWEEP_START, discard_if_empty, requeued
 from metacli.saved_config import MOVED_TO_EXECUTION
 from metacli import search  # noqa: F401  (registers the resolver that numbers a continued search's job dirs)
 
@@ -38,7 +39,8 @@ COMMANDS = {
 PLUGINS = {"optuna": 'pip install -e ".[sweep]" (metacli\'s sweep extra)',
            "joblib": "pip install hydra-joblib-launcher",
            "submitit_local": "pip install hydra-submitit-launcher",
-           "submitit_slurm": "pip install hydra-submitit-launcher"}
+           "submitit_slurm": "pip install hydra-submitit-launcher",
+           "slurm": "pip install hydra-submitit-launcher"}
 #: ``metacli list`` names (plural) of the config groups.
 LISTABLE = {"algos": "algo", "datasets": "dataset", "envs": "env", "backbones": "backbone", "devices": "device", "loggers": "logger",
             "experiments": "experiment", "searches": "hparams_search"}
@@ -60,8 +62,23 @@ def full_errors() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
-def fail(message: str) -> None:
-    print(f"metacli: error: {message}", file=sys.stderr)
+def speaks() -> bool:
+    """Whether this process prints metacli's own messages: every process but the others of a torchrun job."""
+    return from_environment().leader
+
+
+def say(line: str) -> None:
+    if speaks():
+        print(line, file=sys.stderr)
+
+
+def fail(message: str, everyone: bool = False) -> None:
+    """Print the one line of wrong input and exit with 2; ``everyone``: in every process of a torchrun job (a lost
+    process: any of them may be the one left to say it)."""
+    if everyone:
+        print(f"metacli: error: {message}", file=sys.stderr)
+    else:
+        say(f"metacli: error: {message}")
     raise SystemExit(2)
 
 
@@ -71,10 +88,10 @@ def _run_reporting_errors(job, cfg: DictConfig):
     except MetacliError as exc:
         if full_errors():
             raise
-        fail(str(exc))
+        fail(str(exc), everyone=isinstance(exc, ProcessesLost))
     except Preempted as exc:
         word = "interrupted" if exc.signal_name == "SIGINT" else "preempted"
-        print(f"metacli: {word}: {exc}", file=sys.stderr)
+        say(f"metacli: {word}: {exc}")
         raise SystemExit(exit_code(exc.signal_name)) from None
 
 
@@ -171,14 +188,27 @@ def preflight(command: str, args: list[str]) -> Path | None:
             fail("metacli eval needs the run to re-test: metacli eval checkpoint=RUN_DIR (a dir written by "
                  "metacli train)")
         return None
-    resume = cfg.trainer.resume
+    run_dir, explicit = Path(cfg.hydra.run.dir), any(o.startswith("hydra.run.dir=") for o in plain)
+    resume = cfg.trainer.resume or requeued(run_dir)
+    group = from_environment()
+    if group.many:
+        if multirun:
+            fail(f"torchrun starts {group.size} processes of one run: drop --multirun (a sweep of multi-process "
+                 "runs is one torchrun each)")
+        if not explicit:
+            fail(f"the {group.size} processes of a torchrun job must share one run dir: add hydra.run.dir=PATH")
+        try:
+            group.check_meta_batch(cfg.trainer.meta_batch)
+        except MetacliError as exc:
+            fail(str(exc))
+        if not group.leader:  # the first process claims the dir for all
+            return None
     if multirun:
         # A search that continues its study numbers its new jobs after the old ones (metacli/search.py).
         continues = "resume_search" in (cfg.hydra.get("callbacks") or {})
         claim_sweep_dir(Path(cfg.hydra.sweep.dir), resume or continues)
         return Path(cfg.hydra.sweep.dir)
-    claim_run_dir(Path(cfg.hydra.run.dir), explicit=any(o.startswith("hydra.run.dir=") for o in plain),
-                  resume=resume)
+    claim_run_dir(run_dir, explicit=explicit, resume=resume)
     return None
 
 
@@ -289,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if full_errors():
             raise
-        print("metacli: interrupted: stopped before a step boundary; the last complete checkpoint, if any, is "
-              "kept: rerun with trainer.resume=true to continue from it", file=sys.stderr)
+        say("metacli: interrupted: stopped before a step boundary; the last complete checkpoint, if any, is kept: "
+            "rerun with trainer.resume=true to continue from it")
         raise SystemExit(INTERRUPT_EXIT_CODE) from None
 
 

@@ -21,6 +21,10 @@ class TrainingError(MetacliError):
     """Training cannot go on (for example the loss became NaN)."""
 
 
+class ProcessesLost(TrainingError):
+    """Another process of a multi-process run stopped answering (it died, or its machine did)."""
+
+
 class Preempted(Exception):
     """The run was asked to stop (SIGTERM, SIGUSR1, SIGINT) and its checkpoint is complete: exit for a requeue or
     at the user's request, not an error. ``signal_name`` picks the exit code."""

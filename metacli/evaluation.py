@@ -13,23 +13,30 @@ from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
 from metacli.data.within_alphabet import WithinAlphabetSampler
 from metacli.errors import ConfigError
+from metacli.execution.processes import gather_in_order
+from metacli.execution.ranks import ONE, Processes
 from metacli.logging.progress import Progress
 from metacli.rl.task_envs import FixedTasks
 from metacli.tasks import REINFORCEMENT
 
 
 def score(learner: FewShotLearner, sampler: EpisodeSampler, episodes: int, seed: int, batch_size: int,
-          between_batches: Callable[[], None] | None = None, progress: Progress | None = None) -> dict:
+          between_batches: Callable[[], None] | None = None, progress: Progress | None = None,
+          processes: Processes = ONE) -> dict:
     """The task family's metric (accuracy, MSE) over ``episodes`` tasks fixed by ``seed``: its mean under the
     metric's name, sample std, 1.96 * std / sqrt(n), and each episode's value. ``between_batches`` is called before
-    each batch (a stop request raises there); ``progress`` counts episodes."""
-    metric, values = learner.family.metric, []
-    for batch in sampler.fixed(episodes, seed, batch_size):
+    each batch (a stop request raises there); ``progress`` counts episodes. Several ``processes`` take the batches
+    in turn and gather the values in episode order."""
+    metric, mine, total, count = learner.family.metric, {}, 0.0, 0
+    for index, batch in enumerate(sampler.fixed(episodes, seed, batch_size)):
         if between_batches is not None:
             between_batches()
-        values += learner.evaluate_batch(batch)
+        if index % processes.size == processes.rank:
+            mine[index] = learner.evaluate_batch(batch)
+            total, count = total + sum(mine[index]), count + len(mine[index])
         if progress is not None:
-            progress.advance(len(batch), status=f"{metric} {sum(values) / len(values):.3f}")
+            progress.advance(len(batch), status=f"{metric} {total / max(count, 1):.3f}")
+    values = gather_in_order(mine) if processes.many else [value for index in sorted(mine) for value in mine[index]]
     return {**summarize(values, metric), "episodes": episodes, "per_episode": values}
 
 
@@ -70,15 +77,17 @@ def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
 
 
 def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, sampler: EpisodeSampler,
-                  checkpoint: dict | None, weights: str, between_batches: Callable[[], None] | None = None) -> dict:
-    """Score ``learner`` on the test episodes and describe the protocol: the content of results.json.
-    ``weights`` says what was tested: the ``best`` or ``last`` checkpoint, or the ``initialisation``."""
+                  checkpoint: dict | None, weights: str, between_batches: Callable[[], None] | None = None,
+                  processes: Processes = ONE) -> dict:
+    """Score ``learner`` on the test episodes (shared out over ``processes``) and describe the protocol: the content
+    of results.json. ``weights`` says what was tested: the ``best`` or ``last`` checkpoint, or the
+    ``initialisation``."""
     if dataset.family is REINFORCEMENT:
         scored, extra = stage_scores(cfg, learner, sampler, between_batches)
     else:
-        with Progress("test", total=cfg.eval.episodes, unit="episodes") as progress:
+        with Progress("test", total=cfg.eval.episodes, unit="episodes", enabled=processes.leader) as progress:
             scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches,
-                           progress)
+                           progress, processes)
         extra = {"task": {"n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query},
                  "bn_mode": cfg.eval.bn_mode}
     per_episode, metric = scored.pop("per_episode"), learner.family.metric
@@ -98,6 +107,7 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         "best_val_step": None if checkpoint is None else checkpoint["best_step"],
         # Threads of the training that made the checkpoint (absent from checkpoints older than this record).
         "trained_on_threads": None if checkpoint is None else checkpoint.get("threads"),
+        "world_size": processes.size,  # processes that shared the meta-batches and the test episodes
         **scored,
         "expected": OmegaConf.to_container(cfg.expected) if cfg.get("expected") else None,
         "test_fingerprint": episodes_fingerprint(cfg, dataset),

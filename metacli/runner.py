@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,20 +18,22 @@ from omegaconf import DictConfig, OmegaConf
 from metacli.build import (build, build_dataset, build_execution, build_learner, build_partial, load_trained,
                            resolve_device, seed_everything, training_batches)
 from metacli.config_schema import check_ranges
-from metacli.errors import CheckpointError, ConfigError, TrainingError
+from metacli.errors import CheckpointError, ConfigError, MetacliError, ProcessesLost, TrainingError
 from metacli.evaluation import build_results, make_sampler, make_test_sampler, score
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
+from metacli.execution import processes
 from metacli.execution.meta_batch import meta_train_step
 from metacli.execution.precision import training_precision
+from metacli.execution.ranks import Processes, from_environment
 from metacli.execution.task_threads import thread_layout
 from metacli.reliability.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
 from metacli.reliability.host_memory import retain_freed_memory
 from metacli.reliability.memory_budget import check_memory
 from metacli.reliability.preemption import PreemptionWatch
 from metacli.reliability.rng import capture_rng, restore_rng
-from metacli.reliability.run_dir import METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty
+from metacli.reliability.run_dir import METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty, requeued
 from metacli.reliability.run_lock import unlock_run_dir
 from metacli.saved_config import load_run_config
 
@@ -58,16 +61,43 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     The run dir is claimed first (:func:`metacli.reliability.run_dir.claim`: never another run's, locked for the
     job's duration, the job's config saved), so neither a second process nor a sweep job can overwrite the run.
+    Under torchrun the first process claims it for all (:mod:`metacli.execution.processes`).
     """
     check_ranges(cfg)
-    claim(cfg, run_dir, cfg.trainer.resume)
+    group = from_environment()
+    if not group.leader:  # the first process speaks for the run
+        logging.getLogger().setLevel(logging.ERROR)
+    if not cfg.trainer.resume and requeued(run_dir):
+        log.warning("%s is this job's own run, started again by its scheduler: resuming it", run_dir)
+        cfg.trainer.resume = True
+    device = resolve_device(cfg.device)
+    if group.many:
+        group.check_meta_batch(cfg.trainer.meta_batch)
+        device = processes.join(group, device)
     try:
-        return _train(cfg, run_dir)
-    except BaseException:
-        discard_if_empty(run_dir, RUN_START)  # still locked: no other process can be starting in it
-        raise
+        refusal = None
+        if group.leader:
+            try:
+                claim(cfg, run_dir, cfg.trainer.resume)
+            except MetacliError as exc:
+                refusal = exc
+        if group.many:
+            refusal = processes.from_leader(refusal)
+        if refusal is not None:
+            raise refusal
+        try:
+            return _train(cfg, run_dir, device, group)
+        except BaseException:
+            if group.leader:
+                discard_if_empty(run_dir, RUN_START)  # still locked: no other process can be starting in it
+            raise
+        finally:
+            unlock_run_dir(run_dir)
+    except ProcessesLost as exc:
+        raise ProcessesLost(f"{exc}; {_kept_checkpoint(run_dir)}: rerun with trainer.resume=true (torchrun "
+                            "--max-restarts does so by itself)") from exc
     finally:
-        unlock_run_dir(run_dir)
+        processes.leave()
 
 
 def _nonfinite(loss: float, learner: torch.nn.Module) -> str | None:
@@ -96,11 +126,10 @@ def _load_state(state: dict, expected_origin: dict, where: Path, learner, optimi
         scheduler.load_state_dict(state["scheduler"])
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processes) -> dict:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     if cfg.trainer.retain_host_memory:
         retain_freed_memory()
-    device = resolve_device(cfg.device)
     dataset = build_dataset(cfg)
     if cfg.trainer.objective not in ("auto", f"val/{dataset.family.metric}"):
         raise ConfigError(f"trainer.objective={cfg.trainer.objective}, but {dataset.name} tasks are judged by "
@@ -108,6 +137,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.trainer.check_memory:
         check_memory(cfg, dataset, device)
     learner = build_learner(cfg, dataset).to(device)
+    if group.many:
+        processes.check_learner(learner)
     execution = build_execution(cfg)
     trained_on = origin(cfg, dataset)
     next_batch = training_batches(cfg, learner, dataset, device)
@@ -145,9 +176,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     elif cfg.trainer.resume:
         log.warning("trainer.resume=true but %s has no %s: starting from scratch", run_dir, LAST)
 
-    loggers = _build_loggers(cfg, run_dir, start_step if cfg.trainer.resume else None)
+    loggers = _build_loggers(cfg, run_dir, start_step if cfg.trainer.resume else None) if group.leader else []
 
     def save(step: int, best: bool = False) -> None:
+        if not group.leader:
+            return
         state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "step": step, "best_val": best_val, "best_step": best_step, "skipped": skipped,
@@ -166,8 +199,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if steps == 0:
         log.warning("trainer.steps=0: no meta-training; testing the initialisation")
     try:
-        with PreemptionWatch() as preemption:
-            with Progress("meta-train", total=steps, unit="steps", enabled=cfg.trainer.progress,
+        with PreemptionWatch(processes.any_process if group.many else bool) as preemption:
+            with Progress("meta-train", total=steps, unit="steps", enabled=cfg.trainer.progress and group.leader,
                           completed=start_step) as progress:
                 val_shown = "-"
                 for step in range(start_step + 1, steps + 1):
@@ -177,6 +210,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     with training_precision(cfg.trainer.precision, device):
                         if getattr(learner, "updates_itself", False):  # meta-RL: sampling and its own update
                             metrics = learner.meta_update(next_batch(generator), optimizer)
+                        elif group.many:
+                            metrics = processes.meta_train_step_across(
+                                learner, next_batch(generator), partial(meta_train_step, execution=execution), group)
                         else:
                             metrics = meta_train_step(learner, next_batch(generator), execution)
                     fault = _nonfinite(metrics["loss"], learner)
@@ -201,7 +237,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     # Rows are logged before the checkpoint of their step: a resume keeps exactly the rows up to it.
                     if step % cfg.trainer.val_every == 0 or step == steps:
                         val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,
-                                    cfg.eval.batch_size)
+                                    cfg.eval.batch_size, processes=group)
                         improved = family.better(val[family.metric], best_val)
                         if improved:
                             best_val, best_step = val[family.metric], step
@@ -216,19 +252,23 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     progress.advance(status=f"loss {metrics['loss']:.3f}  {family.metric} "
                                             f"{metrics[family.metric]:.3f}  val {val_shown}")
                     # The signal may arrive at any moment of the step: checkpoint here, just before stopping.
-                    if step < steps and preemption.received:
+                    if step < steps and preemption.asked():
                         if not saved:
                             save(step)
                         preemption.stop_if_asked(f"stopped at step {step} with a checkpoint in {run_dir / LAST}; rerun "
                                                  "with trainer.resume=true to continue")
 
+            if group.many:
+                processes.wait_for_all()  # the first process's last checkpoint is written
             best = load_latest_good(run_dir / BEST, device)
             if best is not None:
                 learner.load_state_dict(best["learner"])
             results = build_results(cfg, learner, dataset, test_sampler, best, "best" if best else "initialisation",
                                     between_batches=lambda: preemption.stop_if_asked(
                                         f"stopped while testing; {_kept_checkpoint(run_dir)}: rerun with "
-                                        "trainer.resume=true to test it and write results.json"))
+                                        "trainer.resume=true to test it and write results.json"), processes=group)
+        if not group.leader:
+            return results
         write_json(results, run_dir / RESULTS)
         write_json({"wall_seconds": wall_seconds()}, run_dir / TIMING)
         for logger in loggers:

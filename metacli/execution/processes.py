@@ -13,49 +13,21 @@ resume.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from datetime import timedelta
+import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from metacli.data.episodes import EpisodeBatch
-from metacli.errors import ConfigError
+from metacli.errors import ConfigError, ProcessesLost
+from metacli.execution.ranks import Processes
 from metacli.models.batchnorm import fold_statistics, restore, snapshot
 
 
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the processes of one run (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def leader(self) -> bool:
-        """Whether this process claims the run dir, logs and checkpoints."""
-        return self.rank == 0
-
-    @property
-    def many(self) -> bool:
-        return self.size > 1
-
-
-ONE = Processes()
-
-
-def from_environment() -> Processes:
-    """The layout torchrun (or ``srun`` with torchrun's variables) gave this process; one process without it."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return ONE
-    return Processes(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def join(processes: Processes, device: torch.device, timeout_s: float) -> torch.device:
+def join(processes: Processes, device: torch.device) -> torch.device:
     """Join the process group (gloo on CPU, nccl on CUDA) and return this process's device: on CUDA its own GPU."""
     if device.type == "cuda":
         if torch.cuda.device_count() <= processes.local_rank:
@@ -64,7 +36,7 @@ def join(processes: Processes, device: torch.device, timeout_s: float) -> torch.
         device = torch.device("cuda", processes.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return device
 
@@ -74,10 +46,29 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def check_meta_batch(processes: Processes, meta_batch: int) -> None:
-    if meta_batch < processes.size:
-        raise ConfigError(f"trainer.meta_batch={meta_batch} is smaller than the {processes.size} processes that "
-                          f"share it: set trainer.meta_batch to at least {processes.size}, or start fewer processes")
+@contextmanager
+def _together(what: str) -> Iterator[None]:
+    """Turn a failed exchange with the other processes (one of them died or hangs) into one line."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        cause = re.sub(r"^\[[^]]*\] ", "", str(exc).splitlines()[0]).split(". ")[0]  # without gloo's source line
+        raise ProcessesLost(f"process {dist.get_rank()} of {dist.get_world_size()} lost the others while {what} "
+                            f"({cause})") from exc
+
+
+def check_learner(learner: nn.Module) -> None:
+    """Refuse, in one line, a learner whose tasks cannot be shared out: one trained on whole batches or labelled
+    images, one that samples its own tasks (meta-RL), or one whose tasks draw random numbers or change state."""
+    if not (learner.parallel_tasks and learner.training_step == "per_task" and learner.training_data == "episodes"
+            and not getattr(learner, "updates_itself", False)):
+        raise ConfigError(f"{type(learner).__name__} does not train task by task on episodes, so its meta-batch "
+                          "cannot be shared out over processes: run it as one process (without torchrun)")
+
+
+def wait_for_all() -> None:
+    with _together("waiting for the first process's checkpoint"):
+        dist.barrier()
 
 
 def _device() -> torch.device:
@@ -87,21 +78,24 @@ def _device() -> torch.device:
 def any_process(flag: bool) -> bool:
     """Whether ``flag`` is set in any process: a decision every process takes together (all must call it)."""
     value = torch.tensor([float(flag)], device=_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    with _together("deciding whether to stop"):
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
 
 def from_leader(value):
     """Rank 0's ``value`` (any picklable object), in every process."""
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _together("starting"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def gather_in_order(pieces: dict[int, list[float]]) -> list[float]:
     """Every process's ``{index: values}`` merged, the values concatenated by index."""
     gathered: list[dict[int, list[float]]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, pieces)
+    with _together("gathering scores"):
+        dist.all_gather_object(gathered, pieces)
     merged = {index: values for part in gathered for index, values in part.items()}
     return [value for index in sorted(merged) for value in merged[index]]
 
@@ -115,7 +109,8 @@ def _sum_gradients(learner: nn.Module, share: float) -> None:
                                  dtype=p.dtype, device=p.device) for p in params]),
                       torch.tensor([float(p.grad is not None) for p in params], device=params[0].device,
                                    dtype=params[0].dtype)])
-    dist.all_reduce(flat)
+    with _together("summing meta-gradients"):
+        dist.all_reduce(flat)
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
@@ -131,7 +126,8 @@ def _fold_statistics_in_order(learner: nn.Module, start: list[tuple[torch.Tensor
     if not start:
         return
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, [tuple(t.cpu() for t in layer) for layer in snapshot(learner)])
+    with _together("gathering BatchNorm statistics"):
+        dist.all_gather_object(gathered, [tuple(t.cpu() for t in layer) for layer in snapshot(learner)])
     restore(learner, start)
     for ended in gathered:
         fold_statistics(learner, start, [tuple(t.to(s.device) for t, s in zip(layer, first))
@@ -150,5 +146,6 @@ def meta_train_step_across(learner: nn.Module, batch: EpisodeBatch, step, proces
     _fold_statistics_in_order(learner, start)
     names = sorted(metrics)
     values = torch.tensor([metrics[name] * weight for name in names], dtype=torch.float64, device=_device())
-    dist.all_reduce(values)
+    with _together("summing metrics"):
+        dist.all_reduce(values)
     return dict(zip(names, values.tolist()))

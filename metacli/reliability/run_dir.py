@@ -1,12 +1,18 @@
 """A training job's claim on its run dir: a new run never lands on an existing one, a resume never overwrites the
 config the run was trained with, and both rules hold for every job of a multirun as for a single run.
 
+A scheduler that requeues a job runs it again with the same command, without ``trainer.resume=true`` (Hydra's
+submitit launcher after a preemption, SLURM's ``--requeue``, torchrun's ``--max-restarts``). The claim records
+which scheduler job made the run (:data:`JOB`), and the same job finding its own checkpoint resumes by itself
+(:func:`requeued`); any other job is still refused the dir.
+
 Hydra's own copy of the config (``hydra.output_subdir``) is switched off for ``metacli train``, because Hydra writes
 it before any code of ours runs, over whatever the dir held; :func:`claim` writes it instead, once the dir is
 known to be free (``.hydra/``) or the run's own (``.hydra/resumed/`` on a resume).
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +26,8 @@ LAST, BEST = "last.pt", "best.pt"
 #: The checkpoints a user may name (``which=``); no other file of a run dir is ever loaded as one.
 CHECKPOINTS = {"best": BEST, "last": LAST}
 RESULTS, METRICS = "results.json", "metrics.jsonl"
+#: The scheduler job that claimed the run dir (:func:`job_identity`), where there is one.
+JOB = ".metacli-job"
 #: The run's wall time, kept apart from results.json so that the same seed still gives the same results file.
 TIMING = "timing.json"
 
@@ -37,6 +45,28 @@ RESUMABLE = (LAST, previous(Path(LAST)).name)
 def records(run_dir: Path) -> list[str]:
     """The run records ``run_dir`` holds, by name."""
     return [name for name in RECORDS if (Path(run_dir) / name).exists()]
+
+
+def job_identity() -> str | None:
+    """The id a scheduler keeps across requeues of this job: SLURM's (an array task's own), submitit's local job's,
+    or torchrun's run id (``--standalone`` makes a new one each launch; ``--rdzv-id`` names it). None outside them."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env:
+        return f"slurm:{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    if "SLURM_JOB_ID" in env:
+        return f"slurm:{env['SLURM_JOB_ID']}"
+    if "SUBMITIT_LOCAL_JOB_ID" in env:
+        return f"submitit_local:{env['SUBMITIT_LOCAL_JOB_ID']}"
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # torchrun's default id is "none" for every launch
+        return f"torchrun:{env['TORCHELASTIC_RUN_ID']}"
+    return None
+
+
+def requeued(run_dir: Path) -> bool:
+    """Whether this is the job that claimed ``run_dir``, started again by its scheduler, with a checkpoint to resume."""
+    identity, record = job_identity(), Path(run_dir) / JOB
+    return (identity is not None and record.is_file() and record.read_text().strip() == identity
+            and any((Path(run_dir) / name).exists() for name in RESUMABLE))
 
 
 def check_claim(run_dir: Path, resume: bool) -> None:
@@ -58,6 +88,9 @@ def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
     run_dir = Path(run_dir)
     check_claim(run_dir, resume)
     lock_run_dir(run_dir)
+    identity = job_identity()
+    if identity is not None:
+        (run_dir / JOB).write_text(identity + "\n")
     target = run_dir / ".hydra"
     if resume and (target / "config.yaml").exists():
         target = target / "resumed"
@@ -71,7 +104,7 @@ def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
 
 #: What starting a run writes into its dir before it records anything: the saved config, the lock, W&B's offline
 #: folder and run id (the job's log comes on top); and what starting a sweep writes into the sweep dir.
-RUN_START = {".hydra", LOCK_NAME, "wandb", "wandb_run_id.txt"}
+RUN_START = {".hydra", LOCK_NAME, JOB, "wandb", "wandb_run_id.txt"}
 SWEEP_START = {"multirun.yaml"}
 
 
