@@ -9,10 +9,13 @@
     python scripts/bench.py --peer-python /path/to/venv/bin/python   # learn2learn on the same shapes, same run
     python scripts/bench.py --loaders --steps 20                # metacli.torchmeta's loader against a per-image one
     python scripts/bench.py --meta-rl --steps 5                 # MAML-RL (both curvatures) and RL² at the papers' batches
+    python scripts/bench.py --processes 1 2 --algos maml_second_order protonet reptile   # 1 vs 2 torchrun processes
 
 Each measurement runs in its own subprocess, so its peak memory is its own: on CUDA the peak allocated during the
 timed steps, on CPU the growth of max RSS over the process's size before the first step. Episodes come from the
 real dataset through the training sampler; configs are composed from conf/ as ``metacli train`` composes them.
+With ``--processes P`` a case runs under torchrun, its meta-batch shared by P processes of cpu_count / P threads each
+(:mod:`metacli.execution.processes`), and the first process reports; peak memory is then that process's.
 FLOPs of one meta-iteration are counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward and every
 backward) and divided by the measured time; the machine's dense matmul rate is measured in the same run, in the
 run's precision (fp32, or bf16 with trainer.precision=bf16).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from functools import partial
 import json
 import os
 import platform
@@ -89,8 +93,10 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     from metacli.build import (build_dataset, build_execution, build_learner, build_partial, resolve_device,
                                training_batches)
     from metacli.config_schema import config_dir, register
+    from metacli.execution import processes
     from metacli.execution.meta_batch import meta_train_step
     from metacli.execution.precision import training_precision
+    from metacli.execution.ranks import from_environment
     from metacli.execution.settings import Execution
     from metacli.execution.task_threads import thread_layout
     from metacli.execution.timing import timed_phases
@@ -104,6 +110,9 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
         retain_freed_memory()
     torch.manual_seed(0)
     device_t = resolve_device(cfg.device)
+    group = from_environment()
+    if group.many:
+        device_t = processes.join(group, device_t)
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device_t)
     execution = build_execution(cfg)
@@ -122,7 +131,10 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
         phases["sampling"] += time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
         with training_precision(cfg.trainer.precision, device_t):
-            meta_train_step(learner, batch, execution)
+            if group.many:
+                processes.meta_train_step_across(learner, batch, partial(meta_train_step, execution=execution), group)
+            else:
+                meta_train_step(learner, batch, execution)
         sync()
         start = time.perf_counter()
         optimizer.step()
@@ -170,7 +182,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
             "breakdown_seconds": {k: v / steps for k, v in sorted(phases.items())},
             "sampling_fraction": phases["sampling"] / sum(times),
             "flops_per_meta_iteration": flops, "achieved_gflops": flops / seconds / 1e9,
-            "precision": cfg.trainer.precision, "threads": threads,
+            "precision": cfg.trainer.precision, "threads": threads, "processes": group.size,
             "matmul_gflops": matmul_gflops(device_t, matmul_dtype),
             "peak_memory_bytes": peak, "minor_page_faults_per_step": faults / steps,
             "peak_memory_kind": "cuda_max_allocated_over_start" if device_t.type == "cuda" else "max_rss_growth",
@@ -259,7 +271,8 @@ def cases(args) -> list[dict]:
                 overrides = [*SETUPS[setup], *TASK, *ALGOS[algo], *args.set]
                 if vectorize is not None:
                     overrides.append(f"execution.vectorize={vectorize}")
-                out.append({"setup": setup, "algo": algo, "vectorize": vectorize, "overrides": overrides})
+                out += [{"setup": setup, "algo": algo, "vectorize": vectorize, "overrides": overrides,
+                         "processes": count} for count in args.processes]
     return out
 
 
@@ -268,6 +281,7 @@ def summary_line(r: dict) -> str:
     tag = f"{r['setup']} {r['algo']}" + (f" vectorize={r['vectorize']}" if r.get("vectorize") is not None else "")
     tag += f" steps={r['inner_steps']} ckpt={r['checkpoint_inner']}" if "inner_steps" in r else ""
     tag += f" {r['precision']}" if r["precision"] != "fp32" else ""
+    tag += f" processes={r['processes']}" if r["processes"] > 1 else ""
     peer = (f"  learn2learn {r['peer']['tasks_per_second']:.1f} tasks/s ({r['speedup_vs_peer']:.2f}x; "
             f"{r['compute_only_speedup_vs_peer']:.2f}x without sampling)" if "peer" in r else "")
     unit = "tasks" if "tasks_per_second" in r else "images"
@@ -417,14 +431,19 @@ def main() -> None:
                         help="metacli.torchmeta's BatchMetaDataLoader against a per-image torchmeta-style loader")
     parser.add_argument("--meta-rl", nargs="*", choices=list(META_RL), metavar="PROTOCOL",
                         help=f"meta-RL protocols at the papers' batches (all when none is named): {', '.join(META_RL)}")
+    parser.add_argument("--processes", nargs="+", type=int, default=[1],
+                        help="run each case as this many torchrun processes sharing the meta-batch (CPU: gloo)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one case (JSON) in this process
     args = parser.parse_args()
     if args.one:
         from metacli.errors import MetacliError
 
+        from metacli.execution.ranks import from_environment
+
         try:
-            print(json.dumps(measure(json.loads(args.one), args.device, args.steps, args.warmup, args.split,
-                                     args.profile)))
+            result = measure(json.loads(args.one), args.device, args.steps, args.warmup, args.split, args.profile)
+            if from_environment().leader:
+                print(json.dumps(result))
         except MetacliError as error:  # bad input (no CUDA, a missing dataset): its one line, no traceback
             sys.exit(f"bench.py: error: {error}")
         return
@@ -456,10 +475,14 @@ def main() -> None:
         # On a shared machine the speed drifts by tens of percent within minutes: alternate metacli and the peer
         # and keep the median round of each, so that the ratio compares like with like.
         for _ in range(args.rounds if with_peer else 1):
-            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(case), "--device", args.device,
+            many = case.get("processes", 1) > 1
+            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={case['processes']}"] if many else [sys.executable])
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // case["processes"]))} if many else None
+            done = subprocess.run([*launch, __file__, "--one", json.dumps(case), "--device", args.device,
                                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--split", args.split,
                                    "--profile", str(args.profile)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"bench of {case['setup']} {case['algo']} failed:\n{done.stderr[-3000:].strip()}")
             ours = json.loads(done.stdout.strip().splitlines()[-1])

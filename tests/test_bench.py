@@ -42,6 +42,18 @@ def test_bench_writes_a_complete_json(omniglot_root, tmp_path):
     assert results[1]["flops_per_meta_iteration"] == results[2]["flops_per_meta_iteration"]
 
 
+def test_bench_times_one_and_two_processes(omniglot_root, tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--algos", "maml_second_order", "--processes", "1", "2",
+                           "--set", "trainer.meta_batch=2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "METACLI_DATA": str(omniglot_root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    one, two = json.loads(report_file.read_text())["results"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["tasks_per_second"] > 0 < two["tasks_per_second"]
+    assert "processes=2" in done.stdout and one["flops_per_meta_iteration"] == two["flops_per_meta_iteration"]
+
+
 def test_bench_reports_bad_input_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH), "--algos", "protonet", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300,

@@ -54,6 +54,9 @@ class FewShotLearner(nn.Module, ABC):
     #: Whether the tasks of a meta-batch may be trained on worker threads: true where a training forward changes
     #: no state but BatchNorm's running statistics and draws no random numbers.
     parallel_tasks: bool = False
+    #: Whether :meth:`task_loss` may run for a whole meta-batch at once under ``torch.func.vmap``: one batched
+    #: forward of every task with the shared weights, BatchNorm statistics per task (``execution.vectorize``).
+    batched_tasks: bool = False
 
     def __init__(self, backbone: nn.Module, n_way: int, bn_mode: str = "transductive") -> None:
         super().__init__()
@@ -94,8 +97,23 @@ class FewShotLearner(nn.Module, ABC):
         return score.item()
 
     def evaluate_batch(self, batch) -> list[float]:
-        """The metric of each episode of a batch (what validation and the test average)."""
+        """The metric of each episode of a batch (what validation and the test average); on a GPU, all episodes at
+        once where the learner allows it (:attr:`batched_tasks`)."""
+        if self.batched_tasks and batch.support_x.device.type == "cuda":
+            return self.evaluate_at_once(batch)
         return [self.evaluate_episode(episode) for episode in batch]
+
+    @torch.no_grad()
+    def evaluate_at_once(self, batch) -> list[float]:
+        """:meth:`evaluate_episode` of every episode of ``batch`` in one vectorised pass (``vmap`` over episodes with
+        the shared weights; BatchNorm per episode)."""
+
+        def one_episode(support_x, support_y, query_x, query_y):
+            return self.task_loss(Episode(support_x, support_y, query_x, query_y, batch.n_way), training=False)[1]
+
+        with self.evaluation_mode():
+            scores = torch.func.vmap(one_episode)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return scores.tolist()
 
     @contextmanager
     def evaluation_mode(self) -> Iterator[None]:

@@ -23,6 +23,7 @@ class ProtoNet(FewShotLearner):
     """
 
     parallel_tasks = True
+    batched_tasks = True
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", distance: str = "squared_euclidean",
                  temperature: float = 10.0) -> None:

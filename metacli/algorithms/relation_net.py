@@ -39,6 +39,7 @@ class RelationNet(FewShotLearner):
     """
 
     parallel_tasks = True
+    batched_tasks = True
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", hidden: int = 64) -> None:
         super().__init__(backbone, n_way, bn_mode)

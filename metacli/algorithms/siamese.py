@@ -52,6 +52,7 @@ class SiameseNet(FewShotLearner):
     """
 
     parallel_tasks = True
+    batched_tasks = True
 
     def __init__(self, backbone, n_way: int, bn_mode: str = "transductive", balance_pairs: bool = True) -> None:
         super().__init__(backbone, n_way, bn_mode)

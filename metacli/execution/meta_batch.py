@@ -8,11 +8,12 @@ from functools import partial
 import torch
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.data.episodes import EpisodeBatch
+from metacli.data.episodes import Episode, EpisodeBatch
 from metacli.execution.gradient_paths import meta_train_gradient_learner
 from metacli.execution.settings import Execution
 from metacli.execution.task_threads import split_meta_batch
 from metacli.execution.timing import phase
+from metacli.models.batchnorm import apply_statistics, recorded_statistics
 
 
 def meta_train_step(learner: FewShotLearner, batch, execution: Execution = Execution()) -> dict[str, float]:
@@ -36,6 +37,8 @@ def run_tasks(learner: FewShotLearner, batch: EpisodeBatch, execution: Execution
     path = execution.training_path(learner)
     if path == "task_by_task":
         return task_by_task(learner, batch)
+    if path == "batched_tasks":
+        return batched_tasks(learner, batch)
     return meta_train_gradient_learner(learner, batch, path, execution.checkpoint_inner)
 
 
@@ -50,3 +53,23 @@ def task_by_task(learner: FewShotLearner, batch: EpisodeBatch) -> tuple[torch.Te
         losses.append(loss.detach())
         scores.append(score)
     return torch.stack(losses), torch.stack(scores)
+
+
+def batched_tasks(learner: FewShotLearner, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every task's loss at once: ``vmap`` over tasks with shared weights, which folds the meta-batch into one large
+    batch of each layer while BatchNorm normalises each task with its own statistics; the running statistics are
+    then folded in task order, as task by task would."""
+
+    def one_task(support_x, support_y, query_x, query_y):
+        start = len(record.statistics)
+        loss, score = learner.task_loss(Episode(support_x, support_y, query_x, query_y, batch.n_way), training=True)
+        return loss, score, record.statistics[start:]
+
+    with phase("inner_loop"), recorded_statistics(learner) as record:
+        losses, scores, statistics = torch.func.vmap(one_task)(batch.support_x, batch.support_y, batch.query_x,
+                                                               batch.query_y)
+        for task in range(len(batch)):
+            apply_statistics(record.layers, statistics, task)
+    with phase("outer_backward"):
+        losses.mean().backward()
+    return losses.detach(), scores

@@ -15,8 +15,9 @@ class Execution:
 
     Args:
         vectorize: run the inner loops of a :class:`GradientLearner`'s meta-batch with ``torch.func.vmap``
-            (``true``), task by task (``false``), or whichever is faster on the device (``auto``: vmap on CUDA,
-            task by task on the CPU).
+            (``true``), and the meta-batch of a learner with ``batched_tasks`` (ProtoNet, Relation and Siamese
+            networks) as one batched forward; task by task (``false``); or whichever is faster on the device
+            (``auto``: vectorised on CUDA, task by task on the CPU).
         batch_first_step: task by task, but the first inner step (from shared weights) of all tasks at once.
         checkpoint_inner: recompute each inner step in the outer backward instead of storing it (memory flat in
             the inner steps, at the cost of one more forward and backward per step).
@@ -49,16 +50,21 @@ class Execution:
 
     def training_path(self, learner: FewShotLearner) -> str:
         """The path of ``learner``'s meta-batches: its inner-loop path (:meth:`gradient_path`) for a
-        :class:`GradientLearner` that adapts by gradient descent in training, ``task_by_task`` for any other."""
+        :class:`GradientLearner` that adapts by gradient descent in training; ``batched_tasks`` (one vectorised
+        forward of the meta-batch) for a learner that allows it where vectorising is on; else ``task_by_task``."""
+        device = next(learner.parameters()).device
         if isinstance(learner, GradientLearner) and learner.inner_loop(True) is not None:
-            return self.gradient_path(next(learner.parameters()).device)
+            return self.gradient_path(device)
+        if learner.batched_tasks and self.gradient_path(device) == "vmap":
+            return "batched_tasks"
         return "task_by_task"
 
     def workers(self, learner: FewShotLearner) -> int:
         """Worker threads for ``learner``'s meta-batches: one unless its tasks may train in parallel, apart and not
         vectorised; else ``task_threads`` with ``auto`` one per intra-op thread on the CPU and one on CUDA, whose
         kernels are launched asynchronously from one thread anyway."""
-        if not learner.parallel_tasks or learner.training_step != "per_task" or self.training_path(learner) == "vmap":
+        if (not learner.parallel_tasks or learner.training_step != "per_task"
+                or self.training_path(learner) in ("vmap", "batched_tasks")):
             return 1
         if self.task_threads == "auto":
             return torch.get_num_threads() if next(learner.parameters()).device.type == "cpu" else 1
