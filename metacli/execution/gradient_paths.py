@@ -154,9 +154,23 @@ def _written_out_first(kernel, params: Params, batch: EpisodeBatch, loop: InnerL
     return sgd_step(params, grads, loop.lr), layers, statistics
 
 
+def vmap_tasks(module: nn.Module, task, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``task(record, support_x, support_y, query_x, query_y)``, which returns the task's loss, score and the
+    BatchNorm statistics it recorded, for every task of ``batch`` at once (``vmap``); then the running statistics
+    folded in task order and the mean loss back-propagated. Returns per-task losses and scores."""
+    with phase("inner_loop"), recorded_statistics(module) as record:
+        losses, scores, statistics = torch.func.vmap(partial(task, record))(batch.support_x, batch.support_y,
+                                                                            batch.query_x, batch.query_y)
+        for t in range(len(batch)):
+            apply_statistics(record.layers, statistics, t)
+    with phase("outer_backward"):
+        losses.mean().backward()
+    return losses.detach(), scores
+
+
 def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch, loop: InnerLoop,
                 family: TaskFamily) -> tuple[torch.Tensor, torch.Tensor]:
-    def task(support_x, support_y, query_x, query_y):
+    def task(record, support_x, support_y, query_x, query_y):
         adapted, statistics = params, []
         for _ in range(loop.steps):
             grads, step_statistics = _support_grads(module, adapted, support_x, support_y, loop, record, family)
@@ -166,11 +180,4 @@ def _vectorized(module: nn.Module, params: Params, batch: EpisodeBatch, loop: In
         loss, score = query_loss(module, adapted, query_x, query_y, family)
         return loss, score, statistics + record.statistics[start:]
 
-    with phase("inner_loop"), recorded_statistics(module) as record:
-        losses, scores, statistics = torch.func.vmap(task)(batch.support_x, batch.support_y, batch.query_x,
-                                                               batch.query_y)
-        for t in range(len(batch)):
-            apply_statistics(record.layers, statistics, t)
-    with phase("outer_backward"):
-        losses.mean().backward()
-    return losses.detach(), scores
+    return vmap_tasks(module, task, batch)

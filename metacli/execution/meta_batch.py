@@ -9,11 +9,10 @@ import torch
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.episodes import Episode, EpisodeBatch
-from metacli.execution.gradient_paths import meta_train_gradient_learner
+from metacli.execution.gradient_paths import meta_train_gradient_learner, vmap_tasks
 from metacli.execution.settings import Execution
 from metacli.execution.task_threads import split_meta_batch
 from metacli.execution.timing import phase
-from metacli.models.batchnorm import apply_statistics, recorded_statistics
 
 
 def meta_train_step(learner: FewShotLearner, batch, execution: Execution = Execution()) -> dict[str, float]:
@@ -60,16 +59,9 @@ def batched_tasks(learner: FewShotLearner, batch: EpisodeBatch) -> tuple[torch.T
     batch of each layer while BatchNorm normalises each task with its own statistics; the running statistics are
     then folded in task order, as task by task would."""
 
-    def one_task(support_x, support_y, query_x, query_y):
+    def one_task(record, support_x, support_y, query_x, query_y):
         start = len(record.statistics)
         loss, score = learner.task_loss(Episode(support_x, support_y, query_x, query_y, batch.n_way), training=True)
         return loss, score, record.statistics[start:]
 
-    with phase("inner_loop"), recorded_statistics(learner) as record:
-        losses, scores, statistics = torch.func.vmap(one_task)(batch.support_x, batch.support_y, batch.query_x,
-                                                               batch.query_y)
-        for task in range(len(batch)):
-            apply_statistics(record.layers, statistics, task)
-    with phase("outer_backward"):
-        losses.mean().backward()
-    return losses.detach(), scores
+    return vmap_tasks(learner, one_task, batch)
