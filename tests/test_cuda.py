@@ -103,3 +103,27 @@ print(not pooled_product._kernels.tried)
 def test_a_cuda_step_builds_no_cpu_kernel():
     done = subprocess.run([sys.executable, "-c", CUDA_STEP_BUILDS_NO_KERNEL], capture_output=True, text=True)
     assert done.stdout.strip() == "True", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", ["protonet", "relation_net", "siamese"])
+def test_metric_learners_batch_their_tasks_on_cuda(name):
+    """``auto`` vectorises a metric learner's meta-batch and its evaluation episodes on CUDA, with the task-by-task
+    gradients, statistics and scores (float64)."""
+    from metacli.execution.settings import Execution
+    from test_batched_tasks import LEARNERS
+
+    torch.manual_seed(0)
+    learner = LEARNERS[name]().double().to(CUDA)
+    batch = random_batch(4, 3)
+    batch = EpisodeBatch(batch.support_x.to(CUDA), batch.support_y.to(CUDA), batch.query_x.to(CUDA),
+                         batch.query_y.to(CUDA), batch.n_way)
+    assert Execution().training_path(learner) == "batched_tasks"
+    twins = {path: copy.deepcopy(learner) for path in (True, False)}
+    for vectorize, twin in twins.items():
+        meta_train_step(twin, batch, Execution(vectorize=vectorize, task_threads=1))
+    for (key, a), b in zip(twins[True].state_dict().items(), twins[False].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=key)
+    for a, b in zip(twins[True].parameters(), twins[False].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+    learner = twins[False]
+    assert learner.evaluate_batch(batch) == pytest.approx([learner.evaluate_episode(e) for e in batch], abs=1e-12)
