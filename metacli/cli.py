@@ -303,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(exc))
         return
     rest = flags_first(command, rest)
+    modes = get_args_parser().parse_args(rest)
+    if sum(map(bool, (modes.run, modes.multirun, modes.cfg, modes.info, modes.shell_completion))) > 1:
+        fail("only one of --run, --multirun (-m), --cfg, --info and --shell-completion may be given: drop -m to "
+             f"print the composed config (metacli {command} --cfg job ...)")
     sweep_dir = None
     try:
         if not {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"} & set(rest):

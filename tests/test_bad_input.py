@@ -68,6 +68,7 @@ CASES = {
     "an evaluation batch that cannot fit": (["eval.batch_size=1000000000"], "eval.batch_size=1000000000 needs at least"),
     "validation episodes that cannot fit": (["trainer.val_episodes=1000000000"],
                                             "trainer.val_episodes=1000000000 needs at least"),
+    "a multirun that prints its config": (["-m", "seed=0,1", "--cfg", "job"], "only one of --run, --multirun"),
     "a read-only sweep dir": (["-m", "seed=0,1", "hydra.sweep.dir=/sys/metacli-sweep"], "cannot write into /sys"),
     "an earlier metacli's execution key": (["algo=maml", "algo.task_threads=2"],
                                            "algo.task_threads is now execution.task_threads"),
