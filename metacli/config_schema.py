@@ -100,6 +100,7 @@ class ExecutionSchema:
     batch_first_step: bool = True
     checkpoint_inner: bool = False
     task_threads: Any = "auto"
+    capture: Any = False
 
 
 @dataclass

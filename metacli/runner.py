@@ -24,7 +24,7 @@ from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
 from metacli.execution import processes
-from metacli.execution.meta_batch import meta_train_step
+from metacli.execution.meta_batch import capture_for, meta_train_step
 from metacli.execution.precision import training_precision
 from metacli.execution.ranks import Processes, from_environment
 from metacli.execution.task_threads import thread_layout
@@ -140,6 +140,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
     if group.many:
         processes.check_learner(learner)
     execution = build_execution(cfg)
+    captured = capture_for(learner, execution)
     trained_on = origin(cfg, dataset)
     next_batch = training_batches(cfg, learner, dataset, device)
     val_sampler = make_sampler(cfg, dataset, "val", device)
@@ -212,9 +213,10 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
                             metrics = learner.meta_update(next_batch(generator), optimizer)
                         elif group.many:
                             metrics = processes.meta_train_step_across(
-                                learner, next_batch(generator), partial(meta_train_step, execution=execution), group)
+                                learner, next_batch(generator),
+                                partial(meta_train_step, execution=execution, captured=captured), group)
                         else:
-                            metrics = meta_train_step(learner, next_batch(generator), execution)
+                            metrics = meta_train_step(learner, next_batch(generator), execution, captured)
                     fault = _nonfinite(metrics["loss"], learner)
                     if fault is None:
                         if not getattr(learner, "updates_itself", False):

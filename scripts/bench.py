@@ -94,7 +94,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
                                training_batches)
     from metacli.config_schema import config_dir, register
     from metacli.execution import processes
-    from metacli.execution.meta_batch import meta_train_step
+    from metacli.execution.meta_batch import capture_for, meta_train_step
     from metacli.execution.precision import training_precision
     from metacli.execution.ranks import from_environment
     from metacli.execution.settings import Execution
@@ -116,6 +116,7 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
     dataset = build_dataset(cfg)
     learner = build_learner(cfg, dataset).to(device_t)
     execution = build_execution(cfg)
+    captured = capture_for(learner, execution)
     optimizer = build_partial(cfg.trainer.optimizer, "trainer.optimizer", learner.parameters())
     next_batch = training_batches(cfg, learner, dataset, device_t, split)
     generator = torch.Generator().manual_seed(0)
@@ -132,9 +133,10 @@ def measure(case: dict, device: str, steps: int, warmup: int, split: str, profil
         optimizer.zero_grad(set_to_none=True)
         with training_precision(cfg.trainer.precision, device_t):
             if group.many:
-                processes.meta_train_step_across(learner, batch, partial(meta_train_step, execution=execution), group)
+                processes.meta_train_step_across(learner, batch, partial(meta_train_step, execution=execution,
+                                                                         captured=captured), group)
             else:
-                meta_train_step(learner, batch, execution)
+                meta_train_step(learner, batch, execution, captured)
         sync()
         start = time.perf_counter()
         optimizer.step()

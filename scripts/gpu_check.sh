@@ -14,6 +14,9 @@ data="${1:-${METACLI_DATA:-../shared/data}}"
 timeout 300 python -m pytest -q -m cuda tests/test_cuda.py
 METACLI_DATA="$data" timeout 180 python scripts/bench.py --device cuda --vectorize true false \
     --algos protonet maml_first_order maml_second_order --split val --out bench-results/gpu
+# The step captured in a CUDA graph and replayed, against the eager vectorised step.
+METACLI_DATA="$data" timeout 120 python scripts/bench.py --device cuda --vectorize true \
+    --algos protonet maml_first_order maml_second_order --set execution.capture=true --split val --out bench-results/gpu
 # Meta-batch 256, where the vectorised paths have the most to gain.
 METACLI_DATA="$data" timeout 120 python scripts/bench.py --device cuda --algos protonet maml_second_order \
     --set trainer.meta_batch=256 --split val --steps 3 --out bench-results/gpu

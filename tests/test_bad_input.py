@@ -73,6 +73,8 @@ CASES = {
     "an earlier metacli's execution key": (["algo=maml", "algo.task_threads=2"],
                                            "algo.task_threads is now execution.task_threads"),
     "zero task threads": (["execution.task_threads=0"], "execution.task_threads must be auto or a positive integer"),
+    "a capture of a step that is not vectorised": (["execution.capture=true"],
+                                                   "execution.capture=true needs a vectorised meta-batch"),
     "an unknown vectorize value": (["execution.vectorize=sometimes"], "execution.vectorize must be true, false or auto"),
     "a classifier on an environment": (["env=point_nav", "algo=protonet"],
                                        "ProtoNet cannot learn reinforcement tasks (env=point_nav): use one of "

@@ -127,3 +127,27 @@ def test_metric_learners_batch_their_tasks_on_cuda(name):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
     learner = twins[False]
     assert learner.evaluate_batch(batch) == pytest.approx([learner.evaluate_episode(e) for e in batch], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["maml_second_order", "protonet"])
+def test_a_captured_cuda_graph_trains_as_eager_steps(name):
+    """The step captured in a CUDA graph and replayed gives the eager steps' gradients, statistics and parameters."""
+    from test_capture import LEARNERS, train
+    from metacli.execution.settings import Execution
+
+    torch.manual_seed(0)
+    learner = LEARNERS[name]().double().to(CUDA)
+    batches = []
+    for queries in (3, 3, 2):
+        b = random_batch(4, queries)
+        batches.append(EpisodeBatch(b.support_x.to(CUDA), b.support_y.to(CUDA), b.query_x.to(CUDA), b.query_y.to(CUDA),
+                                    b.n_way))
+    eager = train(copy.deepcopy(learner), Execution(vectorize=True), batches)
+    captured = train(copy.deepcopy(learner), Execution(vectorize=True, capture="auto"), batches)
+    assert captured[-1]["captures"] == 2
+    for ours, reference in zip(captured[:-1], eager[:-1]):
+        assert ours["metrics"] == pytest.approx(reference["metrics"], rel=1e-9)
+        for a, b in zip(ours["grads"], reference["grads"]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(captured[-1]["parameters"], eager[-1]["parameters"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -9,16 +9,21 @@ import torch
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.episodes import Episode, EpisodeBatch
+from metacli.execution.capture import CapturedStep
 from metacli.execution.gradient_paths import meta_train_gradient_learner, vmap_tasks
 from metacli.execution.settings import Execution
 from metacli.execution.task_threads import split_meta_batch
 from metacli.execution.timing import phase
 
 
-def meta_train_step(learner: FewShotLearner, batch, execution: Execution = Execution()) -> dict[str, float]:
+def meta_train_step(learner: FewShotLearner, batch, execution: Execution = Execution(),
+                    captured: CapturedStep | None = None) -> dict[str, float]:
     """Accumulate ``learner``'s meta-gradient of ``batch`` into ``.grad`` (the caller steps the optimiser); return
-    the step's mean loss, the family's metric and the learner's own :meth:`~FewShotLearner.training_metrics`."""
-    if learner.training_step == "whole_batch":
+    the step's mean loss, the family's metric and the learner's own :meth:`~FewShotLearner.training_metrics`.
+    ``captured`` (:func:`capture_for`) replays the step instead of running it eagerly."""
+    if captured is not None:
+        losses, scores = captured(batch)
+    elif learner.training_step == "whole_batch":
         with phase("inner_loop"):
             losses, scores = learner.batch_loss(batch)
         with phase("outer_backward"):
@@ -27,6 +32,11 @@ def meta_train_step(learner: FewShotLearner, batch, execution: Execution = Execu
         losses, scores = split_meta_batch(learner, batch, execution.workers(learner),
                                           partial(run_tasks, execution=execution))
     return {"loss": losses.mean().item(), learner.family.metric: scores.mean().item(), **learner.training_metrics()}
+
+
+def capture_for(learner: FewShotLearner, execution: Execution) -> CapturedStep | None:
+    """The captured step of ``learner`` where ``execution.capture`` asks for one (:mod:`metacli.execution.capture`)."""
+    return CapturedStep(learner, partial(run_tasks, execution=execution)) if execution.captures(learner) else None
 
 
 def run_tasks(learner: FewShotLearner, batch: EpisodeBatch, execution: Execution

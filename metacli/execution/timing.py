@@ -65,3 +65,14 @@ def parallel_phases() -> Iterator[None]:
     total = sum(added.values())
     for name, seconds in added.items():
         _active[name] = before.get(name, 0.0) + (seconds * wall / total if total else 0.0)
+
+
+@contextmanager
+def untimed() -> Iterator[None]:
+    """No phase is timed inside (a CUDA graph capture may not synchronise the device)."""
+    global _active
+    saved, _active = _active, None
+    try:
+        yield
+    finally:
+        _active = saved
