@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -67,9 +68,16 @@ def speaks() -> bool:
     return from_environment().leader
 
 
+#: How long the other processes of a torchrun job wait before exiting on an error or a stop they share with the
+#: first: torchrun stops every process once one has exited, and the first must not be stopped before its line.
+QUIET_EXIT_DELAY_S = 3.0
+
+
 def say(line: str) -> None:
     if speaks():
         print(line, file=sys.stderr)
+    else:
+        time.sleep(QUIET_EXIT_DELAY_S)
 
 
 def fail(message: str, everyone: bool = False) -> None:
