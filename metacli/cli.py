@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -196,6 +197,10 @@ def preflight(command: str, args: list[str]) -> Path | None:
             fail("metacli eval needs the run to re-test: metacli eval checkpoint=RUN_DIR (a dir written by "
                  "metacli train)")
         return None
+    launcher = cfg.hydra.launcher.get("_target_", "")
+    if multirun and launcher.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+        fail(f"hydra/launcher={cfg.hydra.runtime.choices['hydra/launcher']} submits to SLURM, but sbatch is not on this "
+             "machine: run it where SLURM is (a login node), or try it here with hydra/launcher=submitit_local")
     run_dir, explicit = Path(cfg.hydra.run.dir), any(o.startswith("hydra.run.dir=") for o in plain)
     resume = cfg.trainer.resume or requeued(run_dir)
     group = from_environment()

@@ -2,6 +2,8 @@
 rerun with the same command, end with 3 complete trials in fresh job dirs, the killed one marked failed."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import signal
 import subprocess
@@ -57,5 +59,12 @@ def test_a_killed_search_resumes_to_the_configured_number_of_trials(tmp_path):
 
 
 def test_a_launcher_that_is_not_installed_is_one_line(tmp_path):
-    done = run_cli("train", "-m", "hydra/launcher=submitit_slurm", "seed=0,1", cwd=tmp_path)
-    assert_one_line_error(done, "hydra/launcher=submitit_slurm is not installed: pip install hydra-submitit-launcher")
+    done = run_cli("train", "-m", "hydra/launcher=ray", "seed=0,1", cwd=tmp_path)
+    assert_one_line_error(done, "hydra/launcher=ray is not installed: pip install hydra-ray-launcher")
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_slurm_without_slurm_is_one_line(launcher, tmp_path):
+    done = run_cli("train", "-m", f"hydra/launcher={launcher}", "seed=0,1", cwd=tmp_path)
+    assert_one_line_error(done, f"hydra/launcher={launcher} submits to SLURM, but sbatch is not on this machine")
+    assert not (tmp_path / "outputs").exists()

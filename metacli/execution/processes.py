@@ -13,6 +13,7 @@ resume.
 """
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 from typing import Iterator
@@ -23,7 +24,7 @@ from torch import nn
 
 from metacli.data.episodes import EpisodeBatch
 from metacli.errors import ConfigError, ProcessesLost
-from metacli.execution.ranks import Processes
+from metacli.execution.ranks import Processes, from_environment
 from metacli.models.batchnorm import fold_statistics, restore, snapshot
 
 
@@ -36,8 +37,13 @@ def join(processes: Processes, device: torch.device) -> torch.device:
         device = torch.device("cuda", processes.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        with _together("joining them"):
+            store, rank, size = next(dist.rendezvous("env://"))
+            # Processes restarted by torchrun find the same store with the dead ones' addresses in it: each attempt
+            # meets under keys of its own.
+            store = dist.PrefixStore(f"metacli/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                    world_size=size, device_id=device if device.type == "cuda" else None)
     return device
 
 
@@ -53,8 +59,8 @@ def _together(what: str) -> Iterator[None]:
         yield
     except (RuntimeError, dist.DistError) as exc:
         cause = re.sub(r"^\[[^]]*\] ", "", str(exc).splitlines()[0]).split(". ")[0]  # without gloo's source line
-        raise ProcessesLost(f"process {dist.get_rank()} of {dist.get_world_size()} lost the others while {what} "
-                            f"({cause})") from exc
+        here = from_environment()
+        raise ProcessesLost(f"process {here.rank} of {here.size} lost the others while {what} ({cause})") from exc
 
 
 def check_learner(learner: nn.Module) -> None:
