@@ -145,8 +145,10 @@ def test_a_dead_process_is_one_line_and_the_run_resumes(two_process_run, tmp_pat
     os.kill(int(max(workers, key=int)), signal.SIGKILL)
     _, stderr = running.communicate(timeout=600)
     assert running.returncode == 0, stderr
-    (lost,) = [line for line in metacli_lines(stderr) if "error" in line]
-    assert "lost the others" in lost and "last.pt" in lost
+    # The survivor says so in one line, unless torchrun, which stops every process once one has died, stopped it
+    # first: then torchrun's own report is all there is.
+    lost = [line for line in metacli_lines(stderr) if "error" in line]
+    assert len(lost) <= 1 and all("lost the others" in line and "last.pt" in line for line in lost), stderr
     log = (run_dir / "train.log").read_text()
     assert "started again by its scheduler: resuming it" in log and "resumed from" in log
     assert scores(run_dir) == scores(root / "two")  # exactly the uninterrupted run
