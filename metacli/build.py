@@ -21,6 +21,7 @@ from metacli.data.augment import augmented
 from metacli.data.base import FewShotDataset
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
+from metacli.data.trajectories import TrajectorySampler
 from metacli.data.within_alphabet import WithinAlphabetSampler
 from metacli.errors import CheckpointError, ConfigError, MetacliError
 from metacli.execution.settings import Execution
@@ -116,10 +117,27 @@ def check_family(cfg: DictConfig, dataset: FewShotDataset) -> None:
                       f"({source}={dataset.name}): use one of algo={', algo='.join(able)}")
 
 
+def _learns_streams(target: str) -> bool:
+    representation = getattr(get_class(target), "representation", None)
+    return representation is not None and representation is not FewShotLearner.representation
+
+
+def check_continual(cfg: DictConfig) -> None:
+    """Refuse, in one line naming those that can, a learner with no representation to learn a stream on
+    (``eval.protocol=continual``)."""
+    if not _learns_streams(cfg.algo._target_):
+        able = [name for name, target in algo_targets().items() if _learns_streams(target)]
+        raise ConfigError(f"{get_class(cfg.algo._target_).__name__} has no representation to learn a class-incremental "
+                          f"stream on (eval.protocol=continual): use one of algo={', algo='.join(able)}, or "
+                          "eval.protocol=episodes")
+
+
 def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     """Backbone sized for the dataset's inputs, wrapped by the configured algorithm, given the dataset's task
     family (its output size, loss and metric)."""
     check_family(cfg, dataset)
+    if cfg.eval.protocol == "continual":
+        check_continual(cfg)
     if dataset.family is REINFORCEMENT:
         return _build_rl_learner(cfg, dataset)
     backbone = build(cfg.backbone, "backbone", in_channels=dataset.channels, image_size=dataset.image_size)
@@ -163,6 +181,9 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
 def _training_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
                    split: str) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
     where = f"{split} split"
+    if learner.training_data == "trajectories":
+        return partial(TrajectorySampler(dataset.split(split), *learner.trajectory, dataset.normalize, device,
+                                         where=where).sample, cfg.trainer.meta_batch)
     if learner.training_data == "labelled":
         return partial(ImageBatchSampler(dataset.split(split), dataset.normalize, device, where=where).sample,
                        cfg.trainer.batch_size)

@@ -104,13 +104,27 @@ class ExecutionSchema:
 
 
 @dataclass
+class ContinualSchema:
+    """eval.protocol=continual: class-incremental streams learned online (metacli/continual.py)."""
+
+    lengths: list = field(default_factory=lambda: [10, 50, 100, 200, 600])  # classes a test stream, each scored
+    streams: int = _at_least(1, 50)         # test streams of each length, fixed by eval.seed
+    train_shots: int = _at_least(1, 15)     # images of a class learned online; its other images test retention
+    lrs: list = field(default_factory=lambda: [0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6])
+    val_streams: int = _at_least(1, 10)     # validation streams (trainer.val_seed) that choose the rate
+    val_length: int = _at_least(2, 50)      # classes of the validation streams scored during meta-training
+
+
+@dataclass
 class EvalSchema:
     episodes: int = _at_least(1, 600)
     seed: int = 0
     batch_size: int = _at_least(1, 25)
     bn_mode: str = field(default="transductive", metadata={"choices": ("transductive", "running")})
-    # episodes: N-way K-shot over the split's classes; within_alphabet: Lake et al.'s one-shot protocol (Omniglot).
-    protocol: str = field(default="episodes", metadata={"choices": ("episodes", "within_alphabet")})
+    # episodes: N-way K-shot over the split's classes; within_alphabet: Lake et al.'s one-shot protocol (Omniglot);
+    # continual: class-incremental streams learned online, scored by retention and forgetting.
+    protocol: str = field(default="episodes", metadata={"choices": ("episodes", "within_alphabet", "continual")})
+    continual: ContinualSchema = field(default_factory=ContinualSchema)
 
 
 @dataclass

@@ -49,8 +49,13 @@ def summarize(values: list[float], metric: str) -> dict:
 
 
 def make_sampler(cfg: DictConfig, dataset: FewShotDataset, split: str, device: torch.device) -> EpisodeSampler:
-    """The fixed episodes of ``split`` that validation or the test score, as ``eval.protocol`` draws them."""
+    """The fixed episodes of ``split`` that validation or the test score, as ``eval.protocol`` draws them (for
+    ``continual``, the fixed streams of both splits: validation chooses the test's online rate)."""
     where = f"{split} split"
+    if cfg.eval.protocol == "continual":
+        from metacli.continual import ContinualStreams  # continual.py builds on this module
+
+        return ContinualStreams(cfg, dataset, device)
     if cfg.eval.protocol == "within_alphabet":
         if (cfg.task.k_shot, cfg.task.n_query) != (1, 1):
             raise ConfigError(f"eval.protocol=within_alphabet is one-shot with one query a character: set "
@@ -63,9 +68,22 @@ def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.de
     return make_sampler(cfg, dataset, "test", device)
 
 
+def validate(cfg: DictConfig, learner: FewShotLearner, sampler: EpisodeSampler, processes: Processes = ONE) -> dict:
+    """The validation score that selects checkpoints: the metric on ``trainer.val_episodes`` fixed episodes, or
+    retention on the validation streams (``eval.protocol=continual``)."""
+    if cfg.eval.protocol == "continual":
+        return sampler.validate(learner)
+    return score(learner, sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed, cfg.eval.batch_size,
+                 processes=processes)
+
+
 def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
     """What fixes the test episodes: two results with the same fingerprint were scored on the same tasks, episode
     for episode, so they can be compared pairwise (``metacli compare``)."""
+    if cfg.eval.protocol == "continual":
+        from metacli.continual import fingerprint
+
+        return fingerprint(cfg, dataset)
     if dataset.family is REINFORCEMENT:  # tasks and environment seeds; the seeds are drawn a batch of tasks
         return {"env": dataset.describe(), "split": "test", "content_sha256": dataset.content_sha256("test"),
                 "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes, "batch_size": cfg.eval.batch_size}
@@ -84,6 +102,8 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
     ``initialisation``."""
     if dataset.family is REINFORCEMENT:
         scored, extra = stage_scores(cfg, learner, sampler, between_batches)
+    elif cfg.eval.protocol == "continual":
+        scored, extra = sampler.test(learner, between_batches)
     else:
         with Progress("test", total=cfg.eval.episodes, unit="episodes", enabled=processes.leader) as progress:
             scored = score(learner, sampler, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch_size, between_batches,

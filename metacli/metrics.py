@@ -17,8 +17,11 @@ def show(metric: str, value: float, ci95: float | None = None, signed: bool = Fa
 
 
 def task_label(results: dict) -> str:
-    """A results.json's task shape in short: ``5w1s`` for N-way K-shot classification, ``10-shot`` otherwise."""
+    """A results.json's task shape in short: ``5w1s`` for N-way K-shot classification, ``streams of 600 classes``
+    for continual learning, ``10-shot`` otherwise."""
     task = results.get("task", {})
+    if task.get("protocol") == "continual":
+        return f"streams of {max(task.get('lengths') or [0])} classes"
     if results.get("metric", "accuracy") == "accuracy":
         return f"{task.get('n_way', '?')}w{task.get('k_shot', '?')}s"
     if results.get("metric") == "return":

@@ -7,6 +7,9 @@
 - ``episode.png`` of a regression run: one test task's support points, the true curve, and the learner's
   prediction after adapting to them;
 - ``adaptation.png`` of a meta-RL run: the mean return on the test tasks (± its 95 % CI) at each adaptation stage;
+- ``retention.png`` of a continual run (``eval.protocol=continual``), and of all of them in ``metacli report
+  --plots DIR``: the accuracy at the end of a stream (± its 95 % CI over streams) and the forgetting per class,
+  against the stream's length;
 - for a sweep, in its dir: ``sweep_curves.png``, every job's validation metric against the step, and
   ``sweep_scores.png``, the test score (± its CI) and the best validation score against the swept value, when
   the sweep varies one setting besides the seed.
@@ -28,7 +31,7 @@ from metacli.data.episodes import EpisodeSampler
 from metacli.reliability.run_dir import METRICS
 from metacli.report import protocol_overrides
 
-CURVES, EPISODE, ADAPTATION = "curves.png", "episode.png", "adaptation.png"
+CURVES, EPISODE, ADAPTATION, RETENTION = "curves.png", "episode.png", "adaptation.png", "retention.png"
 SWEEP_CURVES, SWEEP_SCORES = "sweep_curves.png", "sweep_scores.png"
 
 
@@ -194,6 +197,8 @@ def sweep_figures(found: list[tuple[Path, dict]], table: list[dict]) -> dict[str
             if (run / METRICS).exists()]
     metric = table[0]["metric"]
     figures = {SWEEP_CURVES: sweep_curves_figure(runs, metric)}
+    if continual_runs(found):
+        figures[RETENTION] = retention_figure(continual_runs(found), "class-incremental streams")
     varied = _varied([protocol_overrides(Path(row["runs"][0])) for row in table])
     if len(table) > 1 and all(len(v) == 1 for v in varied):
         key = varied[0][0].split("=", 1)[0]
@@ -224,5 +229,34 @@ def adaptation_figure(results: dict, title: str) -> Figure:
                 axes.annotate(f"{reference} {scored['regret']:.2f}", (0, scored["regret"]), fontsize=8)
         axes.set_xticks(range(len(labels)), labels, rotation=20)
         axes.set(ylabel=f"test {label}", title=f"{name} on {results['episodes']} test tasks")
+    figure.suptitle(title)
+    return figure
+
+
+def continual_runs(found: list[tuple[Path, dict]]) -> list[tuple[str, dict]]:
+    """The continual runs among ``found``, each labelled by its algorithm, steps and what sets it apart."""
+    runs = [(run, results) for run, results in found if "continual" in results]
+    labels = _varied([protocol_overrides(run) + [f"seed={results.get('seed')}"] for run, results in runs])
+    return [(" ".join([f"{results['algorithm']}, {results.get('steps')} steps", *label]), results)
+            for (run, results), label in zip(runs, labels)]
+
+
+def retention_figure(runs: list[tuple[str, dict]], title: str) -> Figure:
+    """Continual runs' retention (test images of all classes at a stream's end) and forgetting per class, ± 95 % CI
+    over streams, against the stream's length in classes; one line a run, labelled."""
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    retention, forgetting = figure.subplots(1, 2)
+    for label, results in runs:
+        lengths = [entry["classes"] for entry in results["continual"]]
+        for axes, name in ((retention, "accuracy"), (forgetting, "forgetting")):
+            axes.errorbar(lengths, [100 * entry[name][name] for entry in results["continual"]],
+                          yerr=[100 * entry[name]["ci95"] for entry in results["continual"]], marker="o", capsize=3,
+                          label=label)
+    streams = runs[0][1]["task"]["streams"]
+    retention.set(xscale="log", xlabel="classes in the stream", ylabel="retention: test accuracy at the end (%)",
+                  title=f"after one online pass ({streams} streams a length)")
+    forgetting.set(xscale="log", xlabel="classes in the stream", ylabel="forgetting per class (points)",
+                   title="accuracy just after a class less at the end")
+    retention.legend(fontsize=8)
     figure.suptitle(title)
     return figure

@@ -158,6 +158,26 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def continual_markdown(found: list[tuple[Path, dict]]) -> str:
+    """The continual runs among ``found``, one row each: retention at every stream length ± its 95 % CI over
+    streams, with the forgetting per class and the online rate chosen on validation; empty if there are none."""
+    runs = [(run, results) for run, results in found if "continual" in results]
+    if not runs:
+        return ""
+    lengths = sorted({entry["classes"] for _, results in runs for entry in results["continual"]})
+    columns = ["run", "algorithm", "steps", *(f"{length} classes" for length in lengths)]
+    lines = ["", "Retention: test accuracy at a stream's end (± 95 % CI over streams); forgetting per class and the "
+             "online rate (chosen on validation streams) in brackets", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for run, results in runs:
+        by_length = {entry["classes"]: entry for entry in results["continual"]}
+        cells = [f"{100 * e['accuracy']['accuracy']:.2f} ± {100 * e['accuracy']['ci95']:.2f} % (forgets "
+                 f"{100 * e['forgetting']['forgetting']:.1f}, lr {e['lr']:g})" if (e := by_length.get(length)) else "-"
+                 for length in lengths]
+        lines.append("| " + " | ".join([str(run), results["algorithm"], str(results.get("steps", "?")), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell_text(row, c) for c in COLUMNS) + " |" for row in table]
@@ -192,6 +212,8 @@ def arguments() -> ArgumentParser:
     parser.add_argument("--format", choices=("table", "md", "csv", "json", "results"), default="table",
                         help="results: the reproduced-results page, with the runs still training")
     parser.add_argument("--out", help="write to this file instead of the terminal")
+    parser.add_argument("--plots", metavar="DIR", help="also draw the runs into DIR: retention.png, the continual "
+                                                       "runs' retention and forgetting against the stream length")
     return parser
 
 
@@ -202,17 +224,36 @@ def main(argv: list[str]) -> None:
 
         text = results_page(args.paths, args.out)
     else:
-        table = rows(find_results(args.paths))
+        found = find_results(args.paths)
+        table = rows(found)
+        if args.plots:
+            _draw(found, Path(args.plots))
         if args.format == "table" and not args.out and console.is_terminal:
             console.print(rich_table(table))
             # Elsewhere (a log, a pipe) the table is markdown: a box drawing squeezed to 80 columns is unreadable.
+            print(continual_markdown(found), end="")
             return
         text = {"md": markdown, "csv": csv_text, "json": lambda t: json.dumps(t, indent=2) + "\n",
                 "table": markdown}[args.format](table)
+        if args.format in ("md", "table"):
+            text += continual_markdown(found)
     if args.out:
         Path(args.out).write_text(text)
     else:
         print(text, end="")
+
+
+def _draw(found: list[tuple[Path, dict]], folder: Path) -> None:
+    """``metacli report --plots DIR``: the runs' comparison pictures."""
+    from metacli import plots  # matplotlib is imported only by reports that draw
+
+    continual = plots.continual_runs(found)
+    if not continual:
+        raise ConfigError("--plots draws continual runs (eval.protocol=continual) and none is among the paths: drop "
+                          "--plots, or pass continual run dirs")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = plots.save(plots.retention_figure(continual, "class-incremental streams"), folder / plots.RETENTION)
+    console.print(f"retention and forgetting against the stream length: {path}", highlight=False, soft_wrap=True)
 
 
 class SweepSummary(Callback):

@@ -19,7 +19,7 @@ from metacli.build import (build, build_dataset, build_execution, build_learner,
                            resolve_device, seed_everything, training_batches)
 from metacli.config_schema import check_ranges
 from metacli.errors import CheckpointError, ConfigError, MetacliError, ProcessesLost, TrainingError
-from metacli.evaluation import build_results, make_sampler, make_test_sampler, score
+from metacli.evaluation import build_results, make_sampler, make_test_sampler, validate
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
@@ -238,8 +238,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
                         log_row({**row, **({"lr": optimizer.param_groups[0]["lr"]} if optimizer else {})}, step)
                     # Rows are logged before the checkpoint of their step: a resume keeps exactly the rows up to it.
                     if step % cfg.trainer.val_every == 0 or step == steps:
-                        val = score(learner, val_sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed,
-                                    cfg.eval.batch_size, processes=group)
+                        val = validate(cfg, learner, val_sampler, group)
                         improved = family.better(val[family.metric], best_val)
                         if improved:
                             best_val, best_step = val[family.metric], step
@@ -294,7 +293,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
 
 def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset, results: dict) -> dict[str, Path]:
     """``curves.png`` (when metrics were logged to metrics.jsonl) and ``episode.png`` (``adaptation.png`` for
-    meta-RL: the return at each adaptation stage), by their W&B keys."""
+    meta-RL: the return at each adaptation stage; ``retention.png`` for a continual run), by their W&B keys."""
     from metacli import plots  # matplotlib is imported only by runs that draw
 
     family = learner.family.name
@@ -305,6 +304,10 @@ def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset, result
     title = f"{type(learner).__name__} on {dataset.name}, {shape}"
     if family == "reinforcement":
         images = {"plots/adaptation": plots.save(plots.adaptation_figure(results, title), run_dir / plots.ADAPTATION)}
+    elif cfg.eval.protocol == "continual":
+        title = f"{type(learner).__name__} on {dataset.name}, class-incremental streams"
+        images = {"plots/retention": plots.save(plots.retention_figure([(results["algorithm"], results)], title),
+                                                run_dir / plots.RETENTION)}
     else:
         episode = (plots.episode_figure(learner, test_sampler, dataset, cfg.eval.seed) if family == "classification"
                    else plots.regression_figure(learner, test_sampler, cfg.eval.seed))
@@ -324,6 +327,15 @@ def _kept_checkpoint(run_dir: Path) -> str:
     return f"the checkpoint of step {state['step']} is kept in {run_dir / LAST}"
 
 
+def _set_given(section: DictConfig, given: DictConfig) -> None:
+    """Set in ``section`` every value that ``given`` (eval's overrides, nested) does not leave null."""
+    for key, value in given.items():
+        if isinstance(value, DictConfig):
+            _set_given(section[key], value)
+        elif value is not None:
+            section[key] = value
+
+
 def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     """Re-test a finished run's checkpoint, optionally with other eval/task/device settings (``metacli eval``)."""
     cfg = load_run_config(run_dir)
@@ -332,9 +344,7 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     for section in ("algo", "backbone"):
         cfg[section] = OmegaConf.to_container(cfg[section], resolve=True)
     for section in ("eval", "task"):
-        for key, value in overrides[section].items():
-            if value is not None:
-                cfg[section][key] = value
+        _set_given(cfg[section], overrides[section])
     if overrides.adapt_steps is not None:
         if "test_inner_steps" not in cfg.algo:
             raise ConfigError(f"adapt_steps={overrides.adapt_steps}: {cfg.algo._target_.rsplit('.', 1)[-1]} does not "

@@ -44,9 +44,10 @@ class FewShotLearner(nn.Module, ABC):
     family: TaskFamily = CLASSIFICATION
     #: True when the model's output size is tied to ``n_way`` (so training must use the test way).
     fixed_way: bool = False
-    #: What a training batch is: ``"episodes"`` (an :class:`EpisodeBatch`), or ``"labelled"`` (a
+    #: What a training batch is: ``"episodes"`` (an :class:`EpisodeBatch`), ``"labelled"`` (a
     #: :class:`~metacli.data.batches.LabelledBatch` of all training classes, for learners whose config has an
-    #: ``n_classes`` key, which the builder fills with the train split's count).
+    #: ``n_classes`` key, which the builder fills with the train split's count), or ``"trajectories"`` (a
+    #: :class:`~metacli.data.trajectories.TrajectoryBatch` of the shape the learner's ``trajectory`` gives).
     training_data: str = "episodes"
     #: How a training batch becomes a loss: ``"per_task"``, :meth:`task_loss` of each task, which the execution
     #: layer may run in any order, on threads or vectorised; or ``"whole_batch"``, :meth:`batch_loss` of the batch.
@@ -83,6 +84,11 @@ class FewShotLearner(nn.Module, ABC):
     def batch_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """For ``training_step = "whole_batch"``: the loss and metric of a training batch, per task or overall."""
         raise NotImplementedError(f"{type(self).__name__} trains per task")
+
+    def representation(self) -> nn.Module | None:
+        """The network whose features a class-incremental stream is learned on, online, by a linear head
+        (``eval.protocol=continual``, :mod:`metacli.continual`); None where the learner has none to offer."""
+        return None
 
     def training_metrics(self) -> dict[str, float]:
         """Learner-specific numbers logged with each training step, read after its meta-gradient."""

@@ -73,6 +73,9 @@ class Baseline(FewShotLearner):
         self.finetune_epochs, self.finetune_batch, self.finetune_lr = finetune_epochs, finetune_batch, finetune_lr
         self.finetune_seed = finetune_seed
 
+    def representation(self) -> nn.Module:
+        return self.backbone  # the backbone pre-trained on all training classes: the pretrained baseline of continual learning
+
     def batch_loss(self, batch: LabelledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(self.backbone(batch.x))
         return F.cross_entropy(logits, batch.y), (logits.argmax(dim=1) == batch.y).float().mean()

@@ -7,6 +7,7 @@ Euclidean distance to each prototype. Training may use more ways than testing ("
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.similarity import class_means, cosine_similarity, squared_euclidean
@@ -31,6 +32,9 @@ class ProtoNet(FewShotLearner):
         if distance not in ("squared_euclidean", "cosine"):
             raise ValueError(f"algo.distance must be 'squared_euclidean' or 'cosine', got {distance!r}")
         self.distance, self.temperature = distance, temperature
+
+    def representation(self) -> nn.Module:
+        return self.backbone  # the metric-learned embedding
 
     def predict(self, episode: Episode, training: bool) -> torch.Tensor:
         n_support = episode.support_x.shape[0]

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from metacli.data.batches import LabelledBatch
 from metacli.data.episodes import EpisodeBatch, channels_last_images
+from metacli.data.trajectories import TrajectoryBatch
 from metacli.errors import ConfigError
 
-Batch = TypeVar("Batch", EpisodeBatch, LabelledBatch)
+Batch = TypeVar("Batch", EpisodeBatch, LabelledBatch, TrajectoryBatch)
 
 
 class RandomAffine:
@@ -66,6 +67,9 @@ class RandomAffine:
     def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
         if isinstance(batch, LabelledBatch):
             return replace(batch, x=self.images(batch.x, generator))
+        if isinstance(batch, TrajectoryBatch):
+            return replace(batch, stream_x=self.images(batch.stream_x, generator),
+                           query_x=self.images(batch.query_x, generator))
         return replace(batch, support_x=self.images(batch.support_x, generator),
                        query_x=self.images(batch.query_x, generator))
 

@@ -35,6 +35,15 @@ def print_results(results: dict) -> None:
         print_table(f"metacli test results: {results['dataset']['name']}, {results['episodes']} test tasks, "
                     f"{task['trajectories']} trajectories a task", ["algorithm", "stage", *names], rows)
         return
+    if "continual" in results:  # one row a stream length
+        rows = [[results["algorithm"], str(entry["classes"]), f"{entry['lr']:g}",
+                 *(show("accuracy", entry[name][name], entry[name]["ci95"]) for name in ("accuracy", "forgetting",
+                                                                                    "train_accuracy"))]
+                for entry in results["continual"]]
+        print_table(f"metacli continual results: {results['dataset']['name']}, {task['streams']} streams a length, "
+                    f"{task['train_shots']} images a class learned online",
+                    ["algorithm", "classes", "online lr", "retention (95% CI)", "forgetting", "learned images"], rows)
+        return
     shape = (f"{task['n_way']}-way {task['k_shot']}-shot" if metric == "accuracy"
              else f"{task['k_shot']}-shot, {task['n_query']} queries")
     print_table("metacli test results", ["algorithm", "dataset", "split", "episodes", "bn mode", f"{metric} (95% CI)"],

@@ -81,6 +81,18 @@ class WandbLogger:
             for name in (key for key in stage if key != "stage"):
                 self.run.summary[f"test/{stage['stage']}/{name}"] = stage[name][name]
                 self.run.summary[f"test/{stage['stage']}/{name}_ci95"] = stage[name]["ci95"]
+        # A continual run: each stream length's retention, forgetting and rate, and retention against the length.
+        for entry in results.get("continual", []):
+            for name in ("accuracy", "forgetting", "train_accuracy"):
+                self.run.summary[f"test/continual/{entry['classes']}/{name}"] = entry[name][name]
+                self.run.summary[f"test/continual/{entry['classes']}/{name}_ci95"] = entry[name]["ci95"]
+            self.run.summary[f"test/continual/{entry['classes']}/lr"] = entry["lr"]
+        if "continual" in results:
+            table = self._wandb.Table(columns=["classes", "retention", "ci95", "forgetting"],
+                                      data=[[e["classes"], e["accuracy"]["accuracy"], e["accuracy"]["ci95"],
+                                             e["forgetting"]["forgetting"]] for e in results["continual"]])
+            self.run.log({"test/retention": self._wandb.plot.line(table, "classes", "retention",
+                                                                  title="retention against stream length")})
         for reference, scored in results.get("references", {}).items():
             self.run.summary[f"test/reference/{reference}/regret"] = scored["regret"]
         self.run.summary[f"val/best_{metric}"] = results[f"best_val_{metric}"]
