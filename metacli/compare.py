@@ -94,7 +94,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps({"run_a": args.run_a, "run_b": args.run_b, **paired}, indent=2))
         return
     metric = a.get("metric", "accuracy")
-    print_table(f"paired comparison over the same {paired['episodes']} test episodes", ["", metric, "episodes won"],
+    unit = "streams" if "continual" in a else "episodes"  # a continual run is scored stream by stream
+    print_table(f"paired comparison over the same {paired['episodes']} test {unit}", ["", metric, f"{unit} won"],
                 [[f"A: {_label(a, args.run_a)}", show(metric, paired["a"]), str(paired["a_wins"])],
                  [f"B: {_label(b, args.run_b)}", show(metric, paired["b"]), str(paired["b_wins"])],
                  ["A - B", show(metric, paired["difference"], paired["ci95"], signed=True),

@@ -10,6 +10,9 @@
 - ``retention.png`` of a continual run (``eval.protocol=continual``), and of all of them in ``metacli report
   --plots DIR``: the accuracy at the end of a stream (± its 95 % CI over streams) and the forgetting per class,
   against the stream's length;
+- ``generation.png`` of a generative run (``eval.protocol=generative``): for each character of the first test
+  episode, the images the generator adapted to, then its new ones, then real held-out ones and the unadapted
+  generator's;
 - for a sweep, in its dir: ``sweep_curves.png``, every job's validation metric against the step, and
   ``sweep_scores.png``, the test score (± its CI) and the best validation score against the swept value, when
   the sweep varies one setting besides the seed.
@@ -31,7 +34,8 @@ from metacli.data.episodes import EpisodeSampler
 from metacli.reliability.run_dir import METRICS
 from metacli.report import protocol_overrides
 
-CURVES, EPISODE, ADAPTATION, RETENTION = "curves.png", "episode.png", "adaptation.png", "retention.png"
+CURVES, EPISODE, ADAPTATION, RETENTION, GENERATION = ("curves.png", "episode.png", "adaptation.png", "retention.png",
+                                                     "generation.png")
 SWEEP_CURVES, SWEEP_SCORES = "sweep_curves.png", "sweep_scores.png"
 
 
@@ -236,9 +240,11 @@ def adaptation_figure(results: dict, title: str) -> Figure:
 def continual_runs(found: list[tuple[Path, dict]]) -> list[tuple[str, dict]]:
     """The continual runs among ``found``, each labelled by its algorithm, steps and what sets it apart."""
     runs = [(run, results) for run, results in found if "continual" in results]
-    labels = _varied([protocol_overrides(run) + [f"seed={results.get('seed')}"] for run, results in runs])
-    return [(" ".join([f"{results['algorithm']}, {results.get('steps')} steps", *label]), results)
-            for (run, results), label in zip(runs, labels)]
+    names = [f"{results['algorithm']}, {results.get('steps')} steps" for _, results in runs]
+    varied = _varied([protocol_overrides(run) + [f"seed={results.get('seed')}"] for run, results in runs])
+    # What else sets a run apart is shown only where its algorithm and steps do not.
+    return [(name if names.count(name) == 1 else " ".join([name, *label]), results)
+            for name, label, (_, results) in zip(names, varied, runs)]
 
 
 def retention_figure(runs: list[tuple[str, dict]], title: str) -> Figure:
@@ -252,11 +258,39 @@ def retention_figure(runs: list[tuple[str, dict]], title: str) -> Figure:
             axes.errorbar(lengths, [100 * entry[name][name] for entry in results["continual"]],
                           yerr=[100 * entry[name]["ci95"] for entry in results["continual"]], marker="o", capsize=3,
                           label=label)
+    anchor = next((results["expected"]["by_length"] for _, results in runs
+                   if (results.get("expected") or {}).get("by_length")), None)
+    if anchor:  # a paper's retention at each length, as the experiment's config gives it
+        retention.plot([length for length, _ in anchor["values"]], [100 * value for _, value in anchor["values"]],
+                       linestyle="--", color="gray", marker="x", label=anchor["label"])
     streams = runs[0][1]["task"]["streams"]
     retention.set(xscale="log", xlabel="classes in the stream", ylabel="retention: test accuracy at the end (%)",
                   title=f"after one online pass ({streams} streams a length)")
     forgetting.set(xscale="log", xlabel="classes in the stream", ylabel="forgetting per class (points)",
                    title="accuracy just after a class less at the end")
     retention.legend(fontsize=8)
+    figure.suptitle(title)
+    return figure
+
+
+def generation_figure(episode: dict[str, torch.Tensor], title: str) -> Figure:
+    """One row a character: its conditioning images | generated | real held-out | unadapted generator's (images in
+    [0, 1], ``[characters, n, C, H, W]``), strokes drawn dark on white."""
+    parts = ("conditioning", "generated", "real", "unadapted")
+    rows, columns = len(episode["generated"]), sum(episode[part].shape[1] for part in parts) + len(parts) - 1
+    figure = Figure(figsize=(columns * 0.55, rows * 0.6 + 0.8), layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for row in range(rows):
+        column = 0
+        for part in parts:
+            for index, image in enumerate(episode[part][row]):
+                axes = grid[row, column]
+                axes.imshow(1 - image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                if row == 0 and index == 0:
+                    axes.set_title(part, fontsize=8, loc="left")
+                column += 1
+            column += 1  # a blank column between the parts
+    for axes in grid.flat:
+        axes.set_axis_off()
     figure.suptitle(title)
     return figure

@@ -124,7 +124,10 @@ def rows(found: list[tuple[Path, dict]]) -> list[dict]:
                       # A run without a paper protocol of its own (a default run) gets the published number.
                       "expected": (runs[0][1].get("expected")
                                    or published(runs[0][1], protocol_overrides(runs[0][0]))),
-                      "wall time": [_wall_seconds(run) for run, _ in runs]})
+                      "wall time": [_wall_seconds(run) for run, _ in runs],
+                      # What the CI is over: a continual run's test streams, a meta-RL run's tasks, else episodes.
+                      "over": ("test streams" if "continual" in runs[0][1] else
+                               "test tasks" if metric == "return" else "episodes")})
     return table
 
 
@@ -132,7 +135,7 @@ def cell_text(row: dict, column: str) -> str:
     scale = 100 if row["metric"] == "accuracy" else 1
     unit = " %" if scale == 100 else ""
     if column == "test":
-        over = "test tasks" if row["metric"] == "return" else "episodes"
+        over = row.get("over", "episodes")
         spread = "t-interval over seeds" if len(row["per seed"]) > 1 else f"CI over {over}"
         return f"{scale * row['test']:.2f} ± {scale * row['ci95']:.2f}{unit} ({spread})"
     if column in ("paper", "difference"):

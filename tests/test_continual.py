@@ -119,7 +119,7 @@ def test_the_retention_reaches_the_run_dir_the_report_and_wandb(omniglot_runs, t
     assert retention in done.stdout and (tmp_path / "plots" / "retention.png").stat().st_size > 10_000
     # Paired over the same streams, stream by stream, at the longest length.
     paired = run_cli("compare", str(run), str(omniglot_runs["scratch"]), cwd=tmp_path)
-    assert paired.returncode == 0 and "same 10 test episodes" in paired.stdout, paired.stdout + paired.stderr
+    assert paired.returncode == 0 and "same 10 test streams" in paired.stdout, paired.stdout + paired.stderr
     # Re-tested with metacli eval at another length: the same rate choice and the same streams for the shared length.
     again = run_cli("eval", f"checkpoint={run}", "eval.continual.lengths=[10]", f"hydra.run.dir={tmp_path / 'eval'}",
                     cwd=tmp_path)
