@@ -18,7 +18,7 @@ from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.meta_rl import MetaRLLearner
 from metacli.config_schema import algo_targets
 from metacli.data.augment import augmented
-from metacli.data.base import FewShotDataset
+from metacli.data.base import FewShotDataset, unit_range
 from metacli.data.batches import ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
 from metacli.data.trajectories import TrajectorySampler
@@ -138,11 +138,21 @@ def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     check_family(cfg, dataset)
     if cfg.eval.protocol == "continual":
         check_continual(cfg)
+    generates = getattr(get_class(cfg.algo._target_), "generates", False)
+    if generates and cfg.eval.protocol != "generative":
+        raise ConfigError(f"{get_class(cfg.algo._target_).__name__} generates images: score it with "
+                          "eval.protocol=generative eval.generative.judge=RUN_DIR (a ProtoNet run on the same dataset)")
+    if cfg.eval.protocol == "generative" and not generates:
+        raise ConfigError(f"eval.protocol=generative scores generated images, and "
+                          f"{get_class(cfg.algo._target_).__name__} draws none: use algo=figr, or another eval.protocol")
     if dataset.family is REINFORCEMENT:
         return _build_rl_learner(cfg, dataset)
     backbone = build(cfg.backbone, "backbone", in_channels=dataset.channels, image_size=dataset.image_size)
-    # A classifier over all training classes (non-episodic learners) is sized by the data, not by the user.
+    # A classifier over all training classes (non-episodic learners) is sized by the data, not by the user, and so
+    # is a generator.
     sized = {"n_classes": dataset.split("train").n_classes} if "n_classes" in cfg.algo else {}
+    if "image_size" in cfg.algo:
+        sized.update(image_size=dataset.image_size, channels=dataset.channels)
     learner = build(cfg.algo, "algo", backbone=backbone, n_way=dataset.family.outputs(cfg.task.n_way),
                     bn_mode=cfg.eval.bn_mode, **sized)
     learner.family = dataset.family
@@ -182,7 +192,9 @@ def _training_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDat
                    split: str) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
     where = f"{split} split"
     if learner.training_data == "trajectories":
-        return partial(TrajectorySampler(dataset.split(split), *learner.trajectory, dataset.normalize, device,
+        # A generator learns images as they are (values in [0, 1]), not the backbones' standardised inputs.
+        normalize = unit_range if getattr(learner, "generates", False) else dataset.normalize
+        return partial(TrajectorySampler(dataset.split(split), *learner.trajectory, normalize, device,
                                          where=where).sample, cfg.trainer.meta_batch)
     if learner.training_data == "labelled":
         return partial(ImageBatchSampler(dataset.split(split), dataset.normalize, device, where=where).sample,

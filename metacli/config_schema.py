@@ -116,15 +116,28 @@ class ContinualSchema:
 
 
 @dataclass
+class GenerativeSchema:
+    """eval.protocol=generative: generated images judged by a separately trained classifier (metacli/generative.py)."""
+
+    judge: Optional[str] = None             # run dir of a classification run (a ProtoNet) on the same dataset
+    way: int = _at_least(2, 5)              # characters an episode
+    judge_shots: int = _at_least(1, 5)      # other drawers' images of each character: the judge's support set
+    samples: int = _at_least(1, 10)         # images generated a character, and real held-out images to compare
+
+
+@dataclass
 class EvalSchema:
     episodes: int = _at_least(1, 600)
     seed: int = 0
     batch_size: int = _at_least(1, 25)
     bn_mode: str = field(default="transductive", metadata={"choices": ("transductive", "running")})
     # episodes: N-way K-shot over the split's classes; within_alphabet: Lake et al.'s one-shot protocol (Omniglot);
-    # continual: class-incremental streams learned online, scored by retention and forgetting.
-    protocol: str = field(default="episodes", metadata={"choices": ("episodes", "within_alphabet", "continual")})
+    # continual: class-incremental streams learned online, scored by retention and forgetting; generative: a
+    # generator adapted to each character, its images judged.
+    protocol: str = field(default="episodes", metadata={"choices": ("episodes", "within_alphabet", "continual",
+                                                                     "generative")})
     continual: ContinualSchema = field(default_factory=ContinualSchema)
+    generative: GenerativeSchema = field(default_factory=GenerativeSchema)
 
 
 @dataclass

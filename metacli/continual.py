@@ -167,6 +167,10 @@ class ContinualStreams:
                 "per_episode": longest["per_stream"]}, extra
 
 
+#: The protocol's scorer, as :mod:`metacli.evaluation` builds it.
+Protocol = ContinualStreams
+
+
 def fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
     """What fixes the test streams: ``metacli compare`` pairs two runs stream by stream at the longest length."""
     settings = cfg.eval.continual

@@ -48,14 +48,27 @@ def summarize(values: list[float], metric: str) -> dict:
     return {metric: per_episode.mean().item(), "std": std, "ci95": 1.96 * std / math.sqrt(len(values))}
 
 
+def _scored_apart(cfg: DictConfig):
+    """The module of a protocol that scores a learner in a way of its own (``continual``: streams learned online;
+    ``generative``: generated images judged), with its ``Protocol`` and ``fingerprint``; None for episodes."""
+    if cfg.eval.protocol == "continual":
+        from metacli import continual  # both build on this module
+
+        return continual
+    if cfg.eval.protocol == "generative":
+        from metacli import generative
+
+        return generative
+    return None
+
+
 def make_sampler(cfg: DictConfig, dataset: FewShotDataset, split: str, device: torch.device) -> EpisodeSampler:
     """The fixed episodes of ``split`` that validation or the test score, as ``eval.protocol`` draws them (for
     ``continual``, the fixed streams of both splits: validation chooses the test's online rate)."""
     where = f"{split} split"
-    if cfg.eval.protocol == "continual":
-        from metacli.continual import ContinualStreams  # continual.py builds on this module
-
-        return ContinualStreams(cfg, dataset, device)
+    scored_apart = _scored_apart(cfg)
+    if scored_apart is not None:
+        return scored_apart.Protocol(cfg, dataset, device)
     if cfg.eval.protocol == "within_alphabet":
         if (cfg.task.k_shot, cfg.task.n_query) != (1, 1):
             raise ConfigError(f"eval.protocol=within_alphabet is one-shot with one query a character: set "
@@ -71,7 +84,7 @@ def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.de
 def validate(cfg: DictConfig, learner: FewShotLearner, sampler: EpisodeSampler, processes: Processes = ONE) -> dict:
     """The validation score that selects checkpoints: the metric on ``trainer.val_episodes`` fixed episodes, or
     retention on the validation streams (``eval.protocol=continual``)."""
-    if cfg.eval.protocol == "continual":
+    if _scored_apart(cfg) is not None:
         return sampler.validate(learner)
     return score(learner, sampler, cfg.trainer.val_episodes, cfg.trainer.val_seed, cfg.eval.batch_size,
                  processes=processes)
@@ -80,10 +93,9 @@ def validate(cfg: DictConfig, learner: FewShotLearner, sampler: EpisodeSampler, 
 def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
     """What fixes the test episodes: two results with the same fingerprint were scored on the same tasks, episode
     for episode, so they can be compared pairwise (``metacli compare``)."""
-    if cfg.eval.protocol == "continual":
-        from metacli.continual import fingerprint
-
-        return fingerprint(cfg, dataset)
+    scored_apart = _scored_apart(cfg)
+    if scored_apart is not None:
+        return scored_apart.fingerprint(cfg, dataset)
     if dataset.family is REINFORCEMENT:  # tasks and environment seeds; the seeds are drawn a batch of tasks
         return {"env": dataset.describe(), "split": "test", "content_sha256": dataset.content_sha256("test"),
                 "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes, "batch_size": cfg.eval.batch_size}
@@ -102,7 +114,7 @@ def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
     ``initialisation``."""
     if dataset.family is REINFORCEMENT:
         scored, extra = stage_scores(cfg, learner, sampler, between_batches)
-    elif cfg.eval.protocol == "continual":
+    elif _scored_apart(cfg) is not None:
         scored, extra = sampler.test(learner, between_batches)
     else:
         with Progress("test", total=cfg.eval.episodes, unit="episodes", enabled=processes.leader) as progress:

@@ -20,6 +20,8 @@ def task_label(results: dict) -> str:
     """A results.json's task shape in short: ``5w1s`` for N-way K-shot classification, ``streams of 600 classes``
     for continual learning, ``10-shot`` otherwise."""
     task = results.get("task", {})
+    if task.get("protocol") == "generative":
+        return f"{task.get('shots', '?')} images to generate from"
     if task.get("protocol") == "continual":
         return f"streams of {max(task.get('lengths') or [0])} classes"
     if results.get("metric", "accuracy") == "accuracy":

@@ -293,7 +293,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
 
 def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset, results: dict) -> dict[str, Path]:
     """``curves.png`` (when metrics were logged to metrics.jsonl) and ``episode.png`` (``adaptation.png`` for
-    meta-RL: the return at each adaptation stage; ``retention.png`` for a continual run), by their W&B keys."""
+    meta-RL: the return at each adaptation stage; ``retention.png`` for a continual run, ``generation.png`` for a
+    generative one), by their W&B keys."""
     from metacli import plots  # matplotlib is imported only by runs that draw
 
     family = learner.family.name
@@ -304,6 +305,10 @@ def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset, result
     title = f"{type(learner).__name__} on {dataset.name}, {shape}"
     if family == "reinforcement":
         images = {"plots/adaptation": plots.save(plots.adaptation_figure(results, title), run_dir / plots.ADAPTATION)}
+    elif cfg.eval.protocol == "generative":
+        images = {"plots/generation": plots.save(plots.generation_figure(
+            test_sampler.first_episode, f"{type(learner).__name__} on unseen {dataset.name} characters"),
+            run_dir / plots.GENERATION)}
     elif cfg.eval.protocol == "continual":
         title = f"{type(learner).__name__} on {dataset.name}, class-incremental streams"
         images = {"plots/retention": plots.save(plots.retention_figure([(results["algorithm"], results)], title),

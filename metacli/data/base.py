@@ -89,6 +89,11 @@ def pil_to_uint8(image: Image.Image, mode: str, size: int, invert: bool = False)
     return 255 - pixels if invert else pixels
 
 
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as floats in [0, 1]: what a generator learns and draws."""
+    return images.float() / 255.0
+
+
 class FewShotDataset(ABC):
     """A dataset split into disjoint train/val/test class sets.
 

@@ -35,6 +35,19 @@ def print_results(results: dict) -> None:
         print_table(f"metacli test results: {results['dataset']['name']}, {results['episodes']} test tasks, "
                     f"{task['trajectories']} trajectories a task", ["algorithm", "stage", *names], rows)
         return
+    if "generative" in results:  # the generated images beside the judge's ceiling and floor, and the copy check
+        scored = results["generative"]
+        rows = [["generated (recognisability)", show(metric, results[metric], results["ci95"])],
+                ["real held-out (ceiling)", show(metric, scored["ceiling"]["accuracy"], scored["ceiling"]["ci95"])],
+                ["unadapted generator (floor)", show(metric, scored["floor"]["accuracy"], scored["floor"]["ci95"])],
+                ["distance to nearest conditioning image: generated / real",
+                 f"{scored['copy_distance']['generated']['distance']:.3f} / {scored['copy_distance']['real']['distance']:.3f}"],
+                ["Fréchet distance to real (judge features): generated / unadapted",
+                 f"{scored['frechet']['generated']:.2f} / {scored['frechet']['unadapted']:.2f}"]]
+        print_table(f"metacli generative results: {results['dataset']['name']}, {results['episodes']} episodes of "
+                    f"{task['n_way']} unseen characters, {task['shots']} images each to adapt to",
+                    ["", "judge accuracy (95% CI)"], rows)
+        return
     if "continual" in results:  # one row a stream length
         rows = [[results["algorithm"], str(entry["classes"]), f"{entry['lr']:g}",
                  *(show("accuracy", entry[name][name], entry[name]["ci95"]) for name in ("accuracy", "forgetting",

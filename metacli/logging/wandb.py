@@ -87,6 +87,15 @@ class WandbLogger:
                 self.run.summary[f"test/continual/{entry['classes']}/{name}"] = entry[name][name]
                 self.run.summary[f"test/continual/{entry['classes']}/{name}_ci95"] = entry[name]["ci95"]
             self.run.summary[f"test/continual/{entry['classes']}/lr"] = entry["lr"]
+        # A generative run: the judge's ceiling and floor, the copy check and the Fréchet distances.
+        if "generative" in results:
+            scored = results["generative"]
+            for name in ("ceiling", "floor"):
+                self.run.summary[f"test/{name}/accuracy"] = scored[name]["accuracy"]
+            for name in ("generated", "real"):
+                self.run.summary[f"test/copy_distance/{name}"] = scored["copy_distance"][name]["distance"]
+            for name, value in scored["frechet"].items():
+                self.run.summary[f"test/frechet/{name}"] = value
         if "continual" in results:
             table = self._wandb.Table(columns=["classes", "retention", "ci95", "forgetting"],
                                       data=[[e["classes"], e["accuracy"]["accuracy"], e["accuracy"]["ci95"],
