@@ -132,19 +132,26 @@ def check_continual(cfg: DictConfig) -> None:
                           "eval.protocol=episodes")
 
 
+def check_generative(cfg: DictConfig) -> None:
+    """Refuse, in one line, a generator (FIGR) scored by another protocol than ``generative``, or that protocol for a
+    learner that draws nothing."""
+    learner = get_class(cfg.algo._target_)
+    generates = getattr(learner, "generates", False)
+    if generates and cfg.eval.protocol != "generative":
+        raise ConfigError(f"{learner.__name__} generates images: score it with eval.protocol=generative "
+                          "eval.generative.judge=RUN_DIR (a ProtoNet run on the same dataset)")
+    if cfg.eval.protocol == "generative" and not generates:
+        raise ConfigError(f"eval.protocol=generative scores generated images, and {learner.__name__} draws none: use "
+                          "algo=figr, or another eval.protocol")
+
+
 def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     """Backbone sized for the dataset's inputs, wrapped by the configured algorithm, given the dataset's task
     family (its output size, loss and metric)."""
     check_family(cfg, dataset)
     if cfg.eval.protocol == "continual":
         check_continual(cfg)
-    generates = getattr(get_class(cfg.algo._target_), "generates", False)
-    if generates and cfg.eval.protocol != "generative":
-        raise ConfigError(f"{get_class(cfg.algo._target_).__name__} generates images: score it with "
-                          "eval.protocol=generative eval.generative.judge=RUN_DIR (a ProtoNet run on the same dataset)")
-    if cfg.eval.protocol == "generative" and not generates:
-        raise ConfigError(f"eval.protocol=generative scores generated images, and "
-                          f"{get_class(cfg.algo._target_).__name__} draws none: use algo=figr, or another eval.protocol")
+    check_generative(cfg)
     if dataset.family is REINFORCEMENT:
         return _build_rl_learner(cfg, dataset)
     backbone = build(cfg.backbone, "backbone", in_channels=dataset.channels, image_size=dataset.image_size)

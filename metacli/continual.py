@@ -158,7 +158,8 @@ class ContinualStreams:
                                   "val_accuracy": summarize(val_scored["accuracy"], "accuracy")["accuracy"],
                                   **{name: summarize(values, name) for name, values in scored.items()},
                                   "per_stream": scored["accuracy"]})
-                progress.advance(length, status=f"{length} classes: retention {by_length[-1]['accuracy']['accuracy']:.3f}")
+                retention = by_length[-1]["accuracy"]["accuracy"]
+                progress.advance(length, status=f"{length} classes: retention {retention:.3f}")
         longest = by_length[-1]
         extra = {"task": {"protocol": "continual", "lengths": self.lengths, "streams": settings.streams,
                           "train_shots": settings.train_shots},

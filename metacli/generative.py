@@ -115,7 +115,9 @@ class GenerativeEpisodes:
         data, (shots, judge_shots, samples) = self.dataset.split(split), self.split_sizes
         classes, order = self._draw(split, episodes, seed)
         scored: dict[str, list] = {name: [] for name in ("accuracy", "ceiling", "floor", "copy", "real_copy")}
-        features: dict[str, list] = {"generated": [], "real": [], "unadapted": []}
+        # The judge's accuracy on each kind of sample is scored under the name the results give it.
+        judged = {"generated": "accuracy", "real": "ceiling", "unadapted": "floor"}
+        features: dict[str, list] = {kind: [] for kind in judged}
         for index in range(episodes):
             if between is not None:
                 between()
@@ -125,12 +127,13 @@ class GenerativeEpisodes:
             generated, unadapted = zip(*(learner.draw(character, samples, learner.seed + index * 1000 + c)
                                          for c, character in enumerate(conditioning)))
             generated, unadapted = torch.stack(generated), torch.stack(unadapted)
-            for name, queries in (("accuracy", generated), ("ceiling", real), ("floor", unadapted)):
-                accuracy, feats = self._judge(support, queries)
-                scored[name].append(accuracy)
-                features[{"accuracy": "generated", "ceiling": "real", "floor": "unadapted"}[name]].append(feats)
-            scored["copy"].append(torch.cat([nearest_distance(g, c) for g, c in zip(generated, conditioning)]).mean().item())
-            scored["real_copy"].append(torch.cat([nearest_distance(r, c) for r, c in zip(real, conditioning)]).mean().item())
+            for kind, queries in (("generated", generated), ("real", real), ("unadapted", unadapted)):
+                accuracy, judge_features = self._judge(support, queries)
+                scored[judged[kind]].append(accuracy)
+                features[kind].append(judge_features)
+            for name, samples_of in (("copy", generated), ("real_copy", real)):
+                distances = [nearest_distance(drawn, given) for drawn, given in zip(samples_of, conditioning)]
+                scored[name].append(torch.cat(distances).mean().item())
             if index == 0:
                 self.first_episode = {"conditioning": conditioning.cpu(), "generated": generated.cpu(),
                                       "real": real.cpu(), "unadapted": unadapted.cpu()}

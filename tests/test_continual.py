@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, run_cli
-from metacli.algorithms.online import OnlineHeads, sgd_step
+from metacli.algorithms.online import OnlineHeads, online_step
 from metacli.continual import draw_streams, learn_streams
 from metacli.data.trajectories import TrajectorySampler
 from test_wandb import run_file
@@ -28,7 +28,7 @@ def test_an_online_step_is_sgd_on_cross_entropy_for_every_head_at_once():
     sample = torch.randn(4, dtype=torch.float64, generator=generator)
     loss = F.cross_entropy((weight @ sample + bias)[None], torch.tensor([2]))
     grad_weight, grad_bias = torch.autograd.grad(loss, (weight, bias), create_graph=True)
-    stepped_weight, stepped_bias = sgd_step(weight, bias, sample, 2, 0.1)
+    stepped_weight, stepped_bias = online_step(weight, bias, sample, 2, 0.1)
     assert torch.allclose(stepped_weight, weight - 0.1 * grad_weight) and torch.allclose(stepped_bias, bias - 0.1 * grad_bias)
     # Differentiable as autograd's step: the meta-gradient through it is the same.
     meta = torch.autograd.grad(stepped_weight.square().sum(), weight)[0]
@@ -39,7 +39,7 @@ def test_an_online_step_is_sgd_on_cross_entropy_for_every_head_at_once():
     heads.learn(samples, 4, rates[:, None])
     for r in range(2):
         for s in range(3):
-            alone = sgd_step(torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), samples[s], 4, rates[r])
+            alone = online_step(torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), samples[s], 4, rates[r])
             assert torch.allclose(heads.weight[r, s], alone[0]) and torch.allclose(heads.bias[r, s], alone[1])
     assert (heads.predict(samples[None, :, None].expand(2, 3, 1, 4)) == 4).all()
 

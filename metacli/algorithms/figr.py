@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from metacli.algorithms.base import FewShotLearner
+from metacli.algorithms.inner_loop import reptile_pull
 from metacli.data.trajectories import TrajectoryBatch
 
 
@@ -138,10 +139,9 @@ class FIGR(FewShotLearner):
             # The task's noise comes from the run's RNG (seeded, checkpointed), so a resumed run repeats itself.
             generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
             gen, critic, accuracy = self.adapt(task.stream_x, self.inner_steps, generator)
-            adapted = {**{f"generator.{n}": p.detach() for n, p in gen.named_parameters()},
-                       **{f"critic.{n}": p.detach() for n, p in critic.named_parameters()}}
-            # Reptile's theta - theta' is the gradient of half the squared distance to the adapted weights.
-            distances.append(sum(0.5 * (p - adapted[n]).square().sum() for n, p in self.named_parameters()))
+            adapted = {**{f"generator.{n}": p for n, p in gen.named_parameters()},
+                       **{f"critic.{n}": p for n, p in critic.named_parameters()}}
+            distances.append(reptile_pull(self, adapted))
             scores.append(torch.tensor(accuracy))
         return torch.stack(distances), torch.stack(scores)
 

@@ -113,6 +113,12 @@ def adapt_to_support(module: nn.Module, params: Params, episode: Episode, loop: 
                             loop, training)
 
 
+def reptile_pull(module: nn.Module, adapted: Params) -> torch.Tensor:
+    """Half the squared distance from ``module``'s parameters to ``adapted`` (held fixed): its gradient is Reptile's
+    theta - theta' (Nichol et al. 2018), the direction the outer optimiser then steps along."""
+    return sum(0.5 * (p - adapted[name].detach()).pow(2).sum() for name, p in module.named_parameters())
+
+
 def query_loss(module: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, family: TaskFamily
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The task family's loss and metric of the adapted ``params`` on a query set."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.algorithms.online import sgd_step
+from metacli.algorithms.online import learn_online
 from metacli.data.episodes import Episode
 from metacli.data.trajectories import Trajectory, TrajectoryBatch
 
@@ -73,16 +73,13 @@ class OML(FewShotLearner):
         keep = torch.ones(self.head.out_features, device=features.device)
         keep[trajectory.classes] = 0
         weight, bias = self.head.weight * keep[:, None], self.head.bias * keep
-        for sample, label in zip(features[:n_stream], trajectory.stream_y):
-            weight, bias = sgd_step(weight, bias, sample, label, self.inner_lr)
+        weight, bias = learn_online(weight, bias, features[:n_stream], trajectory.stream_y, self.inner_lr)
         logits = features[n_stream:] @ weight.T + bias
         return F.cross_entropy(logits, trajectory.query_y), (logits.argmax(1) == trajectory.query_y).float().mean()
 
     def predict(self, task: Episode, training: bool) -> torch.Tensor:
         n_support = len(task.support_y)
         features = self.representation()(torch.cat([task.support_x, task.query_x]))
-        weight = features.new_zeros(task.n_way, features.shape[1])
-        bias = features.new_zeros(task.n_way)
-        for sample, label in zip(features[:n_support], task.support_y):
-            weight, bias = sgd_step(weight, bias, sample, label, self.inner_lr)
+        weight, bias = learn_online(features.new_zeros(task.n_way, features.shape[1]), features.new_zeros(task.n_way),
+                                    features[:n_support], task.support_y, self.inner_lr)
         return features[n_support:] @ weight.T + bias

@@ -23,13 +23,21 @@ def logit_error(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor
     return error - torch.nn.functional.one_hot(label, error.shape[-1]).to(error)
 
 
-def sgd_step(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, label: int | torch.Tensor,
+def online_step(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, label: int | torch.Tensor,
              lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The head after one SGD step on one sample (per head), as new tensors: differentiable in everything, the
     inner loop of meta-training. ``lr`` is a number or a ``[...]`` tensor, one rate per head."""
     error = logit_error(weight, bias, features, label)
     lr = torch.as_tensor(lr, dtype=error.dtype, device=error.device)[..., None]
     return weight - (lr * error)[..., None] * features[..., None, :], bias - lr * error
+
+
+def learn_online(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                 lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head after :func:`online_step` on each of ``features [N, D]`` in turn, with its label."""
+    for sample, label in zip(features, labels):
+        weight, bias = online_step(weight, bias, sample, label, lr)
+    return weight, bias
 
 
 class OnlineHeads:

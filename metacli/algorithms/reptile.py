@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from metacli.algorithms.base import FewShotLearner
-from metacli.algorithms.inner_loop import Params, fine_tune, functional_forward, query_loss, support_loss
+from metacli.algorithms.inner_loop import (Params, fine_tune, functional_forward, query_loss, reptile_pull,
+                                           support_loss)
 from metacli.data.episodes import Episode
 from metacli.models.batchnorm import batch_statistics_only
 
@@ -77,5 +78,5 @@ class Reptile(FewShotLearner):
             loss, score = query_loss(self, adapted, episode.query_x, episode.query_y, self.family)
         # Reptile's update theta - theta_i is the gradient of half the squared distance to the adapted weights. The
         # objective carries that gradient, and the query loss as its value for the logs.
-        distance = sum(0.5 * (p - adapted[name].detach()).pow(2).sum() for name, p in self.named_parameters())
+        distance = reptile_pull(self, adapted)
         return distance - distance.detach() + loss, score
