@@ -125,7 +125,7 @@ def _learns_streams(target: str) -> bool:
 def check_continual(cfg: DictConfig) -> None:
     """Refuse, in one line naming those that can, a learner with no representation to learn a stream on
     (``eval.protocol=continual``)."""
-    if not _learns_streams(cfg.algo._target_):
+    if cfg.eval.protocol == "continual" and not _learns_streams(cfg.algo._target_):
         able = [name for name, target in algo_targets().items() if _learns_streams(target)]
         raise ConfigError(f"{get_class(cfg.algo._target_).__name__} has no representation to learn a class-incremental "
                           f"stream on (eval.protocol=continual): use one of algo={', algo='.join(able)}, or "
@@ -149,8 +149,7 @@ def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     """Backbone sized for the dataset's inputs, wrapped by the configured algorithm, given the dataset's task
     family (its output size, loss and metric)."""
     check_family(cfg, dataset)
-    if cfg.eval.protocol == "continual":
-        check_continual(cfg)
+    check_continual(cfg)
     check_generative(cfg)
     if dataset.family is REINFORCEMENT:
         return _build_rl_learner(cfg, dataset)

@@ -81,6 +81,14 @@ def make_test_sampler(cfg: DictConfig, dataset: FewShotDataset, device: torch.de
     return make_sampler(cfg, dataset, "test", device)
 
 
+def make_samplers(cfg: DictConfig, dataset: FewShotDataset, device: torch.device
+                  ) -> tuple[EpisodeSampler, EpisodeSampler]:
+    """The validation and test samplers of a training run; a protocol that scores apart holds both splits in one
+    object, built once (a generative run's judge is loaded once)."""
+    validation = make_sampler(cfg, dataset, "val", device)
+    return validation, validation if _scored_apart(cfg) is not None else make_test_sampler(cfg, dataset, device)
+
+
 def validate(cfg: DictConfig, learner: FewShotLearner, sampler: EpisodeSampler, processes: Processes = ONE) -> dict:
     """The validation score that selects checkpoints: the metric on ``trainer.val_episodes`` fixed episodes, or
     retention on the validation streams (``eval.protocol=continual``)."""

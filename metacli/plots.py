@@ -201,8 +201,9 @@ def sweep_figures(found: list[tuple[Path, dict]], table: list[dict]) -> dict[str
             if (run / METRICS).exists()]
     metric = table[0]["metric"]
     figures = {SWEEP_CURVES: sweep_curves_figure(runs, metric)}
-    if continual_runs(found):
-        figures[RETENTION] = retention_figure(continual_runs(found), "class-incremental streams")
+    continual = continual_runs(found)
+    if continual:
+        figures[RETENTION] = retention_figure(continual, "class-incremental streams")
     varied = _varied([protocol_overrides(Path(row["runs"][0])) for row in table])
     if len(table) > 1 and all(len(v) == 1 for v in varied):
         key = varied[0][0].split("=", 1)[0]

@@ -19,7 +19,7 @@ from metacli.build import (build, build_dataset, build_execution, build_learner,
                            resolve_device, seed_everything, training_batches)
 from metacli.config_schema import check_ranges
 from metacli.errors import CheckpointError, ConfigError, MetacliError, ProcessesLost, TrainingError
-from metacli.evaluation import build_results, make_sampler, make_test_sampler, validate
+from metacli.evaluation import build_results, make_samplers, make_test_sampler, validate
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
 from metacli.logging.progress import Progress
@@ -143,8 +143,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
     captured = capture_for(learner, execution)
     trained_on = origin(cfg, dataset)
     next_batch = training_batches(cfg, learner, dataset, device)
-    val_sampler = make_sampler(cfg, dataset, "val", device)
-    test_sampler = make_test_sampler(cfg, dataset, device)
+    val_sampler, test_sampler = make_samplers(cfg, dataset, device)
     # A learner with nothing to train (the random policy) has no optimiser, nor has one whose outer step is its own
     # (MAML-RL's trust-region step).
     trainable = list(learner.parameters())
