@@ -19,7 +19,7 @@ from metacli.algorithms.meta_rl import MetaRLLearner
 from metacli.config_schema import algo_targets
 from metacli.data.augment import augmented
 from metacli.data.base import FewShotDataset, unit_range
-from metacli.data.batches import ImageBatchSampler, LabelledBatch
+from metacli.data.batches import CoTrainingBatch, ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
 from metacli.data.trajectories import TrajectorySampler
 from metacli.data.within_alphabet import WithinAlphabetSampler
@@ -185,9 +185,10 @@ def build_execution(cfg: DictConfig) -> Execution:
 
 
 def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
-                     split: str = "train") -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
+                     split: str = "train"
+                     ) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch | CoTrainingBatch]:
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
-    episodes, or a mini-batch of labelled images for a non-episodic learner, distorted by ``augment`` if set."""
+    episodes, or a mini-batch of labelled images for a non-episodic learner, or both for a co-training one, distorted by ``augment`` if set."""
     if dataset.family is REINFORCEMENT:
         return partial(dataset.training_tasks, cfg.trainer.meta_batch)
     draw = _training_draw(cfg, learner, dataset, device, split)
@@ -195,7 +196,7 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
 
 
 def _training_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
-                   split: str) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch]:
+                   split: str) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch | CoTrainingBatch]:
     where = f"{split} split"
     if learner.training_data == "trajectories":
         # A generator learns images as they are (values in [0, 1]), not the backbones' standardised inputs.
@@ -205,6 +206,20 @@ def _training_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDat
     if learner.training_data == "labelled":
         return partial(ImageBatchSampler(dataset.split(split), dataset.normalize, device, where=where).sample,
                        cfg.trainer.batch_size)
+    episodes = _episode_draw(cfg, learner, dataset, device, split)
+    if learner.training_data == "episodes_and_labelled":
+        labelled = ImageBatchSampler(dataset.split(split), dataset.normalize, device, where=where)
+        return partial(_co_training_batch, episodes, partial(labelled.sample, learner.auxiliary_batch))
+    return episodes
+
+
+def _co_training_batch(episodes: Callable, labelled: Callable, generator: torch.Generator) -> CoTrainingBatch:
+    return CoTrainingBatch(episodes(generator), labelled(generator))  # episodes first, then images: one generator
+
+
+def _episode_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, device: torch.device,
+                  split: str) -> Callable[[torch.Generator], EpisodeBatch]:
+    where = f"{split} split"
     task = cfg.task
     way, shot, query = task.train_way or task.n_way, task.train_shot or task.k_shot, task.train_query or task.n_query
     if learner.fixed_way and way != task.n_way:

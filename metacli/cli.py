@@ -35,6 +35,7 @@ COMMANDS = {
     "eval": "re-test a finished run: metacli eval checkpoint=RUN_DIR [eval.episodes=...]",
     "compare": "pair two runs over their shared test episodes: metacli compare RUN_A RUN_B",
     "report": "one table of runs and sweeps, seeds aggregated: metacli report PATH... [--format md|csv|json|results]",
+    "embed-tasks": "map a run's task embeddings of within-alphabet test episodes: metacli embed-tasks RUN_DIR",
     "list": "what a config group offers: metacli list [algos|datasets|envs|backbones|devices|loggers|experiments|searches]",
 }
 #: What installs a Hydra sweeper or launcher that a command asked for.
@@ -289,7 +290,7 @@ def list_command(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format(commands="\n".join(f"  {name:<8}{text}" for name, text in COMMANDS.items())))
+        print(USAGE.format(commands="\n".join(f"  {name:<13}{text}" for name, text in COMMANDS.items())))
         return
     if argv[0] in ("-V", "--version"):
         print(f"metacli {version('metacli')}")
@@ -305,11 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     if command == "list":
         list_command(rest)
         return
-    if command in ("compare", "report"):  # they read results and compose no config: not Hydra apps
-        from metacli import compare, report
+    if command in ("compare", "report", "embed-tasks"):  # they read run dirs and compose no config: not Hydra apps
+        from metacli import compare, report, task_map
 
         try:
-            (compare if command == "compare" else report).main(rest)
+            {"compare": compare, "report": report, "embed-tasks": task_map}[command].main(rest)
         except MetacliError as exc:
             if full_errors():
                 raise

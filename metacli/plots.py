@@ -13,6 +13,8 @@
 - ``generation.png`` of a generative run (``eval.protocol=generative``): for each character of the first test
   episode, the images the generator adapted to, then its new ones, then real held-out ones and the unadapted
   generator's;
+- ``task_map.png`` of ``metacli embed-tasks``: within-alphabet test episodes' task embeddings on their first two
+  principal components, coloured by alphabet;
 - for a sweep, in its dir: ``sweep_curves.png``, every job's validation metric against the step, and
   ``sweep_scores.png``, the test score (± its CI) and the best validation score against the swept value, when
   the sweep varies one setting besides the seed.
@@ -294,4 +296,27 @@ def generation_figure(episode: dict[str, torch.Tensor], title: str) -> Figure:
     for axes in grid.flat:
         axes.set_axis_off()
     figure.suptitle(title)
+    return figure
+
+
+def task_map_figure(points: torch.Tensor, labels: torch.Tensor, names: list[str], title: str, scored: dict) -> Figure:
+    """Task embeddings projected to 2D (``[n, 2]``), one colour an alphabet (``labels`` index ``names``), with the
+    nearest-neighbour purity against shuffled labels in the corner."""
+    from matplotlib import colormaps
+
+    figure = Figure(figsize=(11, 7), layout="constrained")
+    axes = figure.subplots()
+    colours = colormaps["tab20"].resampled(max(len(names), 1))
+    markers = "os^Dv"  # more alphabets than tab20's colours: colour and marker together tell them apart
+    for index, name in enumerate(names):
+        chosen = labels == index
+        axes.scatter(points[chosen, 0], points[chosen, 1], s=14, color=colours(index % 20),
+                     marker=markers[index // 20 % len(markers)], label=name.replace("_", " "))
+    shuffled = scored["shuffled"]
+    axes.text(0.01, 0.99, f"nearest-neighbour alphabet purity {100 * scored['purity']:.1f} ± "
+                          f"{100 * scored['ci95']:.1f} %\nshuffled labels {100 * shuffled['purity']:.1f} % "
+                          f"(95 % within {100 * shuffled['range95'][0]:.1f}-{100 * shuffled['range95'][1]:.1f} %)",
+              transform=axes.transAxes, va="top", fontsize=9, bbox={"facecolor": "white", "alpha": 0.8})
+    axes.set(xlabel="first principal component", ylabel="second principal component", title=title)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="alphabet")
     return figure

@@ -1,6 +1,6 @@
 """Every command the README shows is one metacli accepts: each ``metacli train``/``eval`` line composes (every key,
 group option and type, each value of a sweep) and passes the checks a run makes before it starts; ``report`` and
-``compare`` lines parse; ``list``, ``--help`` and ``--version`` run; the error shown is the error metacli gives.
+``compare`` and ``embed-tasks`` lines parse; ``list``, ``--help`` and ``--version`` run; the error shown is the error metacli gives.
 Lines with a placeholder in capitals (RUN_DIR, PATH...) are syntax, not commands. Long runs are not run here:
 the tests of each feature run them small."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from metacli import cli, compare, report
+from metacli import cli, compare, report, task_map
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,7 +30,7 @@ COMMANDS = shown_commands()
 
 
 def test_the_readme_shows_commands_of_every_kind():
-    assert {args[0] for args in COMMANDS} >= {"train", "compare", "report", "list", "--help", "--version"}
+    assert {args[0] for args in COMMANDS} >= {"train", "compare", "report", "embed-tasks", "list", "--help", "--version"}
     assert len(COMMANDS) > 20
 
 
@@ -44,9 +44,9 @@ def test_a_shown_run_composes_and_passes_the_preflight(args, tmp_path, monkeypat
         pytest.fail(f"metacli {' '.join(args)} is refused: exit {exc.code}")
 
 
-@pytest.mark.parametrize("args", [a for a in COMMANDS if a[0] in ("compare", "report")], ids=" ".join)
+@pytest.mark.parametrize("args", [a for a in COMMANDS if a[0] in ("compare", "report", "embed-tasks")], ids=" ".join)
 def test_a_shown_report_or_comparison_parses(args):
-    (compare if args[0] == "compare" else report).arguments().parse_args(args[1:])
+    {"compare": compare, "report": report, "embed-tasks": task_map}[args[0]].arguments().parse_args(args[1:])
 
 
 def test_the_shown_one_liners_run(tmp_path):

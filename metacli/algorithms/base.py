@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from metacli.algorithms.inner_loop import InnerLoop, Params, adapt_to_support, functional_forward
+from metacli.algorithms.similarity import class_means
 from metacli.data.episodes import Episode
 from metacli.models.batchnorm import batch_statistics_only
 from metacli.tasks import CLASSIFICATION, TaskFamily
@@ -46,8 +47,10 @@ class FewShotLearner(nn.Module, ABC):
     fixed_way: bool = False
     #: What a training batch is: ``"episodes"`` (an :class:`EpisodeBatch`), ``"labelled"`` (a
     #: :class:`~metacli.data.batches.LabelledBatch` of all training classes, for learners whose config has an
-    #: ``n_classes`` key, which the builder fills with the train split's count), or ``"trajectories"`` (a
-    #: :class:`~metacli.data.trajectories.TrajectoryBatch` of the shape the learner's ``trajectory`` gives).
+    #: ``n_classes`` key, which the builder fills with the train split's count), ``"episodes_and_labelled"`` (a
+    #: :class:`~metacli.data.batches.CoTrainingBatch` of both, the labelled part ``auxiliary_batch`` images), or
+    #: ``"trajectories"`` (a :class:`~metacli.data.trajectories.TrajectoryBatch` of the shape the learner's
+    #: ``trajectory`` gives).
     training_data: str = "episodes"
     #: How a training batch becomes a loss: ``"per_task"``, :meth:`task_loss` of each task, which the execution
     #: layer may run in any order, on threads or vectorised; or ``"whole_batch"``, :meth:`batch_loss` of the batch.
@@ -89,6 +92,14 @@ class FewShotLearner(nn.Module, ABC):
         """The network whose features a class-incremental stream is learned on, online, by a linear head
         (``eval.protocol=continual``, :mod:`metacli.continual`); None where the learner has none to offer."""
         return None
+
+    def task_embedding(self, task: Episode) -> torch.Tensor | None:
+        """The task as one vector: the mean of its class prototypes in :meth:`representation`'s features, which is
+        what TADAM conditions its backbone on (``metacli embed-tasks`` maps these); None without a representation."""
+        network = self.representation()
+        if network is None:
+            return None
+        return class_means(network(task.support_x), task.support_y, task.n_way).mean(dim=0)
 
     def training_metrics(self) -> dict[str, float]:
         """Learner-specific numbers logged with each training step, read after its meta-gradient."""

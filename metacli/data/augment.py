@@ -17,12 +17,12 @@ from typing import Callable, TypeVar
 import torch
 import torch.nn.functional as F
 
-from metacli.data.batches import LabelledBatch
+from metacli.data.batches import CoTrainingBatch, LabelledBatch
 from metacli.data.episodes import EpisodeBatch, channels_last_images
 from metacli.data.trajectories import TrajectoryBatch
 from metacli.errors import ConfigError
 
-Batch = TypeVar("Batch", EpisodeBatch, LabelledBatch, TrajectoryBatch)
+Batch = TypeVar("Batch", EpisodeBatch, LabelledBatch, TrajectoryBatch, CoTrainingBatch)
 
 
 class RandomAffine:
@@ -65,6 +65,8 @@ class RandomAffine:
         return channels_last_images(out.reshape(x.shape))
 
     def __call__(self, batch: Batch, generator: torch.Generator) -> Batch:
+        if isinstance(batch, CoTrainingBatch):
+            return replace(batch, episodes=self(batch.episodes, generator), labelled=self(batch.labelled, generator))
         if isinstance(batch, LabelledBatch):
             return replace(batch, x=self.images(batch.x, generator))
         if isinstance(batch, TrajectoryBatch):

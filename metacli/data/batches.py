@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from metacli.data.base import ClassImages
+from metacli.data.episodes import EpisodeBatch
 from metacli.errors import DataError
 
 
@@ -21,6 +22,15 @@ class LabelledBatch:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+@dataclass
+class CoTrainingBatch:
+    """A meta-batch of episodes and a mini-batch of labelled images of the same split, for a learner that trains on
+    both at once (TADAM's auxiliary task)."""
+
+    episodes: EpisodeBatch
+    labelled: LabelledBatch
 
 
 class ImageBatchSampler:

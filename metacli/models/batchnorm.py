@@ -14,6 +14,8 @@ below explicitly, for the modules and the span it names.
   caller carries each replica's updates over to the shared layers in task order.
 - :func:`batch_statistics_only`: transductive evaluation and Reptile's inner loop normalise with the batch and
   leave the buffers alone.
+- :func:`statistics_folded_after`: a training step that runs a layer several times before its one backward (TADAM)
+  normalises with the native kernel and folds the running-statistic updates in afterwards.
 """
 from __future__ import annotations
 
@@ -205,3 +207,32 @@ def batch_statistics_only(module: nn.Module) -> Iterator[None]:
     finally:
         for m, track in zip(norms, tracking):
             m.track_running_stats = track
+
+
+@contextmanager
+def statistics_folded_after(module: nn.Module) -> Iterator[None]:
+    """BatchNorm normalises each batch with its own statistics (the native kernel) and touches no buffer inside; the
+    running-statistic updates the forwards would have made are folded in on the way out, in call order.
+
+    A native training-mode forward keeps the running buffers for its backward, so a second forward of the layer
+    before that backward (which updates them in place) breaks it. Recording the whole normalisation in elementary ops
+    (:func:`recorded_statistics`) also works, at about twice the cost of a step here.
+    """
+    pending: list[tuple[BatchNorm, torch.Tensor, torch.Tensor]] = []
+
+    def observe(norm: BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach()
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        pending.append((norm, *running_update(mean, var, x.numel() // x.shape[1])))
+
+    handles = [norm.register_forward_pre_hook(observe) for norm in batch_norms(module)
+               if norm.training and norm.track_running_stats]
+    try:
+        with batch_statistics_only(module):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    for norm, mean, var in pending:
+        fold_in(norm, mean, var)
