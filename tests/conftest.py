@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,20 @@ def metacli_command() -> str:
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([metacli_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def straight_and_resumed(common: list[str], tmp_path: Path, straight_args: tuple[str, ...] = (),
+                         env: dict | None = None) -> tuple[dict, dict, subprocess.CompletedProcess]:
+    """The results of two runs of ``common``: 8 steps straight (with ``straight_args`` too), and 4 steps then resumed
+    to 8; with the resumed run's finished process."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for args in ([*common, "trainer.steps=8", *straight_args, f"hydra.run.dir={straight}"],
+                 [*common, "trainer.steps=4", f"hydra.run.dir={resumed}"],
+                 [*common, "trainer.steps=8", "trainer.resume=true", f"hydra.run.dir={resumed}"]):
+        done = run_cli("train", *args, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+    first, second = (json.loads((run / "results.json").read_text()) for run in (straight, resumed))
+    return first, second, done
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, needle: str) -> str:

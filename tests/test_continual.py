@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, straight_and_resumed
 from metacli.algorithms.online import OnlineHeads, online_step
 from metacli.continual import draw_streams, learn_streams
 from metacli.data.trajectories import TrajectorySampler
@@ -131,12 +131,7 @@ def test_the_retention_reaches_the_run_dir_the_report_and_wandb(omniglot_runs, t
 def test_a_continual_run_resumes_exactly(tmp_path):
     common = ["experiment=smoke", "algo=anml", "backbone.hidden=16", "trainer.val_every=4", "trainer.checkpoint_every=2",
               *SMALL_STREAMS]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_cli("train", *common, "trainer.steps=8", f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
-    assert run_cli("train", *common, "trainer.steps=4", f"hydra.run.dir={resumed}", cwd=tmp_path).returncode == 0
-    done = run_cli("train", *common, "trainer.steps=8", "trainer.resume=true", f"hydra.run.dir={resumed}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    first, second = (json.loads((run / "results.json").read_text()) for run in (straight, resumed))
+    first, second, _ = straight_and_resumed(common, tmp_path)
     assert first["continual"] == second["continual"] and first["best_val_step"] == second["best_val_step"]
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, straight_and_resumed
 from metacli.algorithms.figr import FIGR
 from metacli.data.trajectories import TrajectoryBatch
 from metacli.generative import frechet_distance, nearest_distance
@@ -60,19 +60,12 @@ def judge(tmp_path_factory):
     return folder / "run"
 
 
-
-
 def test_a_figr_run_is_judged_draws_its_grid_and_resumes_exactly(judge, tmp_path):
     # smoke_figr has no schedule: FIGR's anneals eps over trainer.steps, which the 4-step first part would shorten.
     common = ["experiment=smoke_figr", f"eval.generative.judge={judge}", "trainer.checkpoint_every=2"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = run_cli("train", *common, "trainer.steps=8", "trainer.plots=true", "logger=wandb",
-                   f"hydra.run.dir={straight}", cwd=tmp_path, env={"WANDB_MODE": "offline"})
-    assert done.returncode == 0, done.stderr
-    assert run_cli("train", *common, "trainer.steps=4", f"hydra.run.dir={resumed}", cwd=tmp_path).returncode == 0
-    done = run_cli("train", *common, "trainer.steps=8", "trainer.resume=true", f"hydra.run.dir={resumed}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    first, second = (json.loads((run / "results.json").read_text()) for run in (straight, resumed))
+    first, second, done = straight_and_resumed(common, tmp_path, ("trainer.plots=true", "logger=wandb"),
+                                               env={"WANDB_MODE": "offline"})
+    straight = tmp_path / "straight"
     assert first["generative"] == second["generative"] and first["episode_scores"] == second["episode_scores"]
     scored = first["generative"]
     # The judge recognises real held-out images of its own kind of data far above chance (1/5).

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, straight_and_resumed
 from metacli.algorithms.protonet import ProtoNet
 from metacli.algorithms.tadam import TADAM
 from metacli.data.augment import RandomAffine
@@ -100,14 +100,9 @@ def test_a_tadam_run_resumes_exactly(tmp_path):
     # total_steps fixed: it follows trainer.steps, which the 4-step first part would shorten.
     common = ["experiment=smoke", "algo=tadam", "backbone.hidden=16", "algo.auxiliary_batch=16",
               "algo.total_steps=8", "augment=affine", "trainer.val_every=4", "trainer.checkpoint_every=2"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_cli("train", *common, "trainer.steps=8", f"hydra.run.dir={straight}", cwd=tmp_path).returncode == 0
-    assert run_cli("train", *common, "trainer.steps=4", f"hydra.run.dir={resumed}", cwd=tmp_path).returncode == 0
-    done = run_cli("train", *common, "trainer.steps=8", "trainer.resume=true", f"hydra.run.dir={resumed}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    first, second = (json.loads((run / "results.json").read_text()) for run in (straight, resumed))
+    first, second, _ = straight_and_resumed(common, tmp_path)
     assert first["episode_scores"] == second["episode_scores"]
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert any(0 < row.get("train/auxiliary_weight", 1) < 1 for row in rows)
 
 
