@@ -79,6 +79,7 @@ class TrainerSchema:
     log_every: int = _at_least(1, 10)
     checkpoint_every: int = _at_least(1, 50)
     on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
+    max_grad_norm: Optional[float] = _at_least(1e-8, None)
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     retain_host_memory: bool = True
     check_memory: bool = True

@@ -219,6 +219,9 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
                     fault = _nonfinite(metrics["loss"], learner)
                     if fault is None:
                         if not getattr(learner, "updates_itself", False):
+                            if cfg.trainer.max_grad_norm is not None:
+                                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                                    learner.parameters(), cfg.trainer.max_grad_norm).item()
                             optimizer.step()
                     elif cfg.trainer.on_nonfinite == "skip":
                         skipped += 1

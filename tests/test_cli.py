@@ -171,3 +171,20 @@ def test_list_and_version(tmp_path):
     assert "metacli: error: metacli list knows no 'algoz'" in run_cli("list", "algoz", cwd=tmp_path).stderr
     shown = run_cli("--version", cwd=tmp_path)
     assert shown.returncode == 0 and shown.stdout.startswith("metacli ") and shown.stdout.strip() != "metacli"
+
+
+def test_max_grad_norm_clips_the_meta_gradient(tmp_path):
+    """With SGD at rate 1, one clipped step moves the weights by at most the clip norm; unclipped, far more."""
+    sgd = ["experiment=smoke", "trainer.steps=1", "trainer.log_every=1", "trainer.optimizer._target_=torch.optim.SGD"]
+    weights = {}
+    for name, extra in (("start", ["trainer.optimizer.lr=0"]), ("clipped", ["trainer.max_grad_norm=0.001"]),
+                        ("free", [])):
+        done = run_cli("train", *sgd, "trainer.optimizer.lr=1", *extra, f"hydra.run.dir={tmp_path / name}",
+                       cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        state = load_checkpoint(tmp_path / name / "last.pt")["learner"]
+        weights[name] = torch.cat([v.flatten() for k, v in state.items() if "running" not in k and v.is_floating_point()])
+    assert (weights["clipped"] - weights["start"]).norm() <= 0.001 * 1.0001
+    assert (weights["free"] - weights["start"]).norm() > 0.01
+    rows = read_rows(tmp_path / "clipped" / "metrics.jsonl")
+    assert rows[0]["train/grad_norm"] > 0.001  # the norm before clipping
