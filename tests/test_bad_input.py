@@ -114,7 +114,7 @@ def test_corrupt_archive_is_one_line(tmp_path, omniglot_root):
 def test_unknown_command_and_bad_eval_dir(tmp_path):
     done = run_cli("trian", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip() == \
-        "metacli: error: unknown command 'trian': use one of train, eval, compare, report, list (see metacli --help)"
+        "metacli: error: unknown command 'trian': use one of train, eval, compare, report, embed-tasks, list (see metacli --help)"
     done = run_cli("eval", f"checkpoint={tmp_path}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
     assert done.returncode == 2 and "not a metacli run dir" in done.stderr and "Traceback" not in done.stderr
 
