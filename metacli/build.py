@@ -188,7 +188,8 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
                      split: str = "train"
                      ) -> Callable[[torch.Generator], EpisodeBatch | LabelledBatch | CoTrainingBatch]:
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
-    episodes, or a mini-batch of labelled images for a non-episodic learner, or both for a co-training one, distorted by ``augment`` if set."""
+    episodes, or a mini-batch of labelled images for a non-episodic learner, or both for a co-training one,
+    distorted by ``augment`` if set."""
     if dataset.family is REINFORCEMENT:
         return partial(dataset.training_tasks, cfg.trainer.meta_batch)
     draw = _training_draw(cfg, learner, dataset, device, split)

@@ -41,20 +41,19 @@ def arguments() -> ArgumentParser:
     return parser
 
 
-def neighbour_hits(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """For each row, whether its nearest other row (Euclidean) has the same label."""
-    distances = torch.cdist(embeddings, embeddings)
-    distances.fill_diagonal_(math.inf)
-    return labels[distances.argmin(dim=1)] == labels
+def nearest_others(embeddings: torch.Tensor) -> torch.Tensor:
+    """For each row, the index of its nearest other row (Euclidean)."""
+    return torch.cdist(embeddings, embeddings).fill_diagonal_(math.inf).argmin(dim=1)
 
 
 def purity(embeddings: torch.Tensor, labels: torch.Tensor, shuffles: int, seed: int) -> dict:
     """Nearest-neighbour purity ± its 95 % CI over episodes, and the same with the labels permuted ``shuffles``
-    times (mean, 2.5-97.5 % range, and the permutation test's p-value)."""
-    hits = neighbour_hits(embeddings, labels).double()
+    times (mean, 2.5-97.5 % range, and the permutation test's p-value). The neighbours are found once: a permutation
+    changes the labels, not who is nearest."""
+    neighbours = nearest_others(embeddings)
+    hits = (labels[neighbours] == labels).double()
     observed = hits.mean().item()
     generator = torch.Generator().manual_seed(seed)
-    neighbours = torch.cdist(embeddings, embeddings).fill_diagonal_(math.inf).argmin(dim=1)
     shuffled = torch.stack([(permuted[neighbours] == permuted).double().mean()
                             for permuted in (labels[torch.randperm(len(labels), generator=generator)]
                                              for _ in range(shuffles))])
