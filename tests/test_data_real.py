@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import metacli.data.mini_imagenet as mini_module
 import metacli.data.omniglot as omniglot_module
@@ -119,6 +119,34 @@ def test_encode_image_matches_the_cache(vinyals, omniglot_root):
         first = min(n for n in archive.namelist() if n.startswith("images_background/Armenian/character01/") and n.endswith(".png"))
         image = Image.open(io.BytesIO(archive.read(first)))
     assert torch.equal(dataset.encode_image(image), splits["val"].images[0, 0])
+
+
+def test_ink_square_centres_the_strokes_on_a_white_square():
+    canvas = Image.new("L", (105, 105), 255)
+    canvas.paste(0, (90, 2, 100, 22))  # strokes 10 wide and 20 high, near the right edge
+    square = omniglot_module.ink_square(canvas)
+    assert square.size == (24, 24)  # the longer extent plus a tenth of it on each side
+    assert ImageOps.invert(square).getbbox() == (7, 2, 17, 22)  # centred
+    assert square.getpixel((23, 10)) == 255  # past the canvas's right edge: background, not ink
+    blank = Image.new("L", (105, 105), 255)
+    assert omniglot_module.ink_square(blank) is blank
+
+
+def test_crop_to_ink_is_its_own_cache_and_predict_path(omniglot_root, cache_dir):
+    """Cropped drawings are cached apart from the plain ones, recorded in the fingerprint, and encode_image (what
+    predict uses on raw images) crops the same way the decoder did."""
+    dataset = Omniglot(root=str(omniglot_root), split="background_evaluation", rotations=1, cache_dir=str(cache_dir),
+                       crop_to_ink=True)
+    val = dataset.split("val")
+    assert cache_path(cache_dir, "omniglot", "background-ink", 28).is_file()
+    assert dataset.describe()["crop_to_ink"] is True
+    assert "crop_to_ink" not in Omniglot(root=str(omniglot_root), cache_dir=str(cache_dir)).describe()
+    with zipfile.ZipFile(omniglot_root / "omniglot" / "images_background.zip") as archive:
+        first = min(n for n in archive.namelist() if n.startswith("images_background/Armenian/character01/") and n.endswith(".png"))
+        image = Image.open(io.BytesIO(archive.read(first)))
+        assert torch.equal(dataset.encode_image(image), val.images[0, 0])
+    # Spread over the canvas, the strokes cover more of it than in the plain 28-px drawing (8% of the pixels' ink).
+    assert val.images.float().mean() / 255 > 0.12
 
 
 def root_with_evaluation_zip(tmp_path: Path, evaluation_bytes: bytes) -> Path:
