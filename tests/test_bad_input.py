@@ -65,6 +65,8 @@ CASES = {
     "a meta-batch written as a float": (["trainer.meta_batch=1e9"], "could not be converted to Integer"),
     "test episodes that cannot fit": (["eval.episodes=1000000000"], "eval.episodes=1000000000 needs at least"),
     "images that cannot fit": (["dataset=omniglot", "dataset.image_size=2000"], "dataset.image_size=2000 needs at least"),
+    "a crop that is not a bool": (["dataset=omniglot", "dataset.crop_to_ink=maybe"],
+                                  "dataset.crop_to_ink='maybe'; use true or false"),
     "an evaluation batch that cannot fit": (["eval.batch_size=1000000000"], "eval.batch_size=1000000000 needs at least"),
     "validation episodes that cannot fit": (["trainer.val_episodes=1000000000"],
                                             "trainer.val_episodes=1000000000 needs at least"),

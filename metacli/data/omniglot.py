@@ -187,10 +187,12 @@ class Omniglot(FewShotDataset):
             raise ConfigError(f"dataset.rotations={rotations!r}; use 1 (no rotation) to 4 (0/90/180/270 degrees)")
         if not isinstance(image_size, int) or image_size < 8:
             raise ConfigError(f"dataset.image_size={image_size!r}; use an integer of at least 8 (28 is standard)")
+        if not isinstance(crop_to_ink, bool):
+            raise ConfigError(f"dataset.crop_to_ink={crop_to_ink!r}; use true or false")
         self.root = Path(root).expanduser() if root else default_root()
         self.split_name, self.image_size, self.rotations, self.download = split, image_size, rotations, bool(download)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.crop_to_ink = bool(crop_to_ink)
+        self.crop_to_ink = crop_to_ink
         if self.crop_to_ink:
             self.mean, self.std = (0.1370,), (0.3031,)
         self._archives: dict[str, ClassImages] = {}
