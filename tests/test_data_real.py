@@ -113,12 +113,16 @@ def test_second_load_comes_from_cache(vinyals, omniglot_root, cache_dir):
     assert again.class_names == splits["train"].class_names
 
 
-def test_encode_image_matches_the_cache(vinyals, omniglot_root):
-    dataset, splits, _ = vinyals
+def first_validation_drawing(omniglot_root: Path) -> Image.Image:
+    """The raw PNG of the first drawing of the first validation class (Armenian character01), as predict gets it."""
     with zipfile.ZipFile(omniglot_root / "omniglot" / "images_background.zip") as archive:
         first = min(n for n in archive.namelist() if n.startswith("images_background/Armenian/character01/") and n.endswith(".png"))
-        image = Image.open(io.BytesIO(archive.read(first)))
-    assert torch.equal(dataset.encode_image(image), splits["val"].images[0, 0])
+        return Image.open(io.BytesIO(archive.read(first)))
+
+
+def test_encode_image_matches_the_cache(vinyals, omniglot_root):
+    dataset, splits, _ = vinyals
+    assert torch.equal(dataset.encode_image(first_validation_drawing(omniglot_root)), splits["val"].images[0, 0])
 
 
 def test_ink_square_centres_the_strokes_on_a_white_square():
@@ -141,10 +145,7 @@ def test_crop_to_ink_is_its_own_cache_and_predict_path(omniglot_root, cache_dir)
     assert cache_path(cache_dir, "omniglot", "background-ink", 28).is_file()
     assert dataset.describe()["crop_to_ink"] is True
     assert "crop_to_ink" not in Omniglot(root=str(omniglot_root), cache_dir=str(cache_dir)).describe()
-    with zipfile.ZipFile(omniglot_root / "omniglot" / "images_background.zip") as archive:
-        first = min(n for n in archive.namelist() if n.startswith("images_background/Armenian/character01/") and n.endswith(".png"))
-        image = Image.open(io.BytesIO(archive.read(first)))
-        assert torch.equal(dataset.encode_image(image), val.images[0, 0])
+    assert torch.equal(dataset.encode_image(first_validation_drawing(omniglot_root)), val.images[0, 0])
     # Spread over the canvas, the strokes cover more of it than in the plain 28-px drawing (8% of the pixels' ink).
     assert val.images.float().mean() / 255 > 0.12
 

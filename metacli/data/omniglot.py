@@ -177,6 +177,8 @@ class Omniglot(FewShotDataset):
     # Measured over the 964 background characters at 28 px: ink covers about 8% of the canvas, 14% cropped to it.
     mean = (0.0815,)
     std = (0.2359,)
+    cropped_mean = (0.1370,)
+    cropped_std = (0.3031,)
 
     def __init__(self, root: str | None = None, split: str = "vinyals", image_size: int = 28, rotations: int = 4,
                  download: bool = False, cache_dir: str | None = None, crop_to_ink: bool = False) -> None:
@@ -194,7 +196,7 @@ class Omniglot(FewShotDataset):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.crop_to_ink = crop_to_ink
         if self.crop_to_ink:
-            self.mean, self.std = (0.1370,), (0.3031,)
+            self.mean, self.std = self.cropped_mean, self.cropped_std
         self._archives: dict[str, ClassImages] = {}
 
     def _locate(self, kind: str) -> Path | None:
