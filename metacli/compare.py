@@ -56,7 +56,15 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 def paired_difference(a: dict, b: dict) -> dict:
     """Mean per-episode difference ``a - b`` of the runs' metric, its 95 % t-interval, the paired t-test's p-value,
     and how many episodes each run did better on; ConfigError when the two were not tested on the same episodes."""
-    difference = _first_difference(a["test_fingerprint"], b["test_fingerprint"])
+    first, second = a["test_fingerprint"], b["test_fingerprint"]
+    # The data's digest follows from its settings: name the setting that differs (dataset.crop_to_ink, say), and
+    # the digest only when no setting does.
+    settings = [{key: value for key, value in f.items() if key != "content_sha256"} for f in (first, second)]
+    difference = _first_difference(*settings) or _first_difference(first, second)
+    if difference is not None and difference.startswith(("dataset.", "env.", "content_sha256")):
+        # metacli eval keeps a run's data settings, so no re-test can bring the two onto the same data.
+        raise ConfigError(f"the two runs were tested on different data ({difference}): episode by episode, only runs "
+                          "on the same data compare; metacli report RUN_A RUN_B shows them side by side")
     if difference is not None:
         raise ConfigError(f"the two runs were tested on different episodes ({difference}): re-test one with "
                           "metacli eval checkpoint=RUN_DIR and the other's task.* and eval.seed, then compare")

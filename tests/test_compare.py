@@ -14,6 +14,7 @@ from scipy import stats
 from conftest import assert_one_line_error, run_cli
 from metacli.cli import _train_job
 from metacli.compare import paired_difference
+from metacli.errors import ConfigError
 from test_configs import compose
 
 SMOKE = ["experiment=smoke", "trainer.steps=4", "trainer.val_every=2", "eval.episodes=30"]
@@ -69,6 +70,19 @@ def test_compare_refuses_runs_tested_on_other_episodes(two_algorithms, tmp_path)
     assert done.returncode == 0, done.stderr
     refused = run_cli("compare", str(two_algorithms / "0"), str(tmp_path / "eval"), cwd=tmp_path)
     assert_one_line_error(refused, "the two runs were tested on different episodes (eval_seed 0 vs 7)")
+
+
+def test_a_refusal_names_the_data_setting_before_the_data_digest(two_algorithms):
+    plain = results(two_algorithms / "0")
+    cropped = json.loads(json.dumps(plain))
+    cropped["test_fingerprint"]["dataset"]["crop_to_ink"] = True
+    cropped["test_fingerprint"]["content_sha256"] = "0" * 64
+    with pytest.raises(ConfigError,
+                       match=r"different data \(dataset.crop_to_ink None vs True\): .* metacli report RUN_A RUN_B"):
+        paired_difference(plain, cropped)
+    del cropped["test_fingerprint"]["dataset"]["crop_to_ink"]
+    with pytest.raises(ConfigError, match=r"different data \(content_sha256 "):
+        paired_difference(plain, cropped)
 
 
 def test_compare_refuses_results_without_per_episode_scores(two_algorithms, tmp_path):
