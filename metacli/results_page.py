@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import shlex
+from itertools import takewhile
 from pathlib import Path
 
+from metacli.errors import ConfigError
 from metacli.metrics import HIGHER_IS_BETTER, show
 from metacli.reliability.run_dir import LAST, METRICS, RESULTS
 from metacli.report import cell_text, override_key, saved_overrides, read_saved, find_results, rows
@@ -183,13 +185,39 @@ def _notes(title: str, notes: list[tuple[str, str]]) -> list[str]:
     return ["", f"## {title}", "", *lines] if lines else []
 
 
+def reported_experiments(page: str) -> list[str]:
+    """The experiments of a results page's table of results (its first column), in page order."""
+    header = "| " + " | ".join(RESULTS_COLUMNS) + " |"
+    lines = page.splitlines()
+    if header not in lines:
+        return []
+    body = takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:])  # below its |---|
+    return [line.split(" | ")[0].removeprefix("| ").strip() for line in body]
+
+
+def _refuse_to_drop_results(out: str | None, experiments: set[str], paths: list[str]) -> None:
+    """Refuse to overwrite a page at ``out`` that reports experiments the new page would lack: their runs are not
+    under ``paths`` (another folder, or gone), and the page may be all that is left of their results."""
+    if out is None or not Path(out).is_file():
+        return
+    dropped = list(dict.fromkeys(name for name in reported_experiments(Path(out).read_text())
+                                 if name not in experiments))
+    if dropped:
+        named = ", ".join(dropped[:4]) + (f" and {len(dropped) - 4} more" if len(dropped) > 4 else "")
+        raise ConfigError(f"{out} reports {named}, whose runs are not under "
+                          f"{' '.join(paths)}: writing it would drop those results; add their run dirs to the "
+                          f"paths, or delete {out} to start the page over")
+
+
 def results_page(paths: list[str], out: str | None) -> str:
-    """The reproduced-results page of the runs under ``paths``, naming the command that regenerates it."""
+    """The reproduced-results page of the runs under ``paths``, naming the command that regenerates it. A page
+    already at ``out`` is not overwritten by one that would drop some of its results."""
     training = unfinished_runs(paths)
     found = find_results(paths, required=not training)  # a tree of unfinished runs still makes a page
     by_run = {str(run): results for run, results in found}
     table = rows(found)
     cells = [_results_cells(row, by_run) for row in table]
+    _refuse_to_drop_results(out, {c[0] for c in cells}, paths)
     command = shlex.join(["metacli", "report", *paths, "--format", "results", *(["--out", out] if out else [])])
     lines = ["# Reproduced results", "", _INTRO.format(command=command), "", *_md_table(RESULTS_COLUMNS, cells)]
     if not table:

@@ -168,6 +168,26 @@ def test_the_results_page_lists_the_runs_still_training(seeds_and_algorithms, tm
     assert len(page_tables(alone.stdout)[" ".join(RESULTS_COLUMNS)]) == 0
 
 
+def test_the_results_page_keeps_results_whose_runs_are_gone(seeds_and_algorithms, tmp_path):
+    out = tmp_path / "results.md"
+    write = ["report", "--format", "results", "--out", str(out)]
+    assert run_cli(*write, str(seeds_and_algorithms), cwd=tmp_path).returncode == 0
+    page = out.read_text()
+    assert results_page.reported_experiments(page) == ["smoke", "smoke"]
+    again = run_cli(*write, str(seeds_and_algorithms), cwd=tmp_path)
+    assert again.returncode == 0 and out.read_text() == page, again.stderr
+    # A tree holding only a run still training, as after the finished runs' folders were lost.
+    training = tmp_path / "papers" / "training"
+    shutil.copytree(next(r.parent for r in sorted(seeds_and_algorithms.rglob("results.json"))), training)
+    (training / "results.json").unlink()
+    assert_one_line_error(run_cli(*write, str(training.parent), cwd=tmp_path),
+                          f"{out} reports smoke, whose runs are not under {training.parent}: writing it would drop")
+    assert out.read_text() == page
+    out.unlink()
+    assert run_cli(*write, str(training.parent), cwd=tmp_path).returncode == 0
+    assert "No run has finished yet." in out.read_text()
+
+
 @pytest.mark.parametrize("metric, ours, paper, ci, verdict", [
     ("accuracy", 0.975, 0.98, None, "within 1 point"),
     ("accuracy", 0.995, 0.98, None, "above"),
