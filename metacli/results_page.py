@@ -187,8 +187,7 @@ def _notes(title: str, notes: list[tuple[str, str]]) -> list[str]:
 
 def reported_experiments(page: str) -> list[str]:
     """The experiments of a results page's table of results (its first column), in page order."""
-    header = "| " + " | ".join(RESULTS_COLUMNS) + " |"
-    lines = page.splitlines()
+    header, lines = _md_table(RESULTS_COLUMNS, [])[0], page.splitlines()  # the header as the page writes it
     if header not in lines:
         return []
     body = takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:])  # below its |---|
