@@ -322,6 +322,33 @@ def test_protonet_cosine_distance():
         ProtoNet(Pixels(2), 2, distance="manhattan")
 
 
+
+def test_protonet_centred_sets_ignore_a_shift_of_either_set():
+    ep = Episode(support_x=points((0, 0), (4, 0)), support_y=torch.tensor([0, 1]),
+                 query_x=points((1, 0), (3, 0)), query_y=torch.tensor([0, 1]), n_way=2)
+    # Queries drawn by a hand that moves everything 3 to the right: (4, 0) and (6, 0), both nearer class 1.
+    shifted = Episode(ep.support_x, ep.support_y, ep.query_x + torch.tensor([3.0, 0.0]), ep.query_y, 2)
+    plain, centred = ProtoNet(Pixels(2), 2), ProtoNet(Pixels(2), 2, center_sets=True)
+    assert plain.predict(shifted, training=False).argmax(1).tolist() == [1, 1]
+    # Centred, support (-2, 0) and (2, 0) against queries (-1, 0) and (1, 0), shifted or not.
+    expected = -torch.tensor([[1.0, 9.0], [9.0, 1.0]])
+    for episode in (ep, shifted):
+        assert torch.allclose(centred.predict(episode, training=False), expected, atol=1e-5)
+
+
+def test_protonet_refinement_is_a_soft_k_means_step_with_the_queries():
+    ep = Episode(support_x=points((0, 0), (4, 0)), support_y=torch.tensor([0, 1]),
+                 query_x=points((1, 0), (3, 0), (2, 1)), query_y=torch.tensor([0, 1, 1]), n_way=2)
+    refined = ProtoNet(Pixels(2), 2, refine_steps=1).predict(ep, training=False)
+    query = ep.query_x.view(3, 2)
+    claims = (-torch.cdist(query, torch.tensor([[0.0, 0.0], [4.0, 0.0]])).pow(2)).softmax(1)
+    prototypes = (torch.tensor([[0.0, 0.0], [4.0, 0.0]]) + claims.T @ query) / (1 + claims.sum(0)).unsqueeze(1)
+    assert torch.allclose(refined, -torch.cdist(query, prototypes).pow(2), atol=1e-5)
+    # The queries moved the prototypes.
+    assert not torch.allclose(refined, ProtoNet(Pixels(2), 2).predict(ep, training=False))
+    with pytest.raises(ValueError, match="refine_steps"):
+        ProtoNet(Pixels(2), 2, refine_steps=-1)
+
 def test_protonet_trains_with_a_higher_way_than_it_tests(glyphs):
     torch.manual_seed(8)
     learner = ProtoNet(Conv4(hidden=8), 5)

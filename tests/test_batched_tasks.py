@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LEARNERS = {
     "protonet": lambda: ProtoNet(Conv4(1, hidden=8), n_way=5),
     "protonet_cosine": lambda: ProtoNet(Conv4(1, hidden=8), n_way=5, distance="cosine"),
+    "protonet_transductive": lambda: ProtoNet(Conv4(1, hidden=8), n_way=5, center_sets=True, refine_steps=2),
     "relation_net": lambda: RelationNet(Conv4(1, hidden=8), n_way=5, hidden=8),
     "siamese": lambda: SiameseNet(Conv4(1, hidden=8), n_way=5),
 }
