@@ -17,6 +17,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${PAPERS_DIR:-outputs/papers}
 DEFAULT=(protonet_omniglot_5w1s protonet_omniglot_5w5s protonet_omniglot_20w1s protonet_omniglot_20w5s protonet_omniglot_lake
+         protonet_omniglot_lake_transductive
          matching_net_omniglot_5w1s matching_net_omniglot_20w1s fomaml_omniglot_5w1s maml_omniglot_5w1s
          meta_sgd_omniglot_5w1s meta_sgd_omniglot_20w1s)
 ALGOS=(protonet maml anil meta_sgd reptile leo matching_net siamese relation_net baseline pretrained mann snail tadam

@@ -334,6 +334,8 @@ def test_protonet_centred_sets_ignore_a_shift_of_either_set():
     expected = -torch.tensor([[1.0, 9.0], [9.0, 1.0]])
     for episode in (ep, shifted):
         assert torch.allclose(centred.predict(episode, training=False), expected, atol=1e-5)
+    # Meta-training stays inductive.
+    assert torch.equal(centred.predict(shifted, training=True), plain.predict(shifted, training=True))
 
 
 def test_protonet_refinement_is_a_soft_k_means_step_with_the_queries():

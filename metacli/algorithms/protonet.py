@@ -4,11 +4,13 @@ Each class is the mean embedding (prototype) of its support images; a query is s
 Euclidean distance to each prototype. Training may use more ways than testing ("higher way"): set
 ``task.train_way``.
 
-Two transductive options, where a query's prediction depends on the other queries of its episode:
+Two transductive options for evaluation, where a query's prediction depends on the other queries of its episode:
 ``center_sets`` centres the support and the query embeddings each on its own set's mean, which removes what a
 set's drawings share and the other's do not (one drawer's hand in Lake et al.'s protocol); ``refine_steps``
 moves each prototype towards the queries it softly claims, the soft k-means of Ren et al. ("Meta-Learning for
-Semi-Supervised Few-Shot Classification", ICLR 2018) with the queries as the unlabelled images.
+Semi-Supervised Few-Shot Classification", ICLR 2018) with the queries as the unlabelled images. Meta-training
+stays inductive: on Lake's protocol, training through them scored lower on validation than applying them to an
+inductively trained network (``conf/experiment/protonet_omniglot_lake_transductive.yaml``).
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ class ProtoNet(FewShotLearner):
         backbone, n_way, bn_mode: see :class:`FewShotLearner`.
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"``.
         temperature: scale applied to the cosine similarity (ignored for Euclidean).
-        center_sets: centre the support and the query embeddings each on its own mean (transductive).
-        refine_steps: soft k-means steps that refine the prototypes with the queries (transductive).
+        center_sets: at evaluation, centre the support and the query embeddings each on its own mean.
+        refine_steps: at evaluation, soft k-means steps that refine the prototypes with the queries.
     """
 
     parallel_tasks = True
@@ -52,10 +54,11 @@ class ProtoNet(FewShotLearner):
         # One forward for support and query, so transductive BatchNorm sees the whole episode.
         embeddings = self.backbone(torch.cat([episode.support_x, episode.query_x]))
         support, query = embeddings[:n_support], embeddings[n_support:]
-        if self.center_sets:
+        transductive = not training
+        if self.center_sets and transductive:
             support, query = support - support.mean(dim=0), query - query.mean(dim=0)
         logits = self.logits(query, class_means(support, episode.support_y, episode.n_way))
-        if self.refine_steps:
+        if self.refine_steps and transductive:
             # Each support image counts once in its prototype, each query by the share of it that the class claims.
             sums = class_sums(support, episode.support_y, episode.n_way)
             counts = class_sums(torch.ones_like(support[:, :1]), episode.support_y, episode.n_way)
