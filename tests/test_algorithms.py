@@ -322,7 +322,6 @@ def test_protonet_cosine_distance():
         ProtoNet(Pixels(2), 2, distance="manhattan")
 
 
-
 def test_protonet_centred_sets_ignore_a_shift_of_either_set():
     ep = Episode(support_x=points((0, 0), (4, 0)), support_y=torch.tensor([0, 1]),
                  query_x=points((1, 0), (3, 0)), query_y=torch.tensor([0, 1]), n_way=2)
@@ -350,6 +349,7 @@ def test_protonet_refinement_is_a_soft_k_means_step_with_the_queries():
     assert not torch.allclose(refined, ProtoNet(Pixels(2), 2).predict(ep, training=False))
     with pytest.raises(ValueError, match="refine_steps"):
         ProtoNet(Pixels(2), 2, refine_steps=-1)
+
 
 def test_protonet_trains_with_a_higher_way_than_it_tests(glyphs):
     torch.manual_seed(8)
