@@ -197,6 +197,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
         if OmegaConf.is_missing(cfg, "checkpoint"):
             fail("metacli eval needs the run to re-test: metacli eval checkpoint=RUN_DIR (a dir written by "
                  "metacli train)")
+        claim_eval_dir(Path(cfg.hydra.run.dir))
         return None
     launcher = cfg.hydra.launcher.get("_target_", "")
     if multirun and launcher.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
@@ -249,6 +250,18 @@ def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> None:
             lock_run_dir(run_dir)
     except MetacliError as exc:
         fail(str(exc))
+
+
+def claim_eval_dir(out_dir: Path) -> None:
+    """Before Hydra writes eval's ``.hydra/`` into its dir: the dir can be written and holds no run's records, so
+    that a re-test never overwrites a run's config or results (not even the run it re-tests)."""
+    from metacli.reliability.run_dir import records
+
+    _check_writable(out_dir, "hydra.run.dir")
+    held = records(out_dir)
+    if held:
+        fail(f"{out_dir} already holds a run's records ({', '.join(held)}), which metacli eval would overwrite: "
+             "give the re-test its own hydra.run.dir, or leave it out for a new one under outputs/eval")
 
 
 def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:

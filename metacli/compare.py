@@ -20,22 +20,18 @@ from metacli.errors import ConfigError
 from metacli.logging.console import print_table
 from metacli.metrics import HIGHER_IS_BETTER, show, task_label
 from metacli.reliability.run_dir import RESULTS
+from metacli.results_file import read_results_file
 
 
 def read_results(path: str | Path) -> dict:
     """The results of a run dir, an eval dir, or a ``results.json`` itself, with its per-episode scores."""
     path = Path(path)
     file = path / RESULTS if path.is_dir() else path
-    try:
-        results = json.loads(file.read_text())
-    except FileNotFoundError:
+    if not file.exists():
         raise ConfigError(f"{path} has no {RESULTS}: pass a finished run dir (metacli train) or an eval dir "
-                          "(metacli eval)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{file} is not a readable {RESULTS} ({exc}); re-test the run with metacli eval") from None
-    if isinstance(results, dict) and "episode_accuracies" in results:  # the name before other task families came
-        results["episode_scores"] = results.pop("episode_accuracies")
-    if not isinstance(results, dict) or "episode_scores" not in results or "test_fingerprint" not in results:
+                          "(metacli eval)")
+    results = read_results_file(file)
+    if results.get("episode_scores") is None or results.get("test_fingerprint") is None:
         raise ConfigError(f"{file} has no per-episode scores (written by an older metacli): re-test the run with "
                           f"metacli eval checkpoint=<its run dir> and compare the eval dirs")
     return results
@@ -69,6 +65,9 @@ def paired_difference(a: dict, b: dict) -> dict:
         raise ConfigError(f"the two runs were tested on different episodes ({difference}): re-test one with "
                           "metacli eval checkpoint=RUN_DIR and the other's task.* and eval.seed, then compare")
     x, y = np.asarray(a["episode_scores"], float), np.asarray(b["episode_scores"], float)
+    if len(x) != len(y):  # the same fingerprint fixes the number of episodes: one file was edited or cut short
+        raise ConfigError(f"the two runs hold {len(x)} and {len(y)} episode scores for the same test episodes: one "
+                          "results.json is damaged; re-test that run with metacli eval checkpoint=RUN_DIR")
     better = 1 if HIGHER_IS_BETTER[a.get("metric", "accuracy")] else -1
     d, n = x - y, len(x)
     sd = float(d.std(ddof=1)) if n > 1 else 0.0

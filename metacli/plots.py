@@ -23,7 +23,6 @@ Figures are drawn on matplotlib's Agg canvas directly, so no display and no pypl
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,16 +32,13 @@ from matplotlib.figure import Figure
 from metacli.algorithms.base import FewShotLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
+from metacli.logging.jsonl import read_rows
 from metacli.reliability.run_dir import METRICS
 from metacli.report import protocol_overrides
 
 CURVES, EPISODE, ADAPTATION, RETENTION, GENERATION = ("curves.png", "episode.png", "adaptation.png", "retention.png",
                                                      "generation.png")
 SWEEP_CURVES, SWEEP_SCORES = "sweep_curves.png", "sweep_scores.png"
-
-
-def read_rows(metrics: Path) -> list[dict]:
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
 def save(figure: Figure, path: Path) -> Path:

@@ -32,6 +32,7 @@ from metacli.logging.console import console
 from metacli.metrics import task_label
 from metacli.published import published
 from metacli.reliability.run_dir import RESULTS, TIMING
+from metacli.results_file import read_results_file
 
 COLUMNS = ("algorithm", "dataset", "task", "backbone", "bn mode", "steps", "overrides", "best val step", "seeds",
            "metric", "test", "paper", "difference", "per seed", "wall time", "runs")
@@ -45,12 +46,7 @@ def find_results(paths: list[str | Path], required: bool = True) -> list[tuple[P
         if not path.exists():
             raise ConfigError(f"{path} does not exist: pass run dirs, sweep dirs or folders holding them")
         files = [path] if path.is_file() else sorted(path.rglob(RESULTS))
-        for file in files:
-            try:
-                found.append((file.parent, json.loads(file.read_text())))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"{file} is not a readable results.json ({exc}): re-test that run with "
-                                  "metacli eval, or leave it out") from None
+        found += [(file.parent, read_results_file(file)) for file in files]
     if required and not found:
         raise ConfigError(f"no results.json under {', '.join(map(str, paths))}: pass finished run or sweep dirs")
     return found
@@ -220,8 +216,29 @@ def arguments() -> ArgumentParser:
     return parser
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` names a file in a folder that exists: checked before any work, so a long report never fails last."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the file to write, e.g. --out {out / 'results.md'}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist; create it, or write elsewhere")
+
+
+def _write(text: str, out: Path) -> None:
+    """Write ``out`` whole or not at all: a failed write leaves the previous file as it was."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write --out {out} ({exc.strerror}): name a file in a folder you can write") from None
+
+
 def main(argv: list[str]) -> None:
     args = arguments().parse_args(argv)
+    if args.out:
+        _check_out(Path(args.out))
     if args.format == "results":
         from metacli.results_page import results_page  # it builds on this module's rows
 
@@ -241,7 +258,7 @@ def main(argv: list[str]) -> None:
         if args.format in ("md", "table"):
             text += continual_markdown(found)
     if args.out:
-        Path(args.out).write_text(text)
+        _write(text, Path(args.out))
     else:
         print(text, end="")
 

@@ -4,12 +4,12 @@ other anchors, and the runs still training (a checkpoint or metrics but no resul
 resumes them."""
 from __future__ import annotations
 
-import json
 import shlex
 from itertools import takewhile
 from pathlib import Path
 
 from metacli.errors import ConfigError
+from metacli.logging.jsonl import read_rows
 from metacli.metrics import HIGHER_IS_BETTER, show
 from metacli.reliability.run_dir import LAST, METRICS, RESULTS
 from metacli.report import cell_text, override_key, saved_overrides, read_saved, find_results, rows
@@ -132,23 +132,6 @@ def _results_cells(row: dict, by_run: dict[str, dict]) -> list[str]:
             f"`{train_command(runs, [r.get('seed', 0) for r in results])}`"]
 
 
-def _logged(run: Path) -> list[dict]:
-    """metrics.jsonl's rows; a line cut short by a kill, or otherwise not a JSON object, is skipped."""
-    try:
-        lines = (run / METRICS).read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    logged = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            logged.append(row)
-    return logged
-
-
 def _best_validation(logged: list[dict]) -> str:
     for metric, higher in HIGHER_IS_BETTER.items():
         key = f"val/{metric}"
@@ -160,7 +143,7 @@ def _best_validation(logged: list[dict]) -> str:
 
 
 def _training_cells(run: Path) -> list[str]:
-    logged = _logged(run)
+    logged = read_rows(run / METRICS)
     done = next((r["step"] for r in reversed(logged) if isinstance(r.get("step"), int)), None)
     total = _trainer_int(run, "steps")
     progress = " of ".join("?" if n is None else f"{n:,}" for n in (done, total))

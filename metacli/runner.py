@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from metacli.build import (build, build_dataset, build_execution, build_learner, build_partial, load_trained,
                            resolve_device, seed_everything, training_batches)
@@ -22,6 +23,7 @@ from metacli.errors import CheckpointError, ConfigError, MetacliError, Processes
 from metacli.evaluation import build_results, make_samplers, make_test_sampler, validate
 from metacli.logging.console import console, print_results
 from metacli.logging.identity import run_identity
+from metacli.logging.jsonl import read_rows
 from metacli.logging.progress import Progress
 from metacli.execution import processes
 from metacli.execution.meta_batch import capture_for, meta_train_step
@@ -321,7 +323,7 @@ def _plot(cfg: DictConfig, run_dir: Path, learner, test_sampler, dataset, result
         images = {"plots/episode": plots.save(episode, run_dir / plots.EPISODE)}
     metrics = run_dir / METRICS
     if metrics.exists():
-        images["plots/curves"] = plots.save(plots.curves_figure(plots.read_rows(metrics), title, learner.family.metric),
+        images["plots/curves"] = plots.save(plots.curves_figure(read_rows(metrics), title, learner.family.metric),
                                             run_dir / plots.CURVES)
     return images
 
@@ -340,7 +342,11 @@ def _set_given(section: DictConfig, given: DictConfig) -> None:
         if isinstance(value, DictConfig):
             _set_given(section[key], value)
         elif value is not None:
-            section[key] = value
+            try:
+                section[key] = value
+            except ValidationError as exc:  # the run's typed config refuses it: eval's own config is untyped
+                raise ConfigError(f"{exc.full_key}={value}: {str(exc).splitlines()[0]}; give a value of that "
+                                  "type") from None
 
 
 def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:

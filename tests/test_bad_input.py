@@ -253,3 +253,16 @@ def test_a_new_run_over_an_existing_one_is_refused(finished_run, tmp_path):
     done = run_cli("train", *FAST, f"hydra.run.dir={finished_run}", cwd=tmp_path)
     assert_one_line_error(done, "already holds a run (last.pt, last.pt.prev, best.pt")
     assert_nothing_lost(finished_run, before)
+
+
+def test_an_eval_into_a_run_dir_is_refused_and_loses_nothing(finished_run, tmp_path):
+    before = snapshot(finished_run)
+    done = run_cli("eval", f"checkpoint={finished_run}", f"hydra.run.dir={finished_run}", cwd=tmp_path)
+    assert_one_line_error(done, "already holds a run's records (last.pt, last.pt.prev, best.pt")
+    assert snapshot(finished_run) == before
+
+
+def test_an_eval_override_of_the_wrong_type_is_one_line(finished_run, tmp_path):
+    done = run_cli("eval", f"checkpoint={finished_run}", "task.n_way=abc", f"hydra.run.dir={tmp_path / 'e'}",
+                   cwd=tmp_path)
+    assert_one_line_error(done, "task.n_way=abc: Value 'abc' of type 'str' could not be converted to Integer")

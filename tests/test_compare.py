@@ -13,7 +13,7 @@ from scipy import stats
 
 from conftest import assert_one_line_error, run_cli
 from metacli.cli import _train_job
-from metacli.compare import paired_difference
+from metacli.compare import paired_difference, read_results
 from metacli.errors import ConfigError
 from test_configs import compose
 
@@ -108,3 +108,17 @@ def test_pairing_finds_a_difference_that_overlapping_intervals_hide():
     assert paired["difference"] - paired["ci95"] > 0 and paired["p_value"] < 1e-6
     same = paired_difference(with_scores(better), with_scores(better))
     assert same["difference"] == 0 and same["p_value"] == 1.0
+
+
+def test_compare_refuses_damaged_scores(two_algorithms, tmp_path):
+    good = results(two_algorithms / "0")
+    cut = {**good, "episode_scores": good["episode_scores"][:5]}
+    episodes = len(good["episode_scores"])
+    with pytest.raises(ConfigError, match=f"hold {episodes} and 5 episode scores for the same test episodes"):
+        paired_difference(good, cut)
+    for damage, problem in [({"episode_scores": None}, "has no per-episode scores"),
+                            ({"episode_scores": ["a"] * episodes}, "its episode_scores are not a list of numbers"),
+                            ({"test_fingerprint": [1]}, "its test_fingerprint is not an object")]:
+        (tmp_path / "results.json").write_text(json.dumps({**good, **damage}))
+        with pytest.raises(ConfigError, match=problem):
+            read_results(tmp_path / "results.json")

@@ -11,8 +11,9 @@ from conftest import run_cli
 from metacli.algorithms.protonet import ProtoNet
 from metacli.data.episodes import EpisodeSampler
 from metacli.data.synthetic import SyntheticGlyphs
+from metacli.logging.jsonl import read_rows
 from metacli.models.conv4 import Conv4
-from metacli.plots import curves_figure, episode_figure, read_rows
+from metacli.plots import curves_figure, episode_figure
 
 
 @pytest.fixture(scope="module")

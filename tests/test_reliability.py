@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from conftest import metacli_command, run_cli
+from metacli.logging.jsonl import JsonlLogger
 from metacli.reliability.checkpoint import (LAST, CheckpointError, load_checkpoint, load_latest_good, previous,
                                            save_checkpoint)
 from metacli.reliability.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+from metacli.reliability.rng import capture_rng
 
 # 60 short steps: long enough to be killed at a chosen moment, checkpoints every 7 steps between validations.
 RUN = ["experiment=smoke", "trainer.steps=60", "trainer.val_every=20", "trainer.checkpoint_every=7",
@@ -161,7 +163,8 @@ def test_wandb_run_is_resumed_with_the_same_id(tmp_path):
 def state(step: int) -> dict:
     """A complete checkpoint payload of a tiny learner (load_checkpoint refuses an incomplete one)."""
     return {"learner": {"w": torch.full((3,), float(step))}, "optimizer": {"state": {}, "param_groups": []},
-            "scheduler": None, "step": step, "best_val": 0.5, "best_step": step, "skipped": 0, "rng": {},
+            "scheduler": None, "step": step, "best_val": 0.5, "best_step": step, "skipped": 0,
+            "rng": capture_rng(torch.Generator()),
             "origin": {"algo": "metacli.algorithms.protonet.ProtoNet", "backbone": "metacli.models.conv4.Conv4",
                        "dataset": {"name": "synthetic"}, "task": {"n_way": 5}}}
 
@@ -320,3 +323,15 @@ def test_no_secret_reaches_the_run_dir(tmp_path):
     assert secret not in done.stdout + done.stderr
     leaks = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaks, f"the API key was written to {leaks}"
+
+
+def test_a_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    rows_written = [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.25}, {"step": 3, "train/loss": 0.125}]
+    path = tmp_path / "metrics.jsonl"
+    complete = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows_written)
+    path.write_text(complete + '[1]\n{"step": 4, "train_lo')  # a row that is no object, then one a kill cut short
+    logger = JsonlLogger(str(tmp_path), resume_step=2)
+    logger.log({"train/loss": 0.2}, step=3)
+    logger.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == \
+        rows_written[:2] + [{"step": 3, "train/loss": 0.2}]

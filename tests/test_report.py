@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shlex
 import shutil
 from itertools import takewhile
@@ -16,6 +17,8 @@ from scipy import stats
 
 from conftest import assert_one_line_error, run_cli
 from metacli import results_page
+from metacli.errors import ConfigError
+from metacli.report import find_results
 
 SMOKE = ["experiment=smoke", "trainer.steps=4", "trainer.val_every=2", "eval.episodes=20"]
 
@@ -266,3 +269,32 @@ def test_a_default_run_gets_the_published_number(seeds_and_algorithms, tmp_path)
     assert done.returncode == 0, done.stderr
     row = page_tables(done.stdout)[" ".join(RESULTS_COLUMNS)][0]
     assert row["paper"] == "98.80 %" and "Snell et al. 2017" in done.stdout
+
+
+RESULTS_DAMAGE = {
+    "that is an array": ("[1, 2]", "an array, not an object"),
+    "without its score": ('{"algorithm": "protonet"}', "its accuracy is None, not a number"),
+    "of an unknown metric": ('{"metric": "speed", "speed": 1}', "its metric 'speed' is none of accuracy"),
+    "with a score that is not a number": ('{"accuracy": "high", "ci95": 0.1}', "its accuracy is 'high', not a number"),
+    "with a CI that is not a number": ('{"accuracy": 0.9, "ci95": "wide"}', "its ci95 is 'wide', not a number"),
+    "with a section that is not an object": ('{"accuracy": 0.9, "dataset": "omniglot"}',
+                                              "its dataset is not an object"),
+}
+
+
+@pytest.mark.parametrize("damage", list(RESULTS_DAMAGE))
+def test_a_damaged_results_file_is_named_with_its_problem(tmp_path, damage):
+    content, problem = RESULTS_DAMAGE[damage]
+    (tmp_path / "results.json").write_text(content)
+    named = f"{tmp_path / 'results.json'} is not a readable results.json ({problem}"
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        find_results([tmp_path])
+
+
+def test_a_damaged_results_file_or_a_bad_out_path_is_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("null")
+    assert_one_line_error(run_cli("report", str(tmp_path / "run"), cwd=tmp_path), "(null, not an object)")
+    assert_one_line_error(run_cli("report", str(tmp_path), "--out", str(tmp_path / "no" / "x.md"), cwd=tmp_path),
+                          f"the folder {tmp_path / 'no'} does not exist")
+    assert_one_line_error(run_cli("report", str(tmp_path), "--out", str(tmp_path), cwd=tmp_path), "is a folder")

@@ -210,6 +210,8 @@ CHECKPOINT_DAMAGE = {
     "older format (no origin)": (lambda state: {k: v for k, v in state.items() if k != "origin"}, "no 'origin'"),
     "tensor where a dict belongs": (lambda state: {**state, "optimizer": torch.zeros(3)}, "'optimizer' is a Tensor"),
     "learner entry not a tensor": (lambda state: {**state, "learner": {"w": "text"}}, "learner entry 'w' is not a tensor"),
+    "a wall time that is not a number": (lambda state: {**state, "wall_seconds": "x"}, "'wall_seconds' is a str"),
+    "generator states without the episodes'": (lambda state: {**state, "rng": {"python": 1}}, "no 'episodes'"),
 }
 
 

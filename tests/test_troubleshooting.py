@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import test_bad_input
+import test_report
 import test_security
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
@@ -27,7 +28,10 @@ def rows() -> list[str]:
                 for name, (_, _, needle) in test_security.PAYLOADS.items()]
     checkpoints = [(f"a damaged `best.pt` or `last.pt`: {name} (`metacli eval`; a resume falls back to `.prev`)", needle)
                    for name, (_, needle) in test_security.CHECKPOINT_DAMAGE.items()]
-    return [f"| {case} | `{needle.replace('|', '¦')}` |" for case, needle in train + configs + payloads + checkpoints]
+    results = [(f"a `results.json` {name} (`metacli report`, `metacli compare`)", problem)
+               for name, (_, problem) in test_report.RESULTS_DAMAGE.items()]
+    return [f"| {case} | `{needle.replace('|', '¦')}` |"
+            for case, needle in train + configs + payloads + checkpoints + results]
 
 
 def table() -> str:

@@ -5,18 +5,40 @@ import json
 from pathlib import Path
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics file; a line cut short by a kill, or otherwise not a JSON object, is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _step(row: dict) -> float:
+    step = row.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else float("inf")
+
+
 class JsonlLogger:
     """Appends ``{"step": ..., **metrics}`` rows to ``run_dir/filename``.
 
-    On resume, rows past the checkpoint's step are dropped first, so a resumed run has no duplicated rows.
+    On resume, rows past the checkpoint's step are dropped first, so a resumed run has no duplicated rows, and so is
+    a row that a kill cut short or that names no step: the file stays one JSON object a line.
     """
 
     def __init__(self, run_dir: str, filename: str = "metrics.jsonl", resume_step: int | None = None, **_: object) -> None:
         self.path = Path(run_dir) / filename
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_rows(self.path) if _step(row) <= resume_step]
+            self.path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
         self._handle = self.path.open("a")
 
     def log(self, metrics: dict, step: int) -> None:

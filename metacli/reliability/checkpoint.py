@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from metacli.errors import CheckpointError
+from metacli.reliability import rng
 # The checkpoint names, for callers.
 from metacli.reliability.run_dir import BEST, CHECKPOINTS, LAST, previous  # noqa: F401
 
@@ -29,6 +30,8 @@ FORMAT = "metacli-checkpoint-1"
 PAYLOAD = {"learner": dict, "optimizer": (dict, type(None)), "scheduler": (dict, type(None)), "step": int,
            "best_val": float, "best_step": (int, type(None)), "skipped": int, "rng": dict, "origin": dict}
 ORIGIN = {"algo": str, "backbone": (str, type(None)), "dataset": dict, "task": dict}
+#: Fields added after the first checkpoints: checked where present.
+LATER = {"wall_seconds": (int, float)}
 
 
 def save_checkpoint(payload: dict, *paths: Path) -> None:
@@ -84,16 +87,27 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
                            "not a checkpoint; use another run dir or retrain")
 
 
+def _field_problem(fields: dict, where: dict) -> str | None:
+    for key, kind in fields.items():
+        if key not in where:
+            return f"no {key!r}"
+        if isinstance(where[key], bool) or not isinstance(where[key], kind):
+            return f"{key!r} is a {type(where[key]).__name__}"
+    return None
+
+
 def _structure_problem(payload: object) -> str | None:
     """What is missing or of the wrong type in a verified payload, or None."""
     if not isinstance(payload, dict):
         return f"a {type(payload).__name__} instead of a dict"
-    for fields, where in ((PAYLOAD, payload), (ORIGIN, payload.get("origin"))):
-        for key, kind in fields.items():
-            if key not in where:
-                return f"no {key!r}"
-            if isinstance(where[key], bool) or not isinstance(where[key], kind):
-                return f"{key!r} is a {type(where[key]).__name__}"
+    # Each check runs only once the one before has found its part a dict.
+    problem = (_field_problem(PAYLOAD, payload) or _field_problem(ORIGIN, payload["origin"])
+               or _field_problem(rng.STATE, payload["rng"]) or _field_problem(rng.NUMPY_STATE, payload["rng"]["numpy"])
+               or _field_problem({key: kind for key, kind in LATER.items() if key in payload}, payload))
+    if problem is not None:
+        return problem
+    if len(payload["rng"]["python"]) != 3:
+        return "'python' is not a generator state"
     odd = [key for key, value in payload["learner"].items() if not isinstance(value, torch.Tensor)]
     return f"learner entry {odd[0]!r} is not a tensor" if odd else None
 

@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 
+#: What :func:`capture_rng` returns, by type: a checkpoint's states are checked against it before a resume.
+STATE = {"episodes": torch.Tensor, "torch": torch.Tensor, "cuda": list, "python": list, "numpy": dict}
+NUMPY_STATE = {"kind": str, "keys": torch.Tensor, "position": int, "has_gauss": int, "gauss": float}
+
+
 def capture_rng(episodes: torch.Generator) -> dict:
     """The states of Python's, NumPy's and torch's generators (CUDA's too, when present) and of ``episodes``."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
