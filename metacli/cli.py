@@ -197,7 +197,7 @@ def preflight(command: str, args: list[str]) -> Path | None:
         if OmegaConf.is_missing(cfg, "checkpoint"):
             fail("metacli eval needs the run to re-test: metacli eval checkpoint=RUN_DIR (a dir written by "
                  "metacli train)")
-        claim_eval_dir(Path(cfg.hydra.run.dir))
+        claim_eval_dir(Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir), multirun)
         return None
     launcher = cfg.hydra.launcher.get("_target_", "")
     if multirun and launcher.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
@@ -252,16 +252,20 @@ def claim_run_dir(run_dir: Path, explicit: bool, resume: bool) -> None:
         fail(str(exc))
 
 
-def claim_eval_dir(out_dir: Path) -> None:
+def claim_eval_dir(out_dir: Path, sweep: bool) -> None:
     """Before Hydra writes eval's ``.hydra/`` into its dir: the dir can be written and holds no run's records, so
-    that a re-test never overwrites a run's config or results (not even the run it re-tests)."""
+    that a re-test never overwrites a run's config or results (not even the run it re-tests). A sweep's jobs write
+    into subdirs of its dir, so none of those may hold a run either."""
     from metacli.reliability.run_dir import records
 
-    _check_writable(out_dir, "hydra.run.dir")
-    held = records(out_dir)
-    if held:
-        fail(f"{out_dir} already holds a run's records ({', '.join(held)}), which metacli eval would overwrite: "
-             "give the re-test its own hydra.run.dir, or leave it out for a new one under outputs/eval")
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    _check_writable(out_dir, key)
+    dirs = [out_dir, *(p for p in out_dir.iterdir() if p.is_dir())] if sweep and out_dir.is_dir() else [out_dir]
+    for where in dirs:
+        held = records(where)
+        if held:
+            fail(f"{where} already holds a run's records ({', '.join(held)}), which metacli eval would overwrite: "
+                 f"give the re-test its own {key}, or leave it out for a new one under outputs/eval")
 
 
 def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:

@@ -7,6 +7,11 @@ from __future__ import annotations
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False, "return": True, "regret": False, "success": True}
 
 
+def is_number(value: object) -> bool:
+    """A JSON number: an int or float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def show(metric: str, value: float, ci95: float | None = None, signed: bool = False) -> str:
     """A metric's value as people read it: accuracy in percent, others as numbers; with its ± CI if given, and
     its sign if ``signed`` (a difference)."""

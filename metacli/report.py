@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def _check_out(out: Path) -> None:
 
 def _write(text: str, out: Path) -> None:
     """Write ``out`` whole or not at all: a failed write leaves the previous file as it was."""
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # this process's own: two reports never share one
     try:
         tmp.write_text(text)
         tmp.replace(out)
@@ -282,15 +283,19 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            table = rows(find_results([sweep_dir]))
-        except ConfigError:  # no job finished: nothing to summarise
+            found = find_results([sweep_dir], required=False)
+        except ConfigError as exc:  # a job's damaged results.json: the jobs' own dirs are all there is
+            console.print(f"no sweep summary: {exc}", style="yellow", highlight=False, soft_wrap=True)
             return
+        if not found:  # no job finished: nothing to summarise
+            return
+        table = rows(found)
         (sweep_dir / "summary.md").write_text(markdown(table))
         (sweep_dir / "summary.csv").write_text(csv_text(table))
         if config.trainer.plots:
             from metacli import plots  # matplotlib is imported only by sweeps that draw
 
-            for name, figure in plots.sweep_figures(find_results([sweep_dir]), table).items():
+            for name, figure in plots.sweep_figures(found, table).items():
                 plots.save(figure, sweep_dir / name)
         if console.is_terminal:
             console.print(rich_table(table))

@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 from metacli.errors import ConfigError
-from metacli.metrics import HIGHER_IS_BETTER
+from metacli.metrics import HIGHER_IS_BETTER, is_number
 
-#: The parts of a results.json that are objects whenever they are there.
-SECTIONS = ("task", "dataset", "test_fingerprint", "expected", "continual")
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+#: The parts of a results.json that are objects, and those that are lists (a continual run's stream lengths, a
+#: meta-RL run's adaptation stages), whenever they are there.
+OBJECTS = ("task", "dataset", "test_fingerprint", "expected")
+LISTS = ("continual", "stages")
 
 
 def shape_problem(results: object) -> str | None:
@@ -24,15 +22,18 @@ def shape_problem(results: object) -> str | None:
     metric = results.get("metric", "accuracy")
     if metric not in HIGHER_IS_BETTER:
         return f"its metric {metric!r} is none of {', '.join(HIGHER_IS_BETTER)}"
-    if not _number(results.get(metric)):
-        return f"its {metric} is {results.get(metric)!r}, not a number"
-    if results.get("ci95") is not None and not _number(results["ci95"]):
+    if metric not in results:
+        return f"no {metric} score"
+    if not is_number(results[metric]):
+        return f"its {metric} is {results[metric]!r}, not a number"
+    if results.get("ci95") is not None and not is_number(results["ci95"]):
         return f"its ci95 is {results['ci95']!r}, not a number"
-    for section in SECTIONS:
-        if results.get(section) is not None and not isinstance(results[section], dict):
-            return f"its {section} is not an object"
+    for sections, kind, name in ((OBJECTS, dict, "an object"), (LISTS, list, "a list")):
+        odd = [s for s in sections if results.get(s) is not None and not isinstance(results[s], kind)]
+        if odd:
+            return f"its {odd[0]} is not {name}"
     scores = results.get("episode_scores")
-    if scores is not None and not (isinstance(scores, list) and scores and all(map(_number, scores))):
+    if scores is not None and not (isinstance(scores, list) and scores and all(map(is_number, scores))):
         return "its episode_scores are not a list of numbers"
     return None
 

@@ -273,12 +273,13 @@ def test_a_default_run_gets_the_published_number(seeds_and_algorithms, tmp_path)
 
 RESULTS_DAMAGE = {
     "that is an array": ("[1, 2]", "an array, not an object"),
-    "without its score": ('{"algorithm": "protonet"}', "its accuracy is None, not a number"),
+    "without its score": ('{"algorithm": "protonet"}', "no accuracy score"),
     "of an unknown metric": ('{"metric": "speed", "speed": 1}', "its metric 'speed' is none of accuracy"),
     "with a score that is not a number": ('{"accuracy": "high", "ci95": 0.1}', "its accuracy is 'high', not a number"),
     "with a CI that is not a number": ('{"accuracy": 0.9, "ci95": "wide"}', "its ci95 is 'wide', not a number"),
     "with a section that is not an object": ('{"accuracy": 0.9, "dataset": "omniglot"}',
                                               "its dataset is not an object"),
+    "with stream lengths that are not a list": ('{"accuracy": 0.9, "continual": {}}', "its continual is not a list"),
 }
 
 
