@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from metacli.errors import ConfigError
 from metacli.logging.console import console
 from metacli.metrics import task_label
 from metacli.published import published
+from metacli.reliability.atomic import replace_file
 from metacli.reliability.run_dir import RESULTS, TIMING
 from metacli.results_file import read_results_file
 
@@ -227,12 +227,9 @@ def _check_out(out: Path) -> None:
 
 def _write(text: str, out: Path) -> None:
     """Write ``out`` whole or not at all: a failed write leaves the previous file as it was."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # this process's own: two reports never share one
     try:
-        tmp.write_text(text)
-        tmp.replace(out)
+        replace_file(out, text.encode())
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write --out {out} ({exc.strerror}): name a file in a folder you can write") from None
 
 

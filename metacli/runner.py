@@ -30,6 +30,7 @@ from metacli.execution.meta_batch import capture_for, meta_train_step
 from metacli.execution.precision import training_precision
 from metacli.execution.ranks import Processes, from_environment
 from metacli.execution.task_threads import thread_layout
+from metacli.reliability.atomic import replace_file
 from metacli.reliability.checkpoint import BEST, LAST, check_origin, load_latest_good, origin, save_checkpoint
 from metacli.reliability.host_memory import retain_freed_memory
 from metacli.reliability.memory_budget import check_memory
@@ -43,9 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def write_json(payload: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    replace_file(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list:

@@ -19,6 +19,7 @@ import torch
 
 from conftest import metacli_command, run_cli
 from metacli.logging.jsonl import JsonlLogger
+from metacli.reliability.atomic import replace_file
 from metacli.reliability.checkpoint import (LAST, CheckpointError, load_checkpoint, load_latest_good, previous,
                                            save_checkpoint)
 from metacli.reliability.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
@@ -232,6 +233,22 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
     assert "the previous checkpoint is intact" in done.stdout
     assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
     assert not list(tmp_path.glob("*.tmp")) and not previous(path).exists()
+
+
+def test_a_replaced_file_takes_the_umask_keeps_its_previous_version_and_leaves_no_temp_file(tmp_path):
+    path, kept = tmp_path / "results.json", tmp_path / "results.json.prev"
+    mask = os.umask(0o027)
+    try:
+        replace_file(path, b"first")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o640
+    replace_file(path, b"second", keep_previous=kept)
+    assert (path.read_bytes(), kept.read_bytes()) == (b"second", b"first")
+    with pytest.raises(FileNotFoundError):  # the rename that keeps the previous version fails: nothing changes
+        replace_file(path, b"third", keep_previous=tmp_path / "gone" / "results.json.prev")
+    assert path.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.json.prev"]
 
 
 def test_a_run_that_cannot_write_its_checkpoint_stops_cleanly(tmp_path):

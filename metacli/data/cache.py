@@ -8,15 +8,15 @@ user (mode 700).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from metacli.data.base import ClassImages
+from metacli.reliability.atomic import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,10 @@ def cached_split(cache_dir: Path, dataset: str, split: str, resolution: int,
     data = build()
     try:
         private_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
+        buffer = io.BytesIO()
         torch.save({"images": data.images, "class_names": data.class_names, "shape": list(data.images.shape),
-                    "sha256": content_digest(data.images, data.class_names)}, tmp)
-        os.replace(tmp, path)
+                    "sha256": content_digest(data.images, data.class_names)}, buffer)
+        replace_file(path, buffer.getbuffer())
     except OSError as exc:
         # A read-only cache dir costs a re-decode next time, not a failed run.
         log.warning("could not write cache %s (%s); set METACLI_CACHE to a writable folder", path, exc)

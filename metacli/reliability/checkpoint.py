@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from metacli.errors import CheckpointError
 from metacli.reliability import rng
+from metacli.reliability.atomic import replace_file
 # The checkpoint names, for callers.
 from metacli.reliability.run_dir import BEST, CHECKPOINTS, LAST, previous  # noqa: F401
 
@@ -52,34 +51,12 @@ def save_checkpoint(payload: dict, *paths: Path) -> None:
 
 
 def _write_atomically(data: memoryview, path: Path) -> None:
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            # Serialised in memory first: a failing file write is then a plain OSError, not an error deep in
-            # torch's zip writer.
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.replace(path, previous(path))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace_file(path, data, keep_previous=previous(path))
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"could not write the checkpoint {path} ({exc.strerror or exc}); the previous "
                               f"checkpoint is intact: free disk space or fix the permissions of {path.parent}, then "
                               "rerun with trainer.resume=true") from exc
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames durable: without it a power cut may forget them."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:

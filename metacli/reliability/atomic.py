@@ -1,0 +1,43 @@
+"""Files replaced whole or not at all: a kill, a full disk or a power cut mid-write leaves the previous version.
+
+The one writer behind checkpoints, the dataset cache, a run's results and timing, and ``metacli report --out``. It
+imports nothing heavy, so the commands that never touch torch can use it.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def replace_file(path: Path, data: bytes | memoryview, keep_previous: Path | None = None) -> None:
+    """Make ``path`` hold ``data``: written to a temp file of this process's own beside it, synced, then renamed over
+    it. With ``keep_previous`` the version it replaces is moved there first.
+
+    Raises ``OSError`` with no temp file left behind and ``path`` as it was (or, with ``keep_previous``, moved there).
+    """
+    # A name no other writer shares (two reports or two ranks at once); O_EXCL never follows a planted link, and
+    # mode 666 leaves the permissions to the umask as any other file the user writes.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames durable: without it a power cut may forget them."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
