@@ -5,6 +5,7 @@ shows the full traceback instead.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -130,6 +131,12 @@ def eval_command(cfg: DictConfig) -> float:
     return _run_reporting_errors(_eval_job, cfg)
 
 
+def _suggestion(key: str, value: str, options: list[str]) -> str:
+    """``did you mean`` the option nearest a misspelt one, else an example."""
+    near = difflib.get_close_matches(value, options, n=1)
+    return f"did you mean {key}={near[0]}?" if near else f"e.g. {key}={options[0]}"
+
+
 def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
@@ -173,12 +180,15 @@ def preflight(command: str, args: list[str]) -> Path | None:
             continue
         if key in groups and override.value() is not None and str(override.value()) not in _group_options(key):
             options = _group_options(key)
-            fail(f"unknown {key} '{override.value()}': choose one of {', '.join(options)} (e.g. {key}={options[0]})")
+            fail(f"unknown {key} '{override.value()}': choose one of {', '.join(options)} "
+                 f"({_suggestion(key, str(override.value()), options)})")
         plain.append(override.input_line)
     for choice in choices:
         key, value = choice.split("=", 1)
         if key in groups and value not in _group_options(key):
-            fail(f"unknown {key} '{value}' in the sweep: choose among {', '.join(_group_options(key))}")
+            options = _group_options(key)
+            fail(f"unknown {key} '{value}' in the sweep: choose among {', '.join(options)} "
+                 f"({_suggestion(key, value, options)})")
     register()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
         for extra in [[]] + [[c] for c in choices]:
@@ -192,7 +202,8 @@ def preflight(command: str, args: list[str]) -> Path | None:
                     kind, name = missing.groups()
                     hint = PLUGINS.get(name, f"pip install hydra-{name}-{kind}")
                     fail(f"hydra/{kind}={name} is not installed: {hint}")
-                fail(_one_line(exc, command))
+                unknown = re.search(r"Could not override '([\w.]+)'", str(exc))
+                fail((unknown and _key_suggestion(unknown.group(1), plain + extra, command)) or _one_line(exc, command))
     if command == "eval":
         if OmegaConf.is_missing(cfg, "checkpoint"):
             fail("metacli eval needs the run to re-test: metacli eval checkpoint=RUN_DIR (a dir written by "
@@ -280,6 +291,32 @@ def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:
             some = ", ".join(taken[:3]) + (", ..." if len(taken) > 3 else "")
             fail(f"{sweep_dir} already holds the runs of a sweep ({some}): continue them with "
                  "trainer.resume=true, or give the new sweep its own hydra.sweep.dir")
+
+
+def _key_suggestion(key: str, overrides: list[str], command: str) -> str | None:
+    """For a key the composed config lacks: the nearest key of its section, else the options of its group that
+    have it (``algo.first_order`` with ProtoNet). Hydra's own advice, a ``+`` override, is rarely the fix."""
+    section, _, name = key.rpartition(".")
+    if not section or section.startswith("hydra"):
+        return None
+    try:
+        cfg = hydra.compose(config_name=command, overrides=[o for o in overrides if o.split("=", 1)[0] != key],
+                            return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    node = OmegaConf.select(cfg, section)
+    if not isinstance(node, DictConfig):
+        return None
+    near = difflib.get_close_matches(name, [str(k) for k in node], n=1)
+    if near:
+        return f"{key} is not a key: did you mean {section}.{near[0]}? (see `metacli {command} --cfg job`)"
+    if section in cfg.hydra.runtime.choices:
+        having = [option for option in _group_options(section)
+                  if name in (OmegaConf.load(config_dir() / section / f"{option}.yaml") or {})]
+        if having:
+            return (f"{section}={cfg.hydra.runtime.choices[section]} has no {name}: choose one that has it "
+                    f"({', '.join(f'{section}={option}' for option in having)})")
+    return None
 
 
 def _one_line(exc: Exception, command: str) -> str:

@@ -37,16 +37,38 @@ def read_results(path: str | Path) -> dict:
     return results
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """Every ``(key, a's value, b's value)`` where the two (nested) fingerprints differ, keys dotted."""
+    found = []
     for key in sorted(set(a) | set(b)):
         left, right = a.get(key), b.get(key)
         if isinstance(left, dict) and isinstance(right, dict):
-            found = _first_difference(left, right, f"{prefix}{key}.")
-            if found:
-                return found
+            found += _differences(left, right, f"{prefix}{key}.")
         elif left != right:
-            return f"{prefix}{key} {left} vs {right}"
-    return None
+            found.append((f"{prefix}{key}", left, right))
+    return found
+
+
+#: The overrides of ``metacli eval`` that set each episode setting of a fingerprint.
+EVAL_OVERRIDES = {"n_way": "task.n_way", "k_shot": "task.k_shot", "n_query": "task.n_query", "eval_seed": "eval.seed",
+                  "episodes": "eval.episodes", "batch_size": "eval.batch_size", "protocol": "eval.protocol"}
+#: A fingerprint leaves a setting out where it has its default.
+DEFAULTS = {"protocol": "episodes"}
+
+
+def _retest(differences: list[tuple[str, object, object]]) -> str:
+    """How to bring the second run onto the first's episodes, or the general advice where eval cannot."""
+    overrides = [f"{EVAL_OVERRIDES[key]}={DEFAULTS.get(key) if left is None else left}"
+                 for key, left, _ in differences if key in EVAL_OVERRIDES]
+    if len(overrides) < len(differences):
+        return "re-test one with metacli eval checkpoint=RUN_DIR and the other's task.* and eval.*, then compare"
+    return (f"re-test the second on the first's with metacli eval checkpoint=RUN_B {' '.join(overrides)}, then "
+            "compare the first with the re-test's dir")
+
+
+def _p_text(p: float) -> str:
+    """A p-value as read: one below what a float holds (every episode the same way) is not zero."""
+    return f"p = {p:.3g}" if p > 0 else "p < 1e-300"
 
 
 def paired_difference(a: dict, b: dict) -> dict:
@@ -56,14 +78,14 @@ def paired_difference(a: dict, b: dict) -> dict:
     # The data's digest follows from its settings: name the setting that differs (dataset.crop_to_ink, say), and
     # the digest only when no setting does.
     settings = [{key: value for key, value in f.items() if key != "content_sha256"} for f in (first, second)]
-    difference = _first_difference(*settings) or _first_difference(first, second)
-    if difference is not None and difference.startswith(("dataset.", "env.", "content_sha256")):
+    differences = _differences(*settings) or _differences(first, second)
+    said = ", ".join(f"{key} {left} vs {right}" for key, left, right in differences)
+    if any(key.startswith(("dataset.", "env.", "content_sha256")) for key, _, _ in differences):
         # metacli eval keeps a run's data settings, so no re-test can bring the two onto the same data.
-        raise ConfigError(f"the two runs were tested on different data ({difference}): episode by episode, only runs "
+        raise ConfigError(f"the two runs were tested on different data ({said}): episode by episode, only runs "
                           "on the same data compare; metacli report RUN_A RUN_B shows them side by side")
-    if difference is not None:
-        raise ConfigError(f"the two runs were tested on different episodes ({difference}): re-test one with "
-                          "metacli eval checkpoint=RUN_DIR and the other's task.* and eval.seed, then compare")
+    if differences:
+        raise ConfigError(f"the two runs were tested on different episodes ({said}): {_retest(differences)}")
     x, y = np.asarray(a["episode_scores"], float), np.asarray(b["episode_scores"], float)
     if len(x) != len(y):  # the same fingerprint fixes the number of episodes: one file was edited or cut short
         raise ConfigError(f"the two runs hold {len(x)} and {len(y)} episode scores for the same test episodes: one "
@@ -106,4 +128,4 @@ def main(argv: list[str]) -> None:
                 [[f"A: {_label(a, args.run_a)}", show(metric, paired["a"]), str(paired["a_wins"])],
                  [f"B: {_label(b, args.run_b)}", show(metric, paired["b"]), str(paired["b_wins"])],
                  ["A - B", show(metric, paired["difference"], paired["ci95"], signed=True),
-                  f"p = {paired['p_value']:.3g} (paired t-test)"]])
+                  f"{_p_text(paired['p_value'])} (paired t-test)"]])

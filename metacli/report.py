@@ -98,13 +98,27 @@ def _wall_seconds(run: Path) -> float | None:
         return None
 
 
+def _seed_repeats(runs: list[tuple[Path, dict]]) -> list[list[tuple[Path, dict]]]:
+    """A protocol's runs split so that no row pools a seed with itself: the n-th run of each seed (in path order,
+    which is start order under Hydra's dated dirs) goes to the n-th row. A rerun of one seed is not another sample."""
+    repeats: list[list[tuple[Path, dict]]] = []
+    taken: dict[object, int] = defaultdict(int)
+    for run, results in sorted(runs, key=lambda pair: str(pair[0])):
+        seed = results.get("seed")
+        if taken[seed] == len(repeats):
+            repeats.append([])
+        repeats[taken[seed]].append((run, results))
+        taken[seed] += 1
+    return repeats
+
+
 def rows(found: list[tuple[Path, dict]]) -> list[dict]:
     """One row per protocol: the seeds' runs aggregated."""
     groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
     for run, results in found:
         groups[_protocol(run, results)].append((run, results))
     table = []
-    for protocol, runs in groups.items():
+    for protocol, runs in ((p, repeat) for p, runs in groups.items() for repeat in _seed_repeats(runs)):
         metric = runs[0][1].get("metric", "accuracy")
         scores = [results[metric] for _, results in runs]
         if len(runs) == 1:

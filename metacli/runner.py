@@ -36,7 +36,8 @@ from metacli.reliability.host_memory import retain_freed_memory
 from metacli.reliability.memory_budget import check_memory
 from metacli.reliability.preemption import PreemptionWatch
 from metacli.reliability.rng import capture_rng, restore_rng
-from metacli.reliability.run_dir import METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty, requeued
+from metacli.reliability.run_dir import (METRICS, RESULTS, RUN_START, TIMING, claim, discard_if_empty,
+                                         discard_unclaimed, requeued)
 from metacli.reliability.run_lock import unlock_run_dir
 from metacli.saved_config import load_run_config
 
@@ -64,14 +65,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     job's duration, the job's config saved), so neither a second process nor a sweep job can overwrite the run.
     Under torchrun the first process claims it for all (:mod:`metacli.execution.processes`).
     """
-    check_ranges(cfg)
     group = from_environment()
     if not group.leader:  # the first process speaks for the run
         logging.getLogger().setLevel(logging.ERROR)
     if not cfg.trainer.resume and requeued(run_dir):
         log.warning("%s is this job's own run, started again by its scheduler: resuming it", run_dir)
         cfg.trainer.resume = True
-    device = resolve_device(cfg.device)
+    try:  # checked in the job, not before Hydra starts it: a launcher may run it on another machine
+        check_ranges(cfg)
+        device = resolve_device(cfg.device)
+    except ConfigError:
+        if group.leader:
+            discard_unclaimed(run_dir)
+        raise
     if group.many:
         group.check_meta_batch(cfg.trainer.meta_batch)
         device = processes.join(group, device)
@@ -377,4 +383,6 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     write_json(results, out_dir / RESULTS)
     write_json({"wall_seconds": time.monotonic() - started}, out_dir / TIMING)
     print_results(results)
+    console.print(f"outputs in {out_dir}: results.json\ncompare with another run on the same episodes: "
+                  f"metacli compare {out_dir} OTHER_RUN_DIR", highlight=False, soft_wrap=True)
     return results

@@ -28,10 +28,14 @@ def corrupt_omniglot_root(tmp_path: Path, omniglot_root: Path) -> Path:
 
 CASES = {
     "unknown algo": (["algo=reptil"], "unknown algo 'reptil'"),
+    "a misspelt algo": (["algo=protonett"], "(did you mean algo=protonet?)"),
+    "a misspelt dataset in a sweep": (["-m", "dataset=omniglott,synthetic"], "(did you mean dataset=omniglot?)"),
     "unknown dataset": (["dataset=imagenet"], "unknown dataset 'imagenet'"),
     "unknown backbone": (["backbone=vgg"], "unknown backbone 'vgg'"),
     "unknown device": (["device=tpu"], "unknown device 'tpu'"),
-    "unknown key": (["trainer.stepz=3"], "trainer.stepz"),
+    "unknown key": (["trainer.stepz=3"], "trainer.stepz is not a key: did you mean trainer.steps?"),
+    "a key of another algo": (["algo.first_order=true"], "algo=protonet has no first_order: choose one that has it "
+                                                         "(algo=anil, algo=maml, algo=maml_rl, algo=meta_sgd)"),
     "wrong type": (["trainer.steps=many"], "could not be converted to Integer"),
     "negative way": (["task.n_way=-5"], "task.n_way=-5 is out of range"),
     "zero shot": (["task.k_shot=0"], "task.k_shot=0 is out of range"),
@@ -102,6 +106,7 @@ def test_bad_override_is_one_line(name, tmp_path):
     done = run_cli("train", *args, *[f for f in FAST if f.split("=")[0] not in {a.split("=")[0] for a in args}],
                    *run_dir, cwd=tmp_path)
     assert_one_line_error(done, expected)
+    assert not (tmp_path / "run").exists(), "a failed start left a run dir behind"
 
 
 def test_corrupt_archive_is_one_line(tmp_path, omniglot_root):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,19 @@ def test_compare_pairs_the_runs_episode_by_episode(two_algorithms, tmp_path):
     assert "A - B" in shown.stdout and "paired t-test" in shown.stdout
 
 
-def test_compare_refuses_runs_tested_on_other_episodes(two_algorithms, tmp_path):
-    done = run_cli("eval", f"checkpoint={two_algorithms / '1'}", "eval.seed=7", f"hydra.run.dir={tmp_path / 'eval'}",
-                   cwd=tmp_path)
+def test_compare_refuses_runs_tested_on_other_episodes_and_says_the_retest_that_fixes_it(two_algorithms, tmp_path):
+    done = run_cli("eval", f"checkpoint={two_algorithms / '1'}", "eval.seed=7", "eval.episodes=20",
+                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     refused = run_cli("compare", str(two_algorithms / "0"), str(tmp_path / "eval"), cwd=tmp_path)
-    assert_one_line_error(refused, "the two runs were tested on different episodes (eval_seed 0 vs 7)")
+    assert_one_line_error(refused, "the two runs were tested on different episodes (episodes 30 vs 20, eval_seed 0 "
+                                   "vs 7): re-test the second on the first's with metacli eval checkpoint=RUN_B "
+                                   "eval.episodes=30 eval.seed=0")
+    retest = re.search(r"checkpoint=RUN_B ([^,]+), then", refused.stderr).group(1).split()
+    done = run_cli("eval", f"checkpoint={two_algorithms / '1'}", *retest, f"hydra.run.dir={tmp_path / 'retest'}",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert run_cli("compare", str(two_algorithms / "0"), str(tmp_path / "retest"), cwd=tmp_path).returncode == 0
 
 
 def test_a_refusal_names_the_data_setting_before_the_data_digest(two_algorithms):

@@ -57,6 +57,20 @@ def test_the_report_aggregates_seeds_with_a_t_interval(seeds_and_algorithms, tmp
         assert len(row["wall time"]) == 3 and all(0 < seconds < 600 for seconds in row["wall time"])
 
 
+def test_a_rerun_of_a_seed_is_a_row_of_its_own_not_another_seed(seeds_and_algorithms, tmp_path):
+    original = next(file.parent for file in seeds_and_algorithms.rglob("results.json")
+                    if json.loads(file.read_text())["algorithm"] == "ProtoNet")
+    rerun = tmp_path / "rerun"
+    shutil.copytree(original, rerun)
+    done = run_cli("report", str(seeds_and_algorithms), str(rerun), "--format", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    protonet = sorted((row for row in json.loads(done.stdout) if row["algorithm"] == "ProtoNet"),
+                      key=lambda row: len(row["runs"]))
+    assert [len(row["runs"]) for row in protonet] == [1, 3]
+    alone = json.loads((rerun / "results.json").read_text())
+    assert (protonet[0]["test"], protonet[0]["ci95"]) == (alone["accuracy"], alone["ci95"])
+
+
 def test_the_report_writes_markdown_and_csv(seeds_and_algorithms, tmp_path):
     for form in ("md", "csv"):
         done = run_cli("report", str(seeds_and_algorithms), "--format", form, "--out", str(tmp_path / f"r.{form}"),

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metacli.errors import ConfigError
-from metacli.reliability.run_lock import LOCK_NAME, lock_run_dir
+from metacli.reliability.run_lock import LOCK_NAME, lock_run_dir, unlock_run_dir
 
 LAST, BEST = "last.pt", "best.pt"
 #: The checkpoints a user may name (``which=``); no other file of a run dir is ever loaded as one.
@@ -116,3 +116,17 @@ def discard_if_empty(folder: Path, written_at_start: set[str]) -> None:
         written_at_start = written_at_start | {f"{HydraConfig.get().job.name}.log"}
     if folder.is_dir() and not records(folder) and all(p.name in written_at_start for p in folder.iterdir()):
         shutil.rmtree(folder)
+
+
+def discard_unclaimed(run_dir: Path) -> None:
+    """Remove the dir of a job that stopped before claiming it, where it holds nothing but Hydra's job log and the
+    lock (this process's: another process starting in the same dir keeps its lock, and so its dir)."""
+    try:
+        lock_run_dir(run_dir)
+    except ConfigError:
+        return
+    try:
+        discard_if_empty(run_dir, {LOCK_NAME})
+    finally:
+        unlock_run_dir(run_dir)
+
