@@ -294,29 +294,41 @@ def claim_sweep_dir(sweep_dir: Path, resume: bool) -> None:
 
 
 def _key_suggestion(key: str, overrides: list[str], command: str) -> str | None:
-    """For a key the composed config lacks: the nearest key of its section, else the options of its group that
-    have it (``algo.first_order`` with ProtoNet). Hydra's own advice, a ``+`` override, is rarely the fix."""
+    """For a key the composed config lacks: the options of its group that have it (``algo.first_order`` with
+    ProtoNet), else the nearest key of its section. Hydra's own advice, a ``+`` override, is rarely the fix."""
     section, _, name = key.rpartition(".")
     if not section or section.startswith("hydra"):
         return None
-    try:
-        cfg = hydra.compose(config_name=command, overrides=[o for o in overrides if o.split("=", 1)[0] != key],
-                            return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException):
+    others = [o for o in overrides if o.split("=", 1)[0] != key]
+    cfg = _composed(command, others)
+    node = None if cfg is None else OmegaConf.select(cfg, section)
+    if not isinstance(node, DictConfig) or name in node:  # the key is there: what failed lies inside its value
         return None
-    node = OmegaConf.select(cfg, section)
-    if not isinstance(node, DictConfig):
-        return None
+    chosen = cfg.hydra.runtime.choices.get(section)
+    if chosen is not None:
+        # Composed, not read from the files: an option's keys may come from its own defaults or a global package.
+        rest = [o for o in others if o.split("=", 1)[0] != section]
+        having = [option for option in _group_options(section)
+                  if option != chosen and _has(_composed(command, [*rest, f"{section}={option}"]), section, name)]
+        if having:
+            return (f"{section}={chosen} has no {name}: choose one that has it "
+                    f"({', '.join(f'{section}={option}' for option in having)})")
     near = difflib.get_close_matches(name, [str(k) for k in node], n=1)
     if near:
         return f"{key} is not a key: did you mean {section}.{near[0]}? (see `metacli {command} --cfg job`)"
-    if section in cfg.hydra.runtime.choices:
-        having = [option for option in _group_options(section)
-                  if name in (OmegaConf.load(config_dir() / section / f"{option}.yaml") or {})]
-        if having:
-            return (f"{section}={cfg.hydra.runtime.choices[section]} has no {name}: choose one that has it "
-                    f"({', '.join(f'{section}={option}' for option in having)})")
     return None
+
+
+def _composed(command: str, overrides: list[str]) -> DictConfig | None:
+    try:
+        return hydra.compose(config_name=command, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException):
+        return None
+
+
+def _has(cfg: DictConfig | None, section: str, name: str) -> bool:
+    node = None if cfg is None else OmegaConf.select(cfg, section)
+    return isinstance(node, DictConfig) and name in node
 
 
 def _one_line(exc: Exception, command: str) -> str:

@@ -62,13 +62,13 @@ def _retest(differences: list[tuple[str, object, object]]) -> str:
                  for key, left, _ in differences if key in EVAL_OVERRIDES]
     if len(overrides) < len(differences):
         return "re-test one with metacli eval checkpoint=RUN_DIR and the other's task.* and eval.*, then compare"
-    return (f"re-test the second on the first's with metacli eval checkpoint=RUN_B {' '.join(overrides)}, then "
-            "compare the first with the re-test's dir")
+    return (f"re-test the second on the first's with metacli eval checkpoint=<the second's training run> "
+            f"{' '.join(overrides)}, then compare the first with the re-test's dir")
 
 
 def _p_text(p: float) -> str:
     """A p-value as read: one below what a float holds (every episode the same way) is not zero."""
-    return f"p = {p:.3g}" if p > 0 else "p < 1e-300"
+    return "p < 1e-300" if p == 0 else f"p = {p:.3g}"
 
 
 def paired_difference(a: dict, b: dict) -> dict:
@@ -80,7 +80,7 @@ def paired_difference(a: dict, b: dict) -> dict:
     settings = [{key: value for key, value in f.items() if key != "content_sha256"} for f in (first, second)]
     differences = _differences(*settings) or _differences(first, second)
     said = ", ".join(f"{key} {left} vs {right}" for key, left, right in differences)
-    if any(key.startswith(("dataset.", "env.", "content_sha256")) for key, _, _ in differences):
+    if any(key.split(".")[0] in ("dataset", "env", "content_sha256") for key, _, _ in differences):
         # metacli eval keeps a run's data settings, so no re-test can bring the two onto the same data.
         raise ConfigError(f"the two runs were tested on different data ({said}): episode by episode, only runs "
                           "on the same data compare; metacli report RUN_A RUN_B shows them side by side")

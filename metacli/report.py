@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -98,12 +99,18 @@ def _wall_seconds(run: Path) -> float | None:
         return None
 
 
+def _start_order(run: Path) -> list:
+    """Job 10 after job 2: the path's numbers compared as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(run))]
+
+
 def _seed_repeats(runs: list[tuple[Path, dict]]) -> list[list[tuple[Path, dict]]]:
-    """A protocol's runs split so that no row pools a seed with itself: the n-th run of each seed (in path order,
-    which is start order under Hydra's dated dirs) goes to the n-th row. A rerun of one seed is not another sample."""
+    """A protocol's runs split so that no row pools a seed with itself: the n-th run of each seed goes to the n-th
+    row, in start order (Hydra's dated dirs and numbered jobs, numbers read as numbers). A rerun of a seed is not
+    another sample."""
     repeats: list[list[tuple[Path, dict]]] = []
     taken: dict[object, int] = defaultdict(int)
-    for run, results in sorted(runs, key=lambda pair: str(pair[0])):
+    for run, results in sorted(runs, key=lambda pair: _start_order(pair[0])):
         seed = results.get("seed")
         if taken[seed] == len(repeats):
             repeats.append([])
@@ -113,7 +120,7 @@ def _seed_repeats(runs: list[tuple[Path, dict]]) -> list[list[tuple[Path, dict]]
 
 
 def rows(found: list[tuple[Path, dict]]) -> list[dict]:
-    """One row per protocol: the seeds' runs aggregated."""
+    """One row per protocol (and per rerun of its seeds): the seeds' runs aggregated."""
     groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
     for run, results in found:
         groups[_protocol(run, results)].append((run, results))
@@ -301,8 +308,8 @@ class SweepSummary(Callback):
         if not found:  # no job finished: nothing to summarise
             return
         table = rows(found)
-        (sweep_dir / "summary.md").write_text(markdown(table))
-        (sweep_dir / "summary.csv").write_text(csv_text(table))
+        replace_file(sweep_dir / "summary.md", markdown(table).encode())
+        replace_file(sweep_dir / "summary.csv", csv_text(table).encode())
         if config.trainer.plots:
             from metacli import plots  # matplotlib is imported only by sweeps that draw
 

@@ -74,12 +74,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     try:  # checked in the job, not before Hydra starts it: a launcher may run it on another machine
         check_ranges(cfg)
         device = resolve_device(cfg.device)
+        if group.many:
+            group.check_meta_batch(cfg.trainer.meta_batch)
     except ConfigError:
         if group.leader:
             discard_unclaimed(run_dir)
         raise
     if group.many:
-        group.check_meta_batch(cfg.trainer.meta_batch)
         device = processes.join(group, device)
     try:
         refusal = None
@@ -296,7 +297,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, group: Processe
                   f"re-test: metacli eval checkpoint={run_dir}  |  continue with more steps: the same command with "
                   f"trainer.resume=true trainer.steps=N hydra.run.dir={run_dir}\n"
                   f"compare with another run on the same episodes: metacli compare {run_dir} OTHER_RUN_DIR",
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=True, markup=False)  # a path is text, whatever brackets it holds
     return results
 
 
@@ -384,5 +385,5 @@ def evaluate_run(run_dir: Path, overrides: DictConfig, out_dir: Path) -> dict:
     write_json({"wall_seconds": time.monotonic() - started}, out_dir / TIMING)
     print_results(results)
     console.print(f"outputs in {out_dir}: results.json\ncompare with another run on the same episodes: "
-                  f"metacli compare {out_dir} OTHER_RUN_DIR", highlight=False, soft_wrap=True)
+                  f"metacli compare {out_dir} OTHER_RUN_DIR", highlight=False, soft_wrap=True, markup=False)
     return results

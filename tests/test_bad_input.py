@@ -36,6 +36,8 @@ CASES = {
     "unknown key": (["trainer.stepz=3"], "trainer.stepz is not a key: did you mean trainer.steps?"),
     "a key of another algo": (["algo.first_order=true"], "algo=protonet has no first_order: choose one that has it "
                                                          "(algo=anil, algo=maml, algo=maml_rl, algo=meta_sgd)"),
+    "a key of another dataset": (["dataset.amplitude=[1,2]"], "dataset=synthetic has no amplitude: choose one that has "
+                                                              "it (dataset=sinusoid)"),
     "wrong type": (["trainer.steps=many"], "could not be converted to Integer"),
     "negative way": (["task.n_way=-5"], "task.n_way=-5 is out of range"),
     "zero shot": (["task.k_shot=0"], "task.k_shot=0 is out of range"),

@@ -71,9 +71,9 @@ def test_compare_refuses_runs_tested_on_other_episodes_and_says_the_retest_that_
     assert done.returncode == 0, done.stderr
     refused = run_cli("compare", str(two_algorithms / "0"), str(tmp_path / "eval"), cwd=tmp_path)
     assert_one_line_error(refused, "the two runs were tested on different episodes (episodes 30 vs 20, eval_seed 0 "
-                                   "vs 7): re-test the second on the first's with metacli eval checkpoint=RUN_B "
-                                   "eval.episodes=30 eval.seed=0")
-    retest = re.search(r"checkpoint=RUN_B ([^,]+), then", refused.stderr).group(1).split()
+                                   "vs 7): re-test the second on the first's with metacli eval checkpoint=<the "
+                                   "second's training run> eval.episodes=30 eval.seed=0")
+    retest = re.search(r"training run> ([^,]+), then", refused.stderr).group(1).split()
     done = run_cli("eval", f"checkpoint={two_algorithms / '1'}", *retest, f"hydra.run.dir={tmp_path / 'retest'}",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr

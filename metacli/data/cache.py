@@ -8,7 +8,6 @@ user (mode 700).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,7 @@ from typing import Callable
 import torch
 
 from metacli.data.base import ClassImages
-from metacli.reliability.atomic import replace_file
+from metacli.reliability.atomic import replacing
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +65,10 @@ def cached_split(cache_dir: Path, dataset: str, split: str, resolution: int,
     data = build()
     try:
         private_dir(path.parent)
-        buffer = io.BytesIO()
-        torch.save({"images": data.images, "class_names": data.class_names, "shape": list(data.images.shape),
-                    "sha256": content_digest(data.images, data.class_names)}, buffer)
-        replace_file(path, buffer.getbuffer())
-    except OSError as exc:
-        # A read-only cache dir costs a re-decode next time, not a failed run.
+        with replacing(path) as handle:  # streamed: a second copy of a large split in memory could exhaust it
+            torch.save({"images": data.images, "class_names": data.class_names, "shape": list(data.images.shape),
+                        "sha256": content_digest(data.images, data.class_names)}, handle)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a failed write (a full disk) as RuntimeError
+        # A read-only or full cache dir costs a re-decode next time, not a failed run.
         log.warning("could not write cache %s (%s); set METACLI_CACHE to a writable folder", path, exc)
     return data

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
-def replace_file(path: Path, data: bytes | memoryview, keep_previous: Path | None = None) -> None:
-    """Make ``path`` hold ``data``: written to a temp file of this process's own beside it, synced, then renamed over
-    it. With ``keep_previous`` the version it replaces is moved there first.
+@contextmanager
+def replacing(path: Path, keep_previous: Path | None = None) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s new content into: a temp file of this process's own beside it, synced and renamed
+    over ``path`` when the block ends. With ``keep_previous`` the version it replaces is moved there first.
 
-    Raises ``OSError`` with no temp file left behind and ``path`` as it was (or, with ``keep_previous``, moved there).
+    An error in the block or in the write leaves no temp file behind and ``path`` as it was (or, with
+    ``keep_previous``, moved there), and is raised as it came (``OSError`` for the file system's).
     """
     # A name no other writer shares (two reports or two ranks at once); O_EXCL never follows a planted link, and
     # mode 666 leaves the permissions to the umask as any other file the user writes.
@@ -22,7 +26,7 @@ def replace_file(path: Path, data: bytes | memoryview, keep_previous: Path | Non
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous is not None and path.exists():
@@ -34,10 +38,21 @@ def replace_file(path: Path, data: bytes | memoryview, keep_previous: Path | Non
     _sync_folder(path.parent)
 
 
+def replace_file(path: Path, data: bytes | memoryview, keep_previous: Path | None = None) -> None:
+    """Make ``path`` hold ``data``, whole or not at all (:func:`replacing`)."""
+    with replacing(path, keep_previous) as handle:
+        handle.write(data)
+
+
 def _sync_folder(folder: Path) -> None:
-    """Make the renames durable: without it a power cut may forget them."""
-    fd = os.open(folder, os.O_RDONLY)
+    """Make the rename durable: without it a power cut may forget it."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        # Some file systems refuse to sync a folder. The file is complete and in place by now; saying the write
+        # failed would be wrong.
+        pass

@@ -129,4 +129,3 @@ def discard_unclaimed(run_dir: Path) -> None:
         discard_if_empty(run_dir, {LOCK_NAME})
     finally:
         unlock_run_dir(run_dir)
-
