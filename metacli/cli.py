@@ -131,10 +131,15 @@ def eval_command(cfg: DictConfig) -> float:
     return _run_reporting_errors(_eval_job, cfg)
 
 
-def _suggestion(key: str, value: str, options: list[str]) -> str:
-    """``did you mean`` the option nearest a misspelt one, else an example."""
+def _check_option(group: str, value: str, choose: str) -> None:
+    """Refuse an option ``group`` does not have, naming them all and ``did you mean`` the nearest (else an
+    example)."""
+    options = _group_options(group)
+    if value in options:
+        return
     near = difflib.get_close_matches(value, options, n=1)
-    return f"did you mean {key}={near[0]}?" if near else f"e.g. {key}={options[0]}"
+    fail(f"unknown {group} '{value}'{choose} {', '.join(options)} "
+         f"({f'did you mean {group}={near[0]}?' if near else f'e.g. {group}={options[0]}'})")
 
 
 def _group_options(group: str) -> list[str]:
@@ -178,17 +183,13 @@ def preflight(command: str, args: list[str]) -> Path | None:
             if override.value_type is not None and override.value_type.name in ("CHOICE_SWEEP", "SIMPLE_CHOICE_SWEEP"):
                 choices += [f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()]
             continue
-        if key in groups and override.value() is not None and str(override.value()) not in _group_options(key):
-            options = _group_options(key)
-            fail(f"unknown {key} '{override.value()}': choose one of {', '.join(options)} "
-                 f"({_suggestion(key, str(override.value()), options)})")
+        if key in groups and override.value() is not None:
+            _check_option(key, str(override.value()), ": choose one of")
         plain.append(override.input_line)
     for choice in choices:
         key, value = choice.split("=", 1)
-        if key in groups and value not in _group_options(key):
-            options = _group_options(key)
-            fail(f"unknown {key} '{value}' in the sweep: choose among {', '.join(options)} "
-                 f"({_suggestion(key, value, options)})")
+        if key in groups:
+            _check_option(key, value, " in the sweep: choose among")
     register()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
         for extra in [[]] + [[c] for c in choices]:
