@@ -20,7 +20,7 @@ from metacli.errors import ConfigError
 from metacli.logging.console import print_table
 from metacli.metrics import HIGHER_IS_BETTER, show, task_label
 from metacli.reliability.run_dir import RESULTS
-from metacli.results_file import read_results_file
+from metacli.results_file import FINGERPRINT_DEFAULTS, read_results_file
 
 
 def read_results(path: str | Path) -> dict:
@@ -52,13 +52,11 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, 
 #: The overrides of ``metacli eval`` that set each episode setting of a fingerprint.
 EVAL_OVERRIDES = {"n_way": "task.n_way", "k_shot": "task.k_shot", "n_query": "task.n_query", "eval_seed": "eval.seed",
                   "episodes": "eval.episodes", "batch_size": "eval.batch_size", "protocol": "eval.protocol"}
-#: A fingerprint leaves a setting out where it has its default.
-DEFAULTS = {"protocol": "episodes"}
 
 
 def _retest(differences: list[tuple[str, object, object]]) -> str:
     """How to bring the second run onto the first's episodes, or the general advice where eval cannot."""
-    overrides = [f"{EVAL_OVERRIDES[key]}={DEFAULTS.get(key) if left is None else left}"
+    overrides = [f"{EVAL_OVERRIDES[key]}={FINGERPRINT_DEFAULTS.get(key) if left is None else left}"
                  for key, left, _ in differences if key in EVAL_OVERRIDES]
     if len(overrides) < len(differences):
         return "re-test one with metacli eval checkpoint=RUN_DIR and the other's task.* and eval.*, then compare"

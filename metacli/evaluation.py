@@ -16,6 +16,7 @@ from metacli.errors import ConfigError
 from metacli.execution.processes import gather_in_order
 from metacli.execution.ranks import ONE, Processes
 from metacli.logging.progress import Progress
+from metacli.results_file import FINGERPRINT_DEFAULTS
 from metacli.rl.task_envs import FixedTasks
 from metacli.tasks import REINFORCEMENT
 
@@ -110,8 +111,7 @@ def episodes_fingerprint(cfg: DictConfig, dataset: FewShotDataset) -> dict:
     return {"dataset": dataset.describe(), "split": "test", "content_sha256": dataset.content_sha256("test"),
             "n_way": cfg.task.n_way, "k_shot": cfg.task.k_shot, "n_query": cfg.task.n_query,
             "image_size": dataset.image_size, "eval_seed": cfg.eval.seed, "episodes": cfg.eval.episodes,
-            # Only where it is not the default, so that earlier results keep their fingerprints.
-            **({"protocol": cfg.eval.protocol} if cfg.eval.protocol != "episodes" else {})}
+            **({"protocol": cfg.eval.protocol} if cfg.eval.protocol != FINGERPRINT_DEFAULTS["protocol"] else {})}
 
 
 def build_results(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotDataset, sampler: EpisodeSampler,

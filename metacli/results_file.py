@@ -12,6 +12,9 @@ from metacli.metrics import HIGHER_IS_BETTER, is_number
 #: meta-RL run's adaptation stages), whenever they are there.
 OBJECTS = ("task", "dataset", "test_fingerprint", "expected")
 LISTS = ("continual", "stages")
+#: Settings a test fingerprint leaves out where they have these values, so that results written before the setting
+#: existed keep their fingerprints (and stay comparable).
+FINGERPRINT_DEFAULTS = {"protocol": "episodes"}
 
 
 def shape_problem(results: object) -> str | None:
