@@ -278,6 +278,7 @@ def main(argv: list[str]) -> None:
             text += continual_markdown(found)
     if args.out:
         _write(text, Path(args.out))
+        console.print(f"report written to {args.out}", highlight=False, soft_wrap=True)
     else:
         print(text, end="")
 
@@ -310,12 +311,15 @@ class SweepSummary(Callback):
         table = rows(found)
         replace_file(sweep_dir / "summary.md", markdown(table).encode())
         replace_file(sweep_dir / "summary.csv", csv_text(table).encode())
+        written = ["summary.md", "summary.csv"]
         if config.trainer.plots:
             from metacli import plots  # matplotlib is imported only by sweeps that draw
 
             for name, figure in plots.sweep_figures(found, table).items():
                 plots.save(figure, sweep_dir / name)
+                written.append(name)
         if console.is_terminal:
             console.print(rich_table(table))
         else:
             print(markdown(table), end="")
+        console.print(f"sweep report in {sweep_dir}: {', '.join(written)}", highlight=False, soft_wrap=True)

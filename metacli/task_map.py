@@ -25,6 +25,7 @@ import torch
 from metacli.arguments import ArgumentParser
 from metacli.errors import ConfigError
 from metacli.logging.console import print_table
+from metacli.reliability.atomic import replace_file
 
 MAP_IMAGE, MAP_FILE = "task_map.png", "task_map.json"
 
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> None:
     title = (f"{summary['algorithm']} task embeddings: {args.episodes} within-alphabet {summary['task']['n_way']}-way "
              f"{summary['task']['k_shot']}-shot test episodes")
     save(task_map_figure(points, labels, alphabet_names, title, scored), out / MAP_IMAGE)
-    (out / MAP_FILE).write_text(json.dumps(scored, indent=2))
+    replace_file(out / MAP_FILE, (json.dumps(scored, indent=2) + "\n").encode())
     if args.format == "json":
         print(json.dumps(scored, indent=2))
         return

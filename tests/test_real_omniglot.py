@@ -21,6 +21,9 @@ def test_protonet_learns_on_real_omniglot(omniglot_root, tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["dataset"]["split"] == "vinyals" and results["episodes"] == 200
+    log = (run_dir / "train.log").read_text()  # where the data came from, whichever root found it
+    for kind in ("background", "evaluation"):
+        assert f"Omniglot images_{kind} from {omniglot_root / 'omniglot' / f'images_{kind}.zip'}" in log, log
     # 5-way chance is 20%; 150 steps reach ~85%, so 65% leaves room for noise but not for a broken learner.
     assert results["accuracy"] - results["ci95"] > 0.65, results
 

@@ -29,6 +29,8 @@ def seeds_and_algorithms(tmp_path_factory) -> Path:
     done = run_cli("train", "-m", "algo=protonet,matching_net", "seed=0,1,2", *SMOKE, f"hydra.sweep.dir={sweep}",
                    "expected={accuracy:0.5,ci95:0.01,source:a test}", cwd=sweep.parent)
     assert done.returncode == 0, done.stderr
+    # The sweep ends by saying where its report went (smoke runs draw no pictures).
+    assert done.stdout.rstrip().endswith(f"sweep report in {sweep}: summary.md, summary.csv"), done.stdout
     return sweep
 
 
@@ -75,7 +77,7 @@ def test_the_report_writes_markdown_and_csv(seeds_and_algorithms, tmp_path):
     for form in ("md", "csv"):
         done = run_cli("report", str(seeds_and_algorithms), "--format", form, "--out", str(tmp_path / f"r.{form}"),
                        cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0 and done.stdout == f"report written to {tmp_path / f'r.{form}'}\n", done
     markdown = (tmp_path / "r.md").read_text().splitlines()
     assert markdown[0].startswith("| algorithm | dataset |") and len(markdown) == 4
     assert "t-interval over seeds" in markdown[2] and "50.00 ± 1.00 % (a test)" in markdown[2]

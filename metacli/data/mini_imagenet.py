@@ -201,8 +201,10 @@ class MiniImageNet(FewShotDataset):
 
     def load_split(self, name: str) -> ClassImages:
         # Missing data is reported even when a cache exists: the cache never stands in for the source.
-        if find_source(self.base, name) is None:
+        found = find_source(self.base, name)
+        if found is None:
             raise DataError(not_found_message(self.base))
+        log.info("mini-ImageNet %s from %s", name, found[1][0])
         wnids = pinned_wnids(name)
 
         def build() -> ClassImages:

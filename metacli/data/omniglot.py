@@ -6,6 +6,7 @@ characters by name, with each character's 90-degree rotations added as extra cla
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 import zlib
 from functools import lru_cache, partial
@@ -22,6 +23,7 @@ from metacli.data.download import contents_digest, download_url, zip_entries
 from metacli.errors import ConfigError, DataError
 from metacli.logging.progress import Progress
 
+log = logging.getLogger(__name__)
 
 KINDS = ("background", "evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_{kind}.zip"
@@ -219,6 +221,7 @@ class Omniglot(FewShotDataset):
                 raise DataError(f"Omniglot not found: put images_background.zip and images_evaluation.zip in "
                                 f"{self.root / 'omniglot'}/ (or set dataset.root / METACLI_DATA), or add dataset.download=true")
             source = download_url(URL.format(kind=kind), self.root / "omniglot" / f"images_{kind}.zip", OFFICIAL_MD5[kind])
+        log.info("Omniglot images_%s from %s", kind, source)
         if source.is_file():
             # Checked on every load, not only when decoding: the cache is trusted only for the pinned contents.
             verify_zip(source, kind)
