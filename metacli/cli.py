@@ -302,15 +302,16 @@ def _key_suggestion(key: str, overrides: list[str], command: str) -> str | None:
         return None
     others = [o for o in overrides if o.split("=", 1)[0] != key]
     cfg = _composed(command, others)
-    node = None if cfg is None else OmegaConf.select(cfg, section)
-    if not isinstance(node, DictConfig) or name in node:  # the key is there: what failed lies inside its value
+    node = _section(cfg, section)
+    if node is None or name in node:  # the key is there: what failed lies inside its value
         return None
     chosen = cfg.hydra.runtime.choices.get(section)
     if chosen is not None:
         # Composed, not read from the files: an option's keys may come from its own defaults or a global package.
         rest = [o for o in others if o.split("=", 1)[0] != section]
-        having = [option for option in _group_options(section)
-                  if option != chosen and _has(_composed(command, [*rest, f"{section}={option}"]), section, name)]
+        sections = {option: _section(_composed(command, [*rest, f"{section}={option}"]), section)
+                    for option in _group_options(section) if option != chosen}
+        having = [option for option, other in sections.items() if other is not None and name in other]
         if having:
             return (f"{section}={chosen} has no {name}: choose one that has it "
                     f"({', '.join(f'{section}={option}' for option in having)})")
@@ -327,9 +328,10 @@ def _composed(command: str, overrides: list[str]) -> DictConfig | None:
         return None
 
 
-def _has(cfg: DictConfig | None, section: str, name: str) -> bool:
+def _section(cfg: DictConfig | None, section: str) -> DictConfig | None:
+    """``section`` of a composed config; None where it did not compose or the section is not a mapping."""
     node = None if cfg is None else OmegaConf.select(cfg, section)
-    return isinstance(node, DictConfig) and name in node
+    return node if isinstance(node, DictConfig) else None
 
 
 def _one_line(exc: Exception, command: str) -> str:
