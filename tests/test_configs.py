@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import hydra
 import pytest
@@ -66,6 +67,11 @@ def test_every_learner_has_its_yaml():
                      and cls.__module__ == loaded.__name__}
     targets = {compose(f"algo={name}").algo._target_ for name in options("algo")}
     assert learners == targets
+
+
+def test_the_algorithms_page_names_every_algo_option():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "algorithms.md").read_text()
+    assert [name for name in options("algo") if f"`{name}`" not in page] == []
 
 
 def test_the_groups_hold_the_expected_options():
