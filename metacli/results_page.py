@@ -135,10 +135,11 @@ def _results_cells(row: dict, by_run: dict[str, dict]) -> list[str]:
 def _best_validation(logged: list[dict]) -> str:
     for metric, higher in HIGHER_IS_BETTER.items():
         key = f"val/{metric}"
-        scored = [(r[key], r.get("step")) for r in logged if isinstance(r.get(key), (int, float))]
+        scored = [(r[key], r["step"]) for r in logged
+                  if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), int)]
         if scored:
             value, step = (max if higher else min)(scored, key=lambda pair: pair[0])
-            return f"{show(metric, value)} (step {step})"
+            return f"{show(metric, value)} (step {step:,})"
     return "-"
 
 

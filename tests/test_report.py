@@ -178,7 +178,7 @@ def test_the_results_page_lists_the_runs_still_training(seeds_and_algorithms, tm
     best = max((r for r in [early, *logged] if "val/accuracy" in r), key=lambda r: r["val/accuracy"])
     [training] = tables["experiment steps done best validation so far resume with"]
     assert training["experiment"] == "smoke" and training["steps done"] == f"{logged[-1]['step']} of 4"
-    assert training["best validation so far"] == f"{100 * best['val/accuracy']:.2f} % (step {best['step']})"
+    assert training["best validation so far"] == f"{100 * best['val/accuracy']:.2f} % (step {best['step']:,})"
     assert shlex.split(training["resume with"].strip("`")) == [
         "metacli", "train", *command_overrides(first), "trainer.resume=true", f"hydra.run.dir={papers / 'training'}"]
 
