@@ -309,9 +309,8 @@ def _key_suggestion(key: str, overrides: list[str], command: str) -> str | None:
     if chosen is not None:
         # Composed, not read from the files: an option's keys may come from its own defaults or a global package.
         rest = [o for o in others if o.split("=", 1)[0] != section]
-        sections = {option: _section(_composed(command, [*rest, f"{section}={option}"]), section)
-                    for option in _group_options(section) if option != chosen}
-        having = [option for option, other in sections.items() if other is not None and name in other]
+        having = [option for option in _group_options(section) if option != chosen
+                  and name in (_section(_composed(command, [*rest, f"{section}={option}"]), section) or {})]
         if having:
             return (f"{section}={chosen} has no {name}: choose one that has it "
                     f"({', '.join(f'{section}={option}' for option in having)})")
