@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import metacli_command, run_cli
 from metacli.cli import config_dir
 from metacli import load_learner
 from metacli.reliability.checkpoint import load_checkpoint
@@ -188,3 +190,13 @@ def test_max_grad_norm_clips_the_meta_gradient(tmp_path):
     assert (weights["free"] - weights["start"]).norm() > 0.01
     rows = read_rows(tmp_path / "clipped" / "metrics.jsonl")
     assert rows[0]["train/grad_norm"] > 0.001  # the norm before clipping
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """``metacli list | head -1``: the pipe is closed before metacli writes, and it stops without a word."""
+    read, write = os.pipe()
+    os.close(read)  # closed before the interpreter has even started: the first write meets a broken pipe
+    done = subprocess.run([metacli_command(), "list"], cwd=tmp_path, stdout=write, stderr=subprocess.PIPE, text=True,
+                          timeout=120)
+    os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
