@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import yaml
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metacli.errors import ConfigError
 
@@ -177,6 +177,12 @@ def check_ranges(cfg: DictConfig, schema: type = TrainSchema, prefix: str = "") 
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(f"{key}={value} is not valid: choose one of {', '.join(choices)}")
+
+
+# A train run dir is named after its task family: ``${metacli_first_set:${dataset choice},${env choice},none}`` is the
+# dataset, or the environment where an env option dropped the dataset (``oc.select`` would keep the dropped null).
+OmegaConf.register_new_resolver(
+    "metacli_first_set", lambda *values: next(value for value in values if value is not None), replace=True)
 
 
 def register() -> None:

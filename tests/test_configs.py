@@ -353,3 +353,11 @@ def test_an_env_option_needs_no_dataset_null(tmp_path):
     assert shipped.dataset is None and shipped.algo._target_ == "metacli.algorithms.maml_rl.MAMLRL"
     assert compose("env=point_nav", "algo=rl2").algo._target_ == "metacli.algorithms.rl2.RL2"  # the command line wins
 
+
+
+@pytest.mark.parametrize("overrides, family", [((), "omniglot"), (("dataset=sinusoid",), "sinusoid"),
+                                               (("env=point_nav",), "point_nav")])
+def test_a_run_dir_is_named_after_its_dataset_or_environment(overrides, family):
+    with hydra_context():
+        cfg = hydra.compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        assert Path(cfg.hydra.run.dir).name.endswith(f"-{cfg.hydra.runtime.choices.algo}-{family}")
