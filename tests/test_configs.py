@@ -361,3 +361,15 @@ def test_a_run_dir_is_named_after_its_dataset_or_environment(overrides, family):
     with hydra_context():
         cfg = hydra.compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
         assert Path(cfg.hydra.run.dir).name.endswith(f"-{cfg.hydra.runtime.choices.algo}-{family}")
+
+
+@pytest.mark.parametrize("name", options("algo_on_dataset"))
+def test_each_algo_on_dataset_file_adjusts_one_algo_on_one_dataset(name):
+    """conf/algo_on_dataset/<algo>_<dataset>.yaml changes only keys the algorithm has, only on that dataset."""
+    (algo, dataset), = [(a, name[len(a) + 1:]) for a in options("algo")
+                        if name.startswith(a + "_") and name[len(a) + 1:] in options("dataset")]
+    there, elsewhere = compose(f"algo={algo}", f"dataset={dataset}").algo, compose(f"algo={algo}").algo
+    changed = {key for key in there if there[key] != elsewhere[key]}
+    assert changed and set(there) == set(elsewhere)
+    written = set(OmegaConf.load(CONF / "algo_on_dataset" / f"{name}.yaml"))
+    assert written <= changed <= written | {"test_inner_lr"}  # test_inner_lr follows inner_lr unless set
