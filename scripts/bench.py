@@ -45,11 +45,11 @@ SETUPS = {  # the shapes of the papers' protocols; meta-batch 32 on Omniglot as 
                               "trainer.meta_batch=4"],
     "miniimagenet_resnet12": ["dataset=mini_imagenet", "backbone=resnet12", "trainer.meta_batch=4"],
 }
-ALGOS = {
+ALGOS = {  # MAML and ANIL take one inner step on every setup (mini-ImageNet's defaults take five: conf/algo_on_dataset/)
     "protonet": ["algo=protonet"],
-    "maml_first_order": ["algo=maml", "algo.first_order=true"],
-    "maml_second_order": ["algo=maml", "algo.first_order=false"],
-    "anil": ["algo=anil"],
+    "maml_first_order": ["algo=maml", "algo.first_order=true", "algo.inner_steps=1"],
+    "maml_second_order": ["algo=maml", "algo.first_order=false", "algo.inner_steps=1"],
+    "anil": ["algo=anil", "algo.inner_steps=1"],
     "meta_sgd": ["algo=meta_sgd"],
     "reptile": ["algo=reptile"],
     "leo": ["algo=leo"],
