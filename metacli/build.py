@@ -22,7 +22,7 @@ from metacli.data.base import FewShotDataset, unit_range
 from metacli.data.batches import CoTrainingBatch, ImageBatchSampler, LabelledBatch
 from metacli.data.episodes import EpisodeBatch
 from metacli.data.trajectories import TrajectorySampler
-from metacli.data.within_alphabet import WithinAlphabetSampler
+from metacli.data.within_alphabet import WithinAlphabetSampler, require_alphabets
 from metacli.errors import CheckpointError, ConfigError, MetacliError
 from metacli.execution.settings import Execution
 from metacli.reliability.checkpoint import CHECKPOINTS, check_origin, load_checkpoint, origin
@@ -227,6 +227,7 @@ def _episode_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         raise ConfigError(f"{type(learner).__name__} has an n_way-sized head, so task.train_way={way} must equal "
                           f"task.n_way={task.n_way}: drop the task.train_way override")
     if task.train_protocol == "within_alphabet":
+        require_alphabets(dataset, "task.train_protocol")
         sampler = WithinAlphabetSampler(dataset.split(split), way, dataset.normalize, device, where, shot, query,
                                         rotated=True)
     else:

@@ -94,10 +94,13 @@ CASES = {
     "an unknown locomotion task": (["env=half_cheetah", "env.kind=sideways"], "choose velocity"),
     "an unknown activation": (["env=point_nav", "backbone.activation=sigmoid"], "choose one of relu, tanh"),
     "no dataset": (["~dataset"], "no dataset to train on"),
-    "Lake's protocol with five shots": (["eval.protocol=within_alphabet", "task.k_shot=5"],
-                                        "set task.k_shot=1 task.n_query=1"),
     "Lake's protocol on a dataset without alphabets": (["eval.protocol=within_alphabet", "task.n_query=1"],
-                                                       "no alphabet has 5 characters"),
+                                                       "and SyntheticGlyphs has no alphabets: use dataset=omniglot"),
+    "Lake's protocol on sinusoids": (["dataset=sinusoid", "algo=maml", "eval.protocol=within_alphabet"],
+                                     "and Sinusoid has no alphabets: use dataset=omniglot, or eval.protocol=episodes"),
+    "Lake's training episodes without alphabets": (["task.train_protocol=within_alphabet"],
+                                                   "and SyntheticGlyphs has no alphabets: use dataset=omniglot, or "
+                                                   "task.train_protocol=episodes"),
 }
 
 
@@ -109,6 +112,14 @@ def test_bad_override_is_one_line(name, tmp_path):
                    *run_dir, cwd=tmp_path)
     assert_one_line_error(done, expected)
     assert not (tmp_path / "run").exists(), "a failed start left a run dir behind"
+
+
+def test_lakes_protocol_with_five_shots_is_one_line(tmp_path, omniglot_root):
+    done = run_cli("train", "dataset=omniglot", f"dataset.root={omniglot_root}", "eval.protocol=within_alphabet",
+                   "task.k_shot=5", *[f for f in FAST if not f.startswith("dataset=")],
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line_error(done, "set task.k_shot=1 task.n_query=1 (not 5 and 15)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_archive_is_one_line(tmp_path, omniglot_root):

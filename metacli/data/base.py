@@ -104,6 +104,7 @@ class FewShotDataset(ABC):
 
     name: str
     family = CLASSIFICATION
+    has_alphabets = False  # classes are characters of alphabets: Lake's within-alphabet episodes can be drawn
     channels: int
     image_size: int
     mean: tuple[float, ...]

@@ -175,6 +175,7 @@ class Omniglot(FewShotDataset):
     """
 
     name = "omniglot"
+    has_alphabets = True
     channels = 1
     # Measured over the 964 background characters at 28 px: ink covers about 8% of the canvas, 14% cropped to it.
     mean = (0.0815,)

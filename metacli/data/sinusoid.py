@@ -81,6 +81,7 @@ class Sinusoid:
 
     name = "sinusoid"
     family = REGRESSION
+    has_alphabets = False
     channels = 1
     image_size = None
 

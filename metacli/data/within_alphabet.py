@@ -15,7 +15,7 @@ import torch
 
 from metacli.data.base import ClassImages
 from metacli.data.episodes import EpisodeSampler
-from metacli.errors import DataError
+from metacli.errors import ConfigError, DataError
 
 
 def alphabets(class_names: list[str], rotated: bool = False) -> dict[str, list[int]]:
@@ -27,6 +27,13 @@ def alphabets(class_names: list[str], rotated: bool = False) -> dict[str, list[i
         if len(parts) == 2 or (rotated and len(parts) == 3):
             groups.setdefault("/".join(parts[:1] + parts[2:]), []).append(index)
     return groups
+
+
+def require_alphabets(dataset, option: str) -> None:
+    """Refuse, in one line, episodes within one alphabet (asked for by ``option``) of a dataset without alphabets."""
+    if not dataset.has_alphabets:
+        raise ConfigError(f"{option}=within_alphabet draws each episode from one alphabet, and {type(dataset).__name__}"
+                          f" has no alphabets: use dataset=omniglot, or {option}=episodes")
 
 
 class WithinAlphabetSampler(EpisodeSampler):
