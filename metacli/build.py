@@ -190,6 +190,9 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
     episodes, or a mini-batch of labelled images for a non-episodic learner, or both for a co-training one,
     distorted by ``augment`` if set."""
+    if cfg.get("augment") and dataset.image_size is None:
+        raise ConfigError(f"augment distorts training images, and {type(dataset).__name__}'s inputs are not images: "
+                          "leave augment out")
     if dataset.family is REINFORCEMENT:
         return partial(dataset.training_tasks, cfg.trainer.meta_batch)
     draw = _training_draw(cfg, learner, dataset, device, split)

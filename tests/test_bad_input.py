@@ -98,6 +98,10 @@ CASES = {
                                                        "and SyntheticGlyphs has no alphabets: use dataset=omniglot"),
     "Lake's protocol on sinusoids": (["dataset=sinusoid", "algo=maml", "eval.protocol=within_alphabet"],
                                      "and Sinusoid has no alphabets: use dataset=omniglot, or eval.protocol=episodes"),
+    "image distortions of sinusoids": (["dataset=sinusoid", "algo=maml", "augment=affine"],
+                                       "augment distorts training images, and Sinusoid's inputs are not images"),
+    "image distortions of an environment": (["env=point_nav", "augment=affine"],
+                                            "augment distorts training images, and PointNavigation's inputs are not"),
     "Lake's training episodes without alphabets": (["task.train_protocol=within_alphabet"],
                                                    "and SyntheticGlyphs has no alphabets: use dataset=omniglot, or "
                                                    "task.train_protocol=episodes"),
