@@ -190,6 +190,8 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
     episodes, or a mini-batch of labelled images for a non-episodic learner, or both for a co-training one,
     distorted by ``augment`` if set."""
+    if cfg.task.train_protocol == "within_alphabet":
+        require_alphabets(dataset, "task.train_protocol")
     if cfg.get("augment") and dataset.image_size is None:
         raise ConfigError(f"augment distorts training images, and {type(dataset).__name__}'s inputs are not images: "
                           "leave augment out")
@@ -230,7 +232,6 @@ def _episode_draw(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotData
         raise ConfigError(f"{type(learner).__name__} has an n_way-sized head, so task.train_way={way} must equal "
                           f"task.n_way={task.n_way}: drop the task.train_way override")
     if task.train_protocol == "within_alphabet":
-        require_alphabets(dataset, "task.train_protocol")
         sampler = WithinAlphabetSampler(dataset.split(split), way, dataset.normalize, device, where, shot, query,
                                         rotated=True)
     else:

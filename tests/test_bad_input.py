@@ -98,6 +98,11 @@ CASES = {
                                                        "and SyntheticGlyphs has no alphabets: use dataset=omniglot"),
     "Lake's protocol on sinusoids": (["dataset=sinusoid", "algo=maml", "eval.protocol=within_alphabet"],
                                      "and Sinusoid has no alphabets: use dataset=omniglot, or eval.protocol=episodes"),
+    "Lake's protocol on an environment": (["env=point_nav", "eval.protocol=within_alphabet"],
+                                          "and PointNavigation has no alphabets"),
+    "Lake's training episodes on an environment": (["env=point_nav", "task.train_protocol=within_alphabet"],
+                                                   "task.train_protocol=within_alphabet draws each episode from one "
+                                                   "alphabet, and PointNavigation has no alphabets"),
     "image distortions of sinusoids": (["dataset=sinusoid", "algo=maml", "augment=affine"],
                                        "augment distorts training images, and Sinusoid's inputs are not images"),
     "image distortions of an environment": (["env=point_nav", "augment=affine"],

@@ -35,6 +35,7 @@ class TaskFamilyEnv(ABC):
     name: str
     channels = None
     image_size = None  # nothing for the image-memory check to size
+    has_alphabets = False
 
     def __init__(self, horizon: int, trajectories: int, gamma: float) -> None:
         if horizon < 1 or trajectories < 1:
