@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from conftest import run_cli
+from test_configs import compose
+
+from metacli.build import build_dataset, build_learner
 
 from metacli.data.base import ClassImages
+from metacli.data.episodes import Episode
 from metacli.data.omniglot import Omniglot
 from metacli.data.within_alphabet import WithinAlphabetSampler, alphabets
 from metacli.errors import DataError
@@ -77,3 +81,21 @@ def test_a_run_validates_and_tests_within_alphabets(omniglot_root, tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["test_fingerprint"]["protocol"] == "within_alphabet" and len(results["episode_scores"]) == 8
     assert all(abs(score * 20 - round(score * 20)) < 1e-4 for score in results["episode_scores"])  # 20 queries
+
+
+@pytest.mark.parametrize("experiment,alone", [("protonet_omniglot_lake", True),
+                                              ("protonet_omniglot_lake_transductive", False)])
+def test_lakes_inductive_recipe_judges_each_query_alone(experiment, alone):
+    """The anchors (people, BPL, Koch's Siamese net) judge each query alone: so must the recipe set beside them, and
+    BatchNorm on an episode's own statistics would let the other queries move a prediction."""
+    cfg = compose(f"experiment={experiment}", "backbone.hidden=8")
+    learner = build_learner(cfg, build_dataset(compose("dataset=synthetic")))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        learner.backbone(torch.rand(64, 1, 28, 28, generator=generator))  # running averages away from their start
+    support, queries = torch.rand(20, 1, 28, 28, generator=generator), torch.rand(2, 20, 1, 28, 28, generator=generator)
+    queries[1, 0] = queries[0, 0]  # the same first query among two different sets of others
+    with learner.evaluation_mode(), torch.no_grad():
+        first = [learner.predict(Episode(support, torch.arange(20), q, torch.arange(20), 20), training=False)[0]
+                 for q in queries]
+    assert torch.allclose(first[0], first[1]) == alone
