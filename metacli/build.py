@@ -117,6 +117,20 @@ def check_family(cfg: DictConfig, dataset: FewShotDataset) -> None:
                       f"({source}={dataset.name}): use one of algo={', algo='.join(able)}")
 
 
+#: The evaluation protocols that need classes of images, and what each does with them.
+IMAGE_CLASS_PROTOCOLS = {"continual": "learns class-incremental streams of images",
+                         "generative": "draws images of unseen classes"}
+
+
+def check_protocol_data(cfg: DictConfig, dataset: FewShotDataset) -> None:
+    """Refuse, in one line, a protocol that needs classes of images on sinusoids or an environment. It runs before
+    the algorithm checks, whose advice would otherwise name learners that cannot run on this data either."""
+    does = IMAGE_CLASS_PROTOCOLS.get(cfg.eval.protocol)
+    if does is not None and dataset.image_size is None:
+        raise ConfigError(f"eval.protocol={cfg.eval.protocol} {does}, and {type(dataset).__name__} has no image "
+                          "classes: use dataset=omniglot or dataset=mini_imagenet, or eval.protocol=episodes")
+
+
 def _learns_streams(target: str) -> bool:
     representation = getattr(get_class(target), "representation", None)
     return representation is not None and representation is not FewShotLearner.representation
@@ -148,6 +162,7 @@ def check_generative(cfg: DictConfig) -> None:
 def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     """Backbone sized for the dataset's inputs, wrapped by the configured algorithm, given the dataset's task
     family (its output size, loss and metric)."""
+    check_protocol_data(cfg, dataset)
     check_family(cfg, dataset)
     check_continual(cfg)
     check_generative(cfg)

@@ -110,6 +110,12 @@ CASES = {
     "Lake's training episodes without alphabets": (["task.train_protocol=within_alphabet"],
                                                    "and SyntheticGlyphs has no alphabets: use dataset=omniglot, or "
                                                    "task.train_protocol=episodes"),
+    "continual streams of sinusoids": (["dataset=sinusoid", "algo=maml", "eval.protocol=continual"],
+                                       "eval.protocol=continual learns class-incremental streams of images, and "
+                                       "Sinusoid has no image classes: use dataset=omniglot"),
+    "generated images of an environment": (["env=point_nav", "eval.protocol=generative"],
+                                           "eval.protocol=generative draws images of unseen classes, and "
+                                           "PointNavigation has no image classes"),
 }
 
 
