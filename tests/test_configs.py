@@ -363,6 +363,12 @@ def test_a_run_dir_is_named_after_its_dataset_or_environment(overrides, family):
         assert Path(cfg.hydra.run.dir).name.endswith(f"-{cfg.hydra.runtime.choices.algo}-{family}")
 
 
+def written_keys(name: str) -> set[str]:
+    """The keys that conf/algo_on_dataset/<name>.yaml sets, itself or through the files its defaults list takes in."""
+    written = OmegaConf.load(CONF / "algo_on_dataset" / f"{name}.yaml")
+    return set(written) - {"defaults"} | {key for parent in written.get("defaults", []) for key in written_keys(parent)}
+
+
 @pytest.mark.parametrize("name", options("algo_on_dataset"))
 def test_each_algo_on_dataset_file_adjusts_one_algo_on_one_dataset(name):
     """conf/algo_on_dataset/<algo>_<dataset>.yaml changes only keys the algorithm has, only on that dataset."""
@@ -371,5 +377,5 @@ def test_each_algo_on_dataset_file_adjusts_one_algo_on_one_dataset(name):
     there, elsewhere = compose(f"algo={algo}", f"dataset={dataset}").algo, compose(f"algo={algo}").algo
     changed = {key for key in there if there[key] != elsewhere[key]}
     assert changed and set(there) == set(elsewhere)
-    written = set(OmegaConf.load(CONF / "algo_on_dataset" / f"{name}.yaml"))
+    written = written_keys(name)
     assert written <= changed <= written | {"test_inner_lr"}  # test_inner_lr follows inner_lr unless set
