@@ -10,7 +10,6 @@ from conftest import run_cli
 from test_configs import compose
 
 from metacli.build import build_dataset, build_learner
-
 from metacli.data.base import ClassImages
 from metacli.data.episodes import Episode
 from metacli.data.omniglot import Omniglot
