@@ -122,13 +122,22 @@ IMAGE_CLASS_PROTOCOLS = {"continual": "learns class-incremental streams of image
                          "generative": "draws images of unseen classes"}
 
 
-def check_protocol_data(cfg: DictConfig, dataset: FewShotDataset) -> None:
-    """Refuse, in one line, a protocol that needs classes of images on sinusoids or an environment. It runs before
-    the algorithm checks, whose advice would otherwise name learners that cannot run on this data either."""
-    does = IMAGE_CLASS_PROTOCOLS.get(cfg.eval.protocol)
-    if does is not None and dataset.image_size is None:
-        raise ConfigError(f"eval.protocol={cfg.eval.protocol} {does}, and {type(dataset).__name__} has no image "
-                          "classes: use dataset=omniglot or dataset=mini_imagenet, or eval.protocol=episodes")
+def check_data_fits(cfg: DictConfig, dataset: FewShotDataset) -> None:
+    """Refuse, in one line, an option that the data cannot serve: a protocol that needs classes of images, or image
+    distortions, on sinusoids or an environment; episodes within one alphabet of data without alphabets. It runs
+    before the algorithm checks, whose advice would otherwise name learners that cannot run on this data either."""
+    name = type(dataset).__name__
+    if dataset.image_size is None:
+        does = IMAGE_CLASS_PROTOCOLS.get(cfg.eval.protocol)
+        if does is not None:
+            raise ConfigError(f"eval.protocol={cfg.eval.protocol} {does}, and {name} has no image classes: use "
+                              "dataset=omniglot or dataset=mini_imagenet, or eval.protocol=episodes")
+        if cfg.get("augment"):
+            raise ConfigError(f"augment distorts training images, and {name}'s inputs are not images: leave "
+                              "augment out")
+    for option in ("eval.protocol", "task.train_protocol"):
+        if OmegaConf.select(cfg, option) == "within_alphabet":
+            require_alphabets(dataset, option)
 
 
 def _learns_streams(target: str) -> bool:
@@ -162,7 +171,7 @@ def check_generative(cfg: DictConfig) -> None:
 def build_learner(cfg: DictConfig, dataset: FewShotDataset) -> FewShotLearner:
     """Backbone sized for the dataset's inputs, wrapped by the configured algorithm, given the dataset's task
     family (its output size, loss and metric)."""
-    check_protocol_data(cfg, dataset)
+    check_data_fits(cfg, dataset)
     check_family(cfg, dataset)
     check_continual(cfg)
     check_generative(cfg)
@@ -205,11 +214,6 @@ def training_batches(cfg: DictConfig, learner: FewShotLearner, dataset: FewShotD
     """What one training step of ``learner`` consumes, drawn from ``split`` with a generator: a meta-batch of
     episodes, or a mini-batch of labelled images for a non-episodic learner, or both for a co-training one,
     distorted by ``augment`` if set."""
-    if cfg.task.train_protocol == "within_alphabet":
-        require_alphabets(dataset, "task.train_protocol")
-    if cfg.get("augment") and dataset.image_size is None:
-        raise ConfigError(f"augment distorts training images, and {type(dataset).__name__}'s inputs are not images: "
-                          "leave augment out")
     if dataset.family is REINFORCEMENT:
         return partial(dataset.training_tasks, cfg.trainer.meta_batch)
     draw = _training_draw(cfg, learner, dataset, device, split)

@@ -11,7 +11,7 @@ from metacli.algorithms.base import FewShotLearner
 from metacli.algorithms.meta_rl import MetaRLLearner
 from metacli.data.base import FewShotDataset
 from metacli.data.episodes import EpisodeSampler
-from metacli.data.within_alphabet import WithinAlphabetSampler, require_alphabets
+from metacli.data.within_alphabet import WithinAlphabetSampler
 from metacli.errors import ConfigError
 from metacli.execution.processes import gather_in_order
 from metacli.execution.ranks import ONE, Processes
@@ -71,7 +71,6 @@ def make_sampler(cfg: DictConfig, dataset: FewShotDataset, split: str, device: t
     if scored_apart is not None:
         return scored_apart.Protocol(cfg, dataset, device)
     if cfg.eval.protocol == "within_alphabet":
-        require_alphabets(dataset, "eval.protocol")
         if (cfg.task.k_shot, cfg.task.n_query) != (1, 1):
             raise ConfigError(f"eval.protocol=within_alphabet is one-shot with one query a character: set "
                               f"task.k_shot=1 task.n_query=1 (not {cfg.task.k_shot} and {cfg.task.n_query})")

@@ -87,7 +87,9 @@ def test_a_run_validates_and_tests_within_alphabets(omniglot_root, tmp_path):
 def test_lakes_inductive_recipe_judges_each_query_alone(experiment, alone):
     """The anchors (people, BPL, Koch's Siamese net) judge each query alone: so must the recipe set beside them, and
     BatchNorm on an episode's own statistics would let the other queries move a prediction."""
-    cfg = compose(f"experiment={experiment}", "backbone.hidden=8")
+    # Synthetic glyphs have no alphabets: the recipe's BatchNorm setting is kept, its episodes are not.
+    cfg = compose(f"experiment={experiment}", "backbone.hidden=8", "eval.protocol=episodes",
+                  "task.train_protocol=episodes")
     learner = build_learner(cfg, build_dataset(compose("dataset=synthetic")))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
